@@ -1,0 +1,172 @@
+"""Measurement helpers shared by the bench scripts: timing, real peak memory, CSV rows, tables.
+
+Speed is the median (with p20/p80) of repeated runs after a warm-up: ``triton.testing.do_bench`` on GPU,
+``torch.utils.benchmark`` on CPU. Peak extra memory is measured for real: ``max_memory_allocated`` on
+GPU, and on CPU the peak RSS of a fresh subprocess above its own baseline (Linux ``clear_refs``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+import torch
+
+CSV_COLUMNS = [
+    "op",
+    "provider",
+    "mode",
+    "metric",
+    "size",
+    "dtype",
+    "median",
+    "p20",
+    "p80",
+    "unit",
+    "device",
+    "date",
+    "fastrlhf_version",
+    "peer_versions",
+]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def peer_versions() -> str:
+    versions = {}
+    for name in ("trl", "liger_kernel", "triton", "transformers"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            continue
+    versions["torch"] = torch.__version__
+    return ";".join(f"{k}={v}" for k, v in sorted(versions.items()))
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of the samples."""
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        return ordered[0], ordered[0], ordered[0]
+    cuts = statistics.quantiles(ordered, n=10, method="inclusive")
+    return statistics.median(ordered), cuts[1], cuts[7]
+
+
+def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0, reps: int = 0):
+    """Seconds per call as (median, p20, p80), measured after a warm-up call."""
+    if device == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="all")
+        return tuple(v / 1e3 for v in ms)
+    from torch.utils import benchmark
+
+    fn()  # warm-up: first-touch allocation, thread pool start, lazy init
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if reps:
+        measurement = timer.timeit(1)
+        samples = [measurement.times[0]] + [timer.timeit(1).times[0] for _ in range(reps - 1)]
+    else:
+        samples = timer.blocked_autorange(min_run_time=min_run_time).times
+    return quantiles(samples)
+
+
+def _rss_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def measure_peak_extra_cpu(run_once: Callable[[], object]) -> int:
+    """Bytes of peak RSS above the baseline while ``run_once`` runs, in this (fresh) process.
+
+    Call after the inputs exist. A warm-up call first, so one-time allocations (thread pools, lazy
+    init) are not counted; then the kernel's high-water mark is reset and the measured call runs.
+    """
+    import gc
+
+    run_once()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # "5" resets the peak-RSS counter (VmHWM) of this process
+    baseline = _rss_status()["VmRSS"]
+    result = run_once()
+    peak = _rss_status()["VmHWM"]
+    del result
+    return max(0, peak - baseline)
+
+
+def measure_peak_extra_gpu(run_once: Callable[[], object]) -> int:
+    run_once()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    result = run_once()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return max(0, peak - baseline)
+
+
+def run_in_subprocess(module_file: str, case: dict, timeout: float = 900) -> dict:
+    """Run ``python module_file --memory-case JSON`` in a fresh process and parse its JSON answer."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as answer:
+        cmd = [sys.executable, module_file, "--memory-case", json.dumps(case), "--answer", answer.name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory case {case} failed:\n{proc.stderr[-2000:]}")
+        return json.load(open(answer.name))
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """Append rows to the long-format CSV (header written when the file is new)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+
+
+def base_row(op: str, device: str) -> dict:
+    from fastrlhf import __version__
+
+    return {
+        "op": op,
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "fastrlhf_version": __version__,
+        "peer_versions": peer_versions(),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+// Raw-pointer arguments of the gather_logprobs kernels, shared by the CPU kernels, the CUDA
+// launchers and the torch glue. Plain C++17, no torch headers.
+#pragma once
+
+#include <cstdint>
+
+namespace fastrlhf {
+
+// Element type of logits / dlogits. Everything else is fp32 (or int64 labels).
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct GatherLogprobsForwardParams {
+  const void* logits;        // [n_rows, vocab], element stride 1 along vocab
+  int64_t logits_row_stride;  // in elements
+  const int64_t* labels;     // [n_rows], each ignore_index or in [0, vocab)
+  int64_t n_rows;
+  int64_t vocab;
+  float inv_temperature;
+  int64_t ignore_index;
+  DType dtype;
+  float* logprobs;  // [n_rows]
+  float* stats;     // [n_rows, 2] contiguous: (m, log_s) per row (common/online_softmax.h), 0 if ignored
+  float* entropy;   // [n_rows], or nullptr when entropy isn't requested
+};
+
+struct GatherLogprobsBackwardParams {
+  const float* grad_logprobs;  // [n_rows]
+  const float* grad_entropy;   // [n_rows], or nullptr (treated as zeros)
+  const void* logits;          // [n_rows, vocab]
+  int64_t logits_row_stride;
+  const int64_t* labels;
+  const float* stats;    // [n_rows, 2] contiguous, saved by the forward
+  const float* entropy;  // [n_rows], saved by the forward; required iff grad_entropy is set
+  int64_t n_rows;
+  int64_t vocab;
+  float inv_temperature;
+  int64_t ignore_index;
+  DType dtype;
+  void* dlogits;  // [n_rows, vocab], same dtype as logits; may alias logits
+  int64_t dlogits_row_stride;
+};
+
+}  // namespace fastrlhf

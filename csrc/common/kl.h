@@ -1,0 +1,143 @@
+// Per-token KL estimators and their derivatives, shared by the CPU and CUDA kl_penalty /
+// advantages kernels.
+//
+// With d = logp - ref:  k1 = d,  k2 = d^2 / 2,  k3 = exp(-d) + d - 1 = expm1(-d) + d,  abs = |d|.
+// d/d(logp):            1,       d,            -expm1(-d),                             sign(d).
+// k3 is written with expm1 so a gap of +-50 nats stays finite in fp32 (e^50 ~ 5e21), and clamped at
+// 0 because expm1(-d) + d can round a hair below. For |d| < 0.5 the sum cancels (expm1(-d) ~ -d):
+// at |d| = 1e-3 it keeps only ~1e-4 relative precision, so there k3 is its Taylor series instead,
+// accurate to fp32 rounding (per-token gaps this small are common early in PPO).
+//
+// The math is templated on a "Math" policy (ScalarKLMath here; SIMD policies in csrc/cpu) so the CPU
+// SIMD loops, CPU scalar tails and CUDA kernels all run this same code. T is float or a SIMD vector.
+// Plain C++17, no torch headers: nvcc compiles it standalone.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "common/macros.h"
+
+namespace fastrlhf {
+
+// The estimator codes of kl_penalty_forward / _backward / advantages_forward.
+enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
+
+constexpr bool valid_kl_estimator(int e) { return e >= 0 && e <= 3; }
+
+// Scalar policy. Every helper propagates NaN (a NaN gap gives a NaN estimate, as in torch).
+struct ScalarKLMath {
+  static FASTRLHF_HD float expm1(float x) { return expm1f(x); }
+  static FASTRLHF_HD float abs(float x) { return fabsf(x); }
+  static FASTRLHF_HD float clamp_min0(float x) { return x < 0.0f ? 0.0f : x; }
+  static FASTRLHF_HD float clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+  static FASTRLHF_HD float sign(float x) {
+    return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f);
+  }
+  // a where |x| < bound, else b.
+  static FASTRLHF_HD float select_small(float x, float bound, float a, float b) { return fabsf(x) < bound ? a : b; }
+  // v where lo <= x <= hi, else 0 (torch.clamp's gradient mask).
+  static FASTRLHF_HD float pass_within(float x, float lo, float hi, float v) {
+    return (x >= lo && x <= hi) ? v : 0.0f;
+  }
+};
+
+// Below this |d|, k3 = e^u - 1 - u (u = -d) comes from its series: the series' first omitted term,
+// u^10/10!, is < 3e-9 of the result there, and expm1(u) - u has lost ~2 bits to cancellation at 0.5.
+constexpr float kK3SeriesBound = 0.5f;
+
+// e^u - 1 - u = u^2/2! + u^3/3! + ... + u^9/9!, in Horner form.
+template <class T>
+FASTRLHF_HD T k3_series(const T& u) {
+  T p(1.0f / 362880.0f);
+  p = T(1.0f / 40320.0f) + u * p;
+  p = T(1.0f / 5040.0f) + u * p;
+  p = T(1.0f / 720.0f) + u * p;
+  p = T(1.0f / 120.0f) + u * p;
+  p = T(1.0f / 24.0f) + u * p;
+  p = T(1.0f / 6.0f) + u * p;
+  p = T(0.5f) + u * p;
+  return u * u * p;
+}
+
+template <class Math, KLEstimator E, class T>
+FASTRLHF_HD T kl_estimate(const T& d) {
+  if constexpr (E == KLEstimator::kK1) {
+    return d;
+  } else if constexpr (E == KLEstimator::kK2) {
+    return T(0.5f) * d * d;
+  } else if constexpr (E == KLEstimator::kK3) {
+    const T u = T(0.0f) - d;
+    return Math::clamp_min0(Math::select_small(u, T(kK3SeriesBound), k3_series(u), Math::expm1(u) + d));
+  } else {
+    return Math::abs(d);
+  }
+}
+
+// d kl_estimate / d(logp), unclamped.
+template <class Math, KLEstimator E, class T>
+FASTRLHF_HD T kl_estimate_grad(const T& d) {
+  if constexpr (E == KLEstimator::kK1) {
+    return T(1.0f);
+  } else if constexpr (E == KLEstimator::kK2) {
+    return d;
+  } else if constexpr (E == KLEstimator::kK3) {
+    return T(0.0f) - Math::expm1(T(0.0f) - d);
+  } else {
+    return Math::sign(d);
+  }
+}
+
+// kl penalty of one token: the estimate, bounded to [-clamp, clamp] when kClamp.
+template <class Math, KLEstimator E, bool kClamp, class T>
+FASTRLHF_HD T kl_value(const T& logp, const T& ref, const T& clamp) {
+  const T kl = kl_estimate<Math, E>(logp - ref);
+  if constexpr (kClamp) {
+    return Math::clamp(kl, T(0.0f) - clamp, clamp);
+  } else {
+    return kl;
+  }
+}
+
+// grad * d kl_value / d(logp): 0 where the clamp is active.
+template <class Math, KLEstimator E, bool kClamp, class T>
+FASTRLHF_HD T kl_value_grad(const T& grad, const T& logp, const T& ref, const T& clamp) {
+  const T d = logp - ref;
+  const T g = grad * kl_estimate_grad<Math, E>(d);
+  if constexpr (kClamp) {
+    return Math::pass_within(kl_estimate<Math, E>(d), T(0.0f) - clamp, clamp, g);
+  } else {
+    return g;
+  }
+}
+
+// Calls f(std::integral_constant<KLEstimator, E>{}, std::bool_constant<kClamp>{}) for a run-time
+// estimator code and clamp (a non-finite clamp means none). Returns false for an unknown code.
+template <class F>
+bool dispatch_kl(int estimator, float clamp, F&& f) {
+  const bool has_clamp = std::isfinite(clamp);
+  auto with_clamp = [&](auto e) {
+    if (has_clamp) {
+      f(e, std::true_type{});
+    } else {
+      f(e, std::false_type{});
+    }
+  };
+  switch (static_cast<KLEstimator>(estimator)) {
+    case KLEstimator::kK1:
+      with_clamp(std::integral_constant<KLEstimator, KLEstimator::kK1>{});
+      return true;
+    case KLEstimator::kK2:
+      with_clamp(std::integral_constant<KLEstimator, KLEstimator::kK2>{});
+      return true;
+    case KLEstimator::kK3:
+      with_clamp(std::integral_constant<KLEstimator, KLEstimator::kK3>{});
+      return true;
+    case KLEstimator::kAbs:
+      with_clamp(std::integral_constant<KLEstimator, KLEstimator::kAbs>{});
+      return true;
+  }
+  return false;
+}
+
+}  // namespace fastrlhf

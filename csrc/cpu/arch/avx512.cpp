@@ -1,0 +1,5 @@
+// AVX512 (F/BW/VL/DQ) copy of the CPU kernels (setup.py: -DCPU_CAPABILITY=AVX512 -mavx512f ...).
+#include "../gather_logprobs.cpp"
+#include "../kl_penalty.cpp"
+#include "../gae.cpp"
+#include "../ranking_loss.cpp"

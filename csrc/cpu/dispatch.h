@@ -1,0 +1,25 @@
+// Run-time selection of the CPU kernel copy (see csrc/cpu/kernels.h).
+#pragma once
+
+#include "common/gae_params.h"
+#include "common/gather_logprobs_params.h"
+#include "common/kl_penalty_params.h"
+#include "common/ranking_loss_params.h"
+
+namespace fastrlhf::cpu {
+
+// The kernel copy used at run time: "avx512", "avx2" or "default". Follows torch's own choice,
+// so ATEN_CPU_CAPABILITY=default|avx2|avx512 forces each copy.
+const char* capability_name();
+
+void gather_logprobs_forward(const GatherLogprobsForwardParams& p);
+void gather_logprobs_backward(const GatherLogprobsBackwardParams& p);
+
+void kl_penalty_forward(const KLPenaltyParams& p);
+void kl_penalty_backward(const KLPenaltyParams& p);
+void gae_forward(const GaeParams& p);
+void advantages_forward(const AdvantagesParams& p);
+void ranking_loss_forward(const RankingLossForwardParams& p);
+void ranking_loss_backward(const RankingLossBackwardParams& p);
+
+}  // namespace fastrlhf::cpu

@@ -1,0 +1,110 @@
+// SIMD helpers of the kl_penalty and advantages CPU kernels: the common/kl.h math on
+// at::vec::Vectorized<float>, and one vectorised pass over a contiguous range of tokens.
+//
+// Included by csrc/cpu/<op>.cpp, which are compiled once per CPU capability (csrc/cpu/arch), so
+// everything here lives in fastrlhf::cpu::<CPU_CAPABILITY>::kl_vec: each copy has its own symbols.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "compile through csrc/cpu/arch/<capability>.cpp, which defines CPU_CAPABILITY"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/kl.h"
+
+namespace fastrlhf::cpu {
+inline namespace CPU_CAPABILITY {
+namespace kl_vec {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Elements per SIMD step: two float vectors, the unit in which 16-bit types convert.
+constexpr int64_t kStep = 2 * Vec::size();
+
+// The common/kl.h policy on SIMD vectors. at::vec::maximum / minimum propagate NaN like
+// ScalarKLMath. expm1 is Sleef's (1 ulp) on AVX2 / AVX512, std::expm1 per lane on the baseline.
+struct VecKLMath {
+  static Vec expm1(const Vec& x) { return x.expm1(); }
+  static Vec abs(const Vec& x) { return x.abs(); }
+  static Vec clamp_min0(const Vec& x) { return at::vec::maximum(x, Vec(0.0f)); }
+  static Vec clamp(const Vec& x, const Vec& lo, const Vec& hi) {
+    return at::vec::minimum(at::vec::maximum(x, lo), hi);
+  }
+  static Vec sign(const Vec& x) { return x.gt(Vec(0.0f)) - x.lt(Vec(0.0f)); }
+  static Vec select_small(const Vec& x, const Vec& bound, const Vec& a, const Vec& b) {
+    return Vec::blendv(b, a, x.abs() < bound);
+  }
+  static Vec pass_within(const Vec& x, const Vec& lo, const Vec& hi, const Vec& v) {
+    return Vec::blendv(Vec(0.0f), v, (x >= lo) & (x <= hi));
+  }
+};
+
+inline void load2(const float* p, Vec& a, Vec& b) {
+  a = Vec::loadu(p);
+  b = Vec::loadu(p + Vec::size());
+}
+template <class T>
+inline void load2(const T* p, Vec& a, Vec& b) {
+  at::vec::load_to_float<T>(p, a, b);
+}
+inline void store2(float* p, const Vec& a, const Vec& b) {
+  a.store(p);
+  b.store(p + Vec::size());
+}
+
+// Block of tokens whose output the mask pass re-reads from L1: 1024 floats is 4 KiB.
+constexpr int64_t kBlock = 1024;
+
+// out[j] = 0 where mask[j] == 0 (NaN or inf computed there included). mask may be null.
+inline void apply_mask(const uint8_t* mask, float* out, int64_t n) {
+  if (mask == nullptr) return;
+  for (int64_t j = 0; j < n; ++j) out[j] = mask[j] != 0 ? out[j] : 0.0f;  // branch-free: vectorises
+}
+
+// out[j] = scale * kl_value(x[j], y[j]) where mask[j] (mask may be null), 0 elsewhere, j < n.
+// kGrad: out[j] = scale * kl_value_grad(grad[j], x[j], y[j]) instead.
+template <class T, KLEstimator E, bool kClamp, bool kGrad>
+void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, int64_t n, float clamp,
+              float scale, float* out) {
+  const Vec vclamp(clamp), vscale(scale);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    const int64_t v_end = b + (e - b) / kStep * kStep;
+    for (int64_t j = b; j < v_end; j += kStep) {
+      Vec x0, x1, y0, y1;
+      load2(x + j, x0, x1);
+      load2(y + j, y0, y1);
+      if constexpr (kGrad) {
+        Vec g0, g1;
+        load2(grad + j, g0, g1);
+        x0 = kl_value_grad<VecKLMath, E, kClamp>(g0, x0, y0, vclamp);
+        x1 = kl_value_grad<VecKLMath, E, kClamp>(g1, x1, y1, vclamp);
+      } else {
+        x0 = kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
+        x1 = kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
+      }
+      store2(out + j, vscale * x0, vscale * x1);
+    }
+    for (int64_t j = v_end; j < e; ++j) {
+      const float xj = static_cast<float>(x[j]);
+      const float yj = static_cast<float>(y[j]);
+      if constexpr (kGrad) {
+        out[j] = scale * kl_value_grad<ScalarKLMath, E, kClamp>(grad[j], xj, yj, clamp);
+      } else {
+        out[j] = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
+      }
+    }
+    apply_mask(mask == nullptr ? nullptr : mask + b, out + b, e - b);
+  }
+}
+
+}  // namespace kl_vec
+}  // namespace CPU_CAPABILITY
+}  // namespace fastrlhf::cpu

@@ -1,0 +1,371 @@
+// Python module fastrlhf._C: validates tensors, allocates outputs, and dispatches each op by
+// device to the CPU kernels (csrc/cpu) or, when built with CUDA, to csrc/cuda/bindings.cpp.
+// User-facing argument checks live in Python; the TORCH_CHECKs here guard internal preconditions.
+#include <torch/extension.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "common/kl.h"
+#include "cpu/dispatch.h"
+#include "tensor_params.h"
+#ifdef FASTRLHF_WITH_CUDA
+#include "cuda/bindings.h"
+#endif
+
+namespace fastrlhf {
+namespace {
+
+bool compiled_with_cuda() {
+#ifdef FASTRLHF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+[[noreturn]] void fail_no_cuda() {
+  TORCH_CHECK(false, "fastrlhf._C was built without CUDA kernels; rebuild with a CUDA-enabled torch");
+}
+
+// [N, V] with unit stride along V (any row stride). The V stride is irrelevant when V <= 1.
+void check_logits_like(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "fastrlhf: ", name, " must be 2-D [N, V], got ", t.dim(), "-D");
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fastrlhf: ", name, " must have stride 1 along V");
+  dtype_of(t);
+}
+
+void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype,
+                  const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastrlhf: ", name, " must have shape [", n, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastrlhf: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastrlhf: ", name, " is on ", t.device(), " but logits on ",
+              like.device());
+}
+
+// The forward's per-row (max, log-sum) pairs: f32 [N, 2].
+void check_stats(const at::Tensor& t, int64_t n, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == 2, "fastrlhf: stats must have shape [", n,
+              ", 2], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastrlhf: stats must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastrlhf: stats is on ", t.device(), " but logits on ",
+              like.device());
+}
+
+void check_optional_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
+  if (t.defined() && t.numel() > 0) check_vector(t, name, n, at::kFloat, like);
+}
+
+void check_inv_temperature(double inv_temperature) {
+  TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature),
+              "fastrlhf: inv_temperature must be finite and > 0, got ", inv_temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at::Tensor& logits,
+                                                                        const at::Tensor& labels,
+                                                                        double inv_temperature,
+                                                                        int64_t ignore_index,
+                                                                        bool with_entropy) {
+  check_logits_like(logits, "logits");
+  const int64_t n = logits.size(0);
+  check_vector(labels, "labels", n, at::kLong, logits);
+  TORCH_CHECK(labels.is_contiguous(), "fastrlhf: labels must be contiguous");
+  TORCH_CHECK(n == 0 || logits.size(1) > 0, "fastrlhf: logits must have V >= 1");
+  check_inv_temperature(inv_temperature);
+
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty({n}, f32);
+  at::Tensor stats = at::empty({n, 2}, f32);
+  at::Tensor entropy = at::empty({with_entropy ? n : 0}, f32);
+  if (n == 0) return {logprobs, stats, entropy};
+
+  if (logits.is_cpu()) {
+    cpu::gather_logprobs_forward(
+        make_forward_params(logits, labels, inv_temperature, ignore_index, logprobs, stats, entropy));
+  } else if (logits.is_cuda()) {
+#ifdef FASTRLHF_WITH_CUDA
+    cuda::gather_logprobs_forward(logits, labels, inv_temperature, ignore_index, logprobs, stats, entropy);
+#else
+    fail_no_cuda();
+#endif
+  } else {
+    TORCH_CHECK(false, "fastrlhf: gather_logprobs has no kernel for device ", logits.device());
+  }
+  return {logprobs, stats, entropy};
+}
+
+void gather_logprobs_backward(const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy,
+                              const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
+                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
+                              const at::Tensor& dlogits) {
+  check_logits_like(logits, "logits");
+  check_logits_like(dlogits, "dlogits");
+  TORCH_CHECK(dlogits.sizes() == logits.sizes() && dlogits.scalar_type() == logits.scalar_type() &&
+                  dlogits.device() == logits.device(),
+              "fastrlhf: dlogits must match logits in shape, dtype and device");
+  const int64_t n = logits.size(0);
+  check_vector(labels, "labels", n, at::kLong, logits);
+  check_vector(grad_logprobs, "grad_logprobs", n, at::kFloat, logits);
+  check_stats(stats, n, logits);
+  check_optional_vector(grad_entropy, "grad_entropy", n, logits);
+  check_optional_vector(entropy, "entropy", n, logits);
+  const bool has_grad_entropy = grad_entropy.defined() && grad_entropy.numel() > 0;
+  TORCH_CHECK(!has_grad_entropy || entropy.numel() > 0,
+              "fastrlhf: grad_entropy needs the entropy saved by the forward");
+  TORCH_CHECK(labels.is_contiguous(), "fastrlhf: labels must be contiguous");
+  check_inv_temperature(inv_temperature);
+  if (n == 0 || logits.size(1) == 0) return;
+
+  // Autograd may hand over expanded (stride-0) gradients; these [N] vectors are cheap to copy.
+  const at::Tensor g = grad_logprobs.contiguous();
+  const at::Tensor h = has_grad_entropy ? grad_entropy.contiguous() : at::Tensor();
+  const at::Tensor stats_c = stats.contiguous();
+  const at::Tensor entropy_c = has_grad_entropy ? entropy.contiguous() : at::Tensor();
+
+  if (logits.is_cpu()) {
+    cpu::gather_logprobs_backward(make_backward_params(g, h, logits, labels, stats_c, entropy_c,
+                                                       inv_temperature, ignore_index, dlogits));
+  } else if (logits.is_cuda()) {
+#ifdef FASTRLHF_WITH_CUDA
+    cuda::gather_logprobs_backward(g, h, logits, labels, stats_c, entropy_c, inv_temperature, ignore_index,
+                                   dlogits);
+#else
+    fail_no_cuda();
+#endif
+  } else {
+    TORCH_CHECK(false, "fastrlhf: gather_logprobs has no kernel for device ", logits.device());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kl_penalty, gae, advantages, ranking_loss. Python passes contiguous tensors on one device.
+
+#ifdef FASTRLHF_WITH_CUDA
+#define FASTRLHF_ON_CUDA(call) call
+#else
+#define FASTRLHF_ON_CUDA(call) fail_no_cuda()
+#endif
+
+[[noreturn]] void fail_device(const char* op, const at::Tensor& like) {
+  TORCH_CHECK(false, "fastrlhf: ", op, " has no kernel for device ", like.device());
+}
+
+// A contiguous tensor of exactly `sizes` and `dtype` on like's device.
+void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype,
+                  const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == sizes, "fastrlhf: ", name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastrlhf: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastrlhf: ", name, " is on ", t.device(), " but expected ",
+              like.device());
+  TORCH_CHECK(t.is_contiguous(), "fastrlhf: ", name, " must be contiguous");
+}
+
+// Masks are uint8 (or bool) 0 / 1 of shape `sizes`; optional ones may also be [0] ("no mask").
+void check_mask(const at::Tensor& t, at::IntArrayRef sizes, const at::Tensor& like, bool optional) {
+  if (optional && t.dim() == 1 && t.size(0) == 0 && !(sizes.size() == 1 && sizes[0] == 0)) return;
+  TORCH_CHECK(t.scalar_type() == at::kByte || t.scalar_type() == at::kBool,
+              "fastrlhf: mask must be uint8 or bool, got ", t.scalar_type());
+  check_tensor(t, "mask", sizes, t.scalar_type(), like);
+}
+
+// logprobs / ref_logprobs: matching shape and dtype (f32, bf16 or fp16), contiguous.
+void check_logprob_pair(const at::Tensor& logprobs, const at::Tensor& ref_logprobs) {
+  dtype_of(logprobs);
+  check_tensor(ref_logprobs, "ref_logprobs", logprobs.sizes(), logprobs.scalar_type(), logprobs);
+  TORCH_CHECK(logprobs.is_contiguous(), "fastrlhf: logprobs must be contiguous");
+}
+
+void check_estimator(int64_t estimator, double clamp) {
+  TORCH_CHECK(valid_kl_estimator(static_cast<int>(estimator)) && estimator == static_cast<int>(estimator),
+              "fastrlhf: estimator must be 0 (k1), 1 (k2), 2 (k3) or 3 (abs), got ", estimator);
+  TORCH_CHECK(clamp >= 0.0, "fastrlhf: clamp must be >= 0 (+inf for none), got ", clamp);
+}
+
+void check_finite(double x, const char* name) {
+  TORCH_CHECK(std::isfinite(x), "fastrlhf: ", name, " must be finite, got ", x);
+}
+
+at::Tensor kl_penalty(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                      const at::Tensor& mask, int64_t estimator, double clamp) {
+  TORCH_CHECK(logprobs.dim() == 1, "fastrlhf: logprobs must be 1-D [M], got ", logprobs.sizes());
+  check_logprob_pair(logprobs, ref_logprobs);
+  check_mask(mask, logprobs.sizes(), logprobs, /*optional=*/true);
+  if (grad.defined()) check_tensor(grad, "grad", logprobs.sizes(), at::kFloat, logprobs);
+  check_estimator(estimator, clamp);
+  at::Tensor out = at::empty(logprobs.sizes(), logprobs.options().dtype(at::kFloat));
+  if (logprobs.numel() == 0) return out;
+  if (logprobs.is_cpu()) {
+    const KLPenaltyParams p = make_kl_penalty_params(logprobs, ref_logprobs, mask, grad, estimator, clamp, out);
+    grad.defined() ? cpu::kl_penalty_backward(p) : cpu::kl_penalty_forward(p);
+  } else if (logprobs.is_cuda()) {
+    FASTRLHF_ON_CUDA(cuda::kl_penalty(logprobs, ref_logprobs, mask, grad, estimator, clamp, out));
+  } else {
+    fail_device("kl_penalty", logprobs);
+  }
+  return out;
+}
+
+at::Tensor kl_penalty_forward(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& mask,
+                              int64_t estimator, double clamp) {
+  return kl_penalty(at::Tensor(), logprobs, ref_logprobs, mask, estimator, clamp);
+}
+
+at::Tensor kl_penalty_backward(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                               const at::Tensor& mask, int64_t estimator, double clamp) {
+  TORCH_CHECK(grad.defined(), "fastrlhf: kl_penalty_backward needs grad");
+  return kl_penalty(grad, logprobs, ref_logprobs, mask, estimator, clamp);
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
+                                               const at::Tensor& mask, double gamma, double lam) {
+  TORCH_CHECK(values.dim() == 2, "fastrlhf: values must be 2-D [B, T], got ", values.sizes());
+  check_tensor(values, "values", values.sizes(), at::kFloat, values);
+  check_tensor(rewards, "rewards", values.sizes(), at::kFloat, values);
+  check_mask(mask, values.sizes(), values, /*optional=*/false);
+  check_finite(gamma, "gamma");
+  check_finite(lam, "lam");
+  at::Tensor advantages = at::empty_like(values);
+  at::Tensor returns = at::empty_like(values);
+  if (values.numel() == 0) return {advantages, returns};
+  if (values.is_cpu()) {
+    cpu::gae_forward(make_gae_params(rewards, values, mask, gamma, lam, advantages, returns));
+  } else if (values.is_cuda()) {
+    FASTRLHF_ON_CUDA(cuda::gae_forward(rewards, values, mask, gamma, lam, advantages, returns));
+  } else {
+    fail_device("gae", values);
+  }
+  return {advantages, returns};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_forward(
+    const at::Tensor& scores, const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values,
+    const at::Tensor& mask, double kl_coef, int64_t estimator, double clamp, double gamma, double lam) {
+  TORCH_CHECK(values.dim() == 2, "fastrlhf: values must be 2-D [B, T], got ", values.sizes());
+  check_tensor(values, "values", values.sizes(), at::kFloat, values);
+  check_tensor(scores, "scores", {values.size(0)}, at::kFloat, values);
+  TORCH_CHECK(logprobs.sizes() == values.sizes() && logprobs.device() == values.device(),
+              "fastrlhf: logprobs must match values in shape and device, got ", logprobs.sizes());
+  check_logprob_pair(logprobs, ref_logprobs);
+  check_mask(mask, values.sizes(), values, /*optional=*/false);
+  check_estimator(estimator, clamp);
+  check_finite(kl_coef, "kl_coef");
+  check_finite(gamma, "gamma");
+  check_finite(lam, "lam");
+  at::Tensor token_rewards = at::empty_like(values);
+  at::Tensor advantages = at::empty_like(values);
+  at::Tensor returns = at::empty_like(values);
+  if (values.numel() == 0) return {token_rewards, advantages, returns};
+  if (values.is_cpu()) {
+    cpu::advantages_forward(make_advantages_params(scores, logprobs, ref_logprobs, values, mask, kl_coef,
+                                                   estimator, clamp, gamma, lam, token_rewards, advantages,
+                                                   returns));
+  } else if (values.is_cuda()) {
+    FASTRLHF_ON_CUDA(cuda::advantages_forward(scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator,
+                                              clamp, gamma, lam, token_rewards, advantages, returns));
+  } else {
+    fail_device("advantages", values);
+  }
+  return {token_rewards, advantages, returns};
+}
+
+void check_ranking_inputs(const at::Tensor& rewards, const at::Tensor& ranks, const at::Tensor& mask,
+                          double margin) {
+  TORCH_CHECK(rewards.dim() == 2, "fastrlhf: rewards must be 2-D [N, K], got ", rewards.sizes());
+  check_tensor(rewards, "rewards", rewards.sizes(), at::kFloat, rewards);
+  check_tensor(ranks, "ranks", rewards.sizes(), at::kLong, rewards);
+  check_mask(mask, rewards.sizes(), rewards, /*optional=*/true);
+  check_finite(margin, "margin");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward(const at::Tensor& rewards,
+                                                                    const at::Tensor& ranks,
+                                                                    const at::Tensor& mask, double margin) {
+  check_ranking_inputs(rewards, ranks, mask, margin);
+  const auto f32 = rewards.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({rewards.size(0)}, f32);
+  at::Tensor accuracy = at::empty({rewards.size(0)}, f32);
+  at::Tensor num_pairs = at::empty({rewards.size(0)}, f32);
+  if (rewards.size(0) == 0) return {loss, accuracy, num_pairs};
+  if (rewards.is_cpu()) {
+    cpu::ranking_loss_forward(
+        make_ranking_loss_forward_params(rewards, ranks, mask, margin, loss, accuracy, num_pairs));
+  } else if (rewards.is_cuda()) {
+    FASTRLHF_ON_CUDA(cuda::ranking_loss_forward(rewards, ranks, mask, margin, loss, accuracy, num_pairs));
+  } else {
+    fail_device("ranking_loss", rewards);
+  }
+  return {loss, accuracy, num_pairs};
+}
+
+at::Tensor ranking_loss_backward(const at::Tensor& grad_prompt_loss, const at::Tensor& rewards,
+                                 const at::Tensor& ranks, const at::Tensor& mask, double margin) {
+  check_ranking_inputs(rewards, ranks, mask, margin);
+  check_tensor(grad_prompt_loss, "grad_prompt_loss", {rewards.size(0)}, at::kFloat, rewards);
+  at::Tensor d_rewards = at::empty_like(rewards);
+  if (rewards.numel() == 0) return d_rewards;
+  if (rewards.is_cpu()) {
+    cpu::ranking_loss_backward(
+        make_ranking_loss_backward_params(grad_prompt_loss, rewards, ranks, mask, margin, d_rewards));
+  } else if (rewards.is_cuda()) {
+    FASTRLHF_ON_CUDA(cuda::ranking_loss_backward(grad_prompt_loss, rewards, ranks, mask, margin, d_rewards));
+  } else {
+    fail_device("ranking_loss", rewards);
+  }
+  return d_rewards;
+}
+
+}  // namespace
+}  // namespace fastrlhf
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "fastrlhf compiled kernels (C++ CPU kernels, CUDA kernels when built with CUDA)";
+
+  m.def("gather_logprobs_forward", &fastrlhf::gather_logprobs_forward, py::arg("logits"), py::arg("labels"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Fused log_softmax(logits * inv_temperature) + gather(labels), optionally with entropy.\n"
+        "Returns (logprobs f32[N], stats f32[N, 2], entropy f32[N] or f32[0]); ignored rows give 0.\n"
+        "stats holds each row's (m, log_s) for the backward: m = max_j z_j and\n"
+        "log_s = log sum_j e^{z_j - m}, with z = logits * inv_temperature.");
+  m.def("gather_logprobs_backward", &fastrlhf::gather_logprobs_backward, py::arg("grad_logprobs"),
+        py::arg("grad_entropy"), py::arg("logits"), py::arg("labels"), py::arg("stats"), py::arg("entropy"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dlogits"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy\n"
+        "are [0]-sized when the entropy has no gradient.");
+  m.def("kl_penalty_forward", &fastrlhf::kl_penalty_forward, py::arg("logprobs"), py::arg("ref_logprobs"),
+        py::arg("mask"), py::arg("estimator"), py::arg("clamp"), py::call_guard<py::gil_scoped_release>(),
+        "Per-token KL estimate f32[M] of logprobs[M] vs ref_logprobs[M] (same dtype: f32/bf16/fp16).\n"
+        "mask: uint8 [M], or [0] for none (masked positions give 0). estimator: 0=k1, 1=k2, 2=k3, 3=abs.\n"
+        "clamp: bound to [-clamp, clamp]; +inf for none.");
+  m.def("kl_penalty_backward", &fastrlhf::kl_penalty_backward, py::arg("grad"), py::arg("logprobs"),
+        py::arg("ref_logprobs"), py::arg("mask"), py::arg("estimator"), py::arg("clamp"),
+        py::call_guard<py::gil_scoped_release>(),
+        "grad[M] * d kl / d logprobs, f32[M] (d kl / d ref_logprobs is its negation). 0 where masked or\n"
+        "where the clamp is active.");
+  m.def("gae_forward", &fastrlhf::gae_forward, py::arg("rewards"), py::arg("values"), py::arg("mask"),
+        py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),
+        "GAE with mask-carry semantics on f32 [B, T] rewards / values and a uint8 [B, T] mask.\n"
+        "Returns (advantages f32[B, T], returns f32[B, T]); both 0 where the mask is 0.");
+  m.def("advantages_forward", &fastrlhf::advantages_forward, py::arg("scores"), py::arg("logprobs"),
+        py::arg("ref_logprobs"), py::arg("values"), py::arg("mask"), py::arg("kl_coef"), py::arg("estimator"),
+        py::arg("clamp"), py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),
+        "Fused experience step. token_rewards = -kl_coef * kl (masked; estimator / clamp as in\n"
+        "kl_penalty_forward) plus scores[b] at row b's last valid position, then GAE on them.\n"
+        "Returns (token_rewards, advantages, returns), each f32[B, T].");
+  m.def("ranking_loss_forward", &fastrlhf::ranking_loss_forward, py::arg("rewards"), py::arg("ranks"),
+        py::arg("mask"), py::arg("margin"), py::call_guard<py::gil_scoped_release>(),
+        "K-wise pairwise ranking loss per prompt: rewards f32[N, K], ranks int64[N, K] (1 is best),\n"
+        "mask uint8[N, K] or [0] for all valid. Returns (prompt_loss, prompt_accuracy, num_pairs), each\n"
+        "f32[N]: the mean of softplus(-(r_w - r_l - margin)) and the fraction with r_w > r_l over pairs\n"
+        "with rank_w < rank_l (0 for a prompt with no pair), and the pair count.");
+  m.def("ranking_loss_backward", &fastrlhf::ranking_loss_backward, py::arg("grad_prompt_loss"),
+        py::arg("rewards"), py::arg("ranks"), py::arg("mask"), py::arg("margin"),
+        py::call_guard<py::gil_scoped_release>(),
+        "d rewards f32[N, K] from grad_prompt_loss f32[N] (through prompt_loss only).");
+  m.def("cpu_capability", &fastrlhf::cpu::capability_name,
+        "CPU kernel set used at run time: 'avx512', 'avx2' or 'default' (follows ATEN_CPU_CAPABILITY).");
+  m.def("with_cuda", &fastrlhf::compiled_with_cuda, "Whether the CUDA kernels were compiled in.");
+}

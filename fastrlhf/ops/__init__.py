@@ -1,0 +1,30 @@
+"""fastrlhf.ops: the fused RLHF kernels behind one functional API.
+
+Every op takes ``backend="auto"`` (overridable with ``FASTRLHF_BACKEND``); see ``available_backends()``.
+``reference`` holds the plain-torch definition of every op, which is also the "torch" backend.
+"""
+
+from fastrlhf.ops import reference
+from fastrlhf.ops._backend import BACKENDS, BackendInfo, available_backends
+from fastrlhf.ops.advantages import Advantages, compute_advantages
+from fastrlhf.ops.gae import gae, masked_whiten
+from fastrlhf.ops.gather_logprobs import gather_logprobs
+from fastrlhf.ops.kl_penalty import kl_penalty
+from fastrlhf.ops.ranking_loss import pairwise_loss, ranking_loss
+from fastrlhf.ops.reference import RankingLossResult
+
+__all__ = [
+    "BACKENDS",
+    "Advantages",
+    "BackendInfo",
+    "RankingLossResult",
+    "available_backends",
+    "compute_advantages",
+    "gae",
+    "gather_logprobs",
+    "kl_penalty",
+    "masked_whiten",
+    "pairwise_loss",
+    "ranking_loss",
+    "reference",
+]

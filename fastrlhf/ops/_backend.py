@@ -1,0 +1,139 @@
+"""Backend discovery and dispatch shared by every op.
+
+Backends:
+    torch   the plain-torch reference (``fastrlhf/ops/reference.py``); any device.
+    cpp     the C++ CPU kernels of ``fastrlhf._C``; CPU tensors.
+    cuda    the CUDA kernels of ``fastrlhf._C``; CUDA tensors, only in a CUDA build.
+    triton  the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+
+``backend="auto"`` (the default) can be overridden by the ``FASTRLHF_BACKEND`` environment variable. It
+picks triton → cuda → torch for CUDA tensors and cpp → torch for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+from fastrlhf._extension import load_extension
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """Whether a backend can run here, on which devices, and why not when it can't."""
+
+    name: str
+    available: bool
+    devices: tuple[str, ...]
+    reason: str
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (tests on a GPU-less machine)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton is not installed ({exc})"
+    if triton_interpreting():
+        return True, "TRITON_INTERPRET=1: kernels run on CPU tensors through the interpreter"
+    if not torch.cuda.is_available():
+        return (
+            False,
+            "triton is installed but no CUDA device is visible (set TRITON_INTERPRET=1 to interpret)",
+        )
+    return True, "triton on CUDA"
+
+
+@functools.cache
+def available_backends() -> dict[str, BackendInfo]:
+    """Report every backend: whether it runs here, on which devices, and why anything is missing.
+
+    Computed once per process (what is installed does not change while it runs); treat as read-only.
+    """
+    ext, ext_reason = load_extension()
+    infos = {"torch": BackendInfo("torch", True, ("cpu", "cuda"), "plain torch reference, always present")}
+
+    if ext is None:
+        infos["cpp"] = BackendInfo("cpp", False, (), ext_reason)
+        infos["cuda"] = BackendInfo("cuda", False, (), ext_reason)
+    else:
+        infos["cpp"] = BackendInfo("cpp", True, ("cpu",), f"C++ CPU kernels, {ext.cpu_capability()} build")
+        if not ext.with_cuda():
+            infos["cuda"] = BackendInfo(
+                "cuda",
+                False,
+                (),
+                "fastrlhf._C was built without CUDA (CPU-only torch, no nvcc, or FASTRLHF_SKIP_CUDA)",
+            )
+        elif not torch.cuda.is_available():
+            infos["cuda"] = BackendInfo("cuda", False, (), "built with CUDA but no CUDA device is visible")
+        else:
+            infos["cuda"] = BackendInfo("cuda", True, ("cuda",), "CUDA kernels compiled into fastrlhf._C")
+
+    ok, reason = _triton_status()
+    devices = ("cpu", "cuda") if triton_interpreting() else ("cuda",)
+    infos["triton"] = BackendInfo("triton", ok, devices if ok else (), reason)
+    return infos
+
+
+def _auto_order(device_type: str) -> tuple[str, ...]:
+    if device_type == "cuda":
+        return ("triton", "cuda", "torch")
+    return ("cpp", "torch")
+
+
+@torch.compiler.assume_constant_result
+def _runnable_on(device_type: str) -> tuple[str, ...]:
+    """Backends that can run on ``device_type`` tensors here.
+
+    Marked constant for torch.compile: dynamo evaluates it once while tracing instead of tracing into
+    the extension's query functions, so an op call compiles with no graph break.
+    """
+    return tuple(
+        name for name, info in available_backends().items() if info.available and device_type in info.devices
+    )
+
+
+def resolve_backend(backend: str, device: torch.device, op_backends: tuple[str, ...] = BACKENDS) -> str:
+    """Pick the backend that runs an op on tensors of ``device``.
+
+    ``op_backends`` lists the backends that implement this op. An explicit ``backend`` argument wins;
+    with ``"auto"``, ``FASTRLHF_BACKEND`` is used when set, else the auto order for the device.
+    Raises ValueError naming the argument when the choice is unknown or cannot run on ``device``.
+    """
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get("FASTRLHF_BACKEND", "auto").strip().lower()
+        if env not in ("", "auto"):
+            backend, source = env, "FASTRLHF_BACKEND"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{source}={backend!r} is not one of {('auto',) + BACKENDS}")
+
+    runnable = _runnable_on(device.type)
+    if backend == "auto":
+        for name in _auto_order(device.type):
+            if name in op_backends and name in runnable:
+                return name
+        return "torch"
+    if backend not in op_backends:
+        raise ValueError(
+            f"{source}={backend!r}: this op has no {backend} implementation (it has {op_backends})"
+        )
+    if backend not in runnable:
+        info = available_backends()[backend]
+        if not info.available:
+            raise ValueError(f"{source}={backend!r} is not available here: {info.reason}")
+        raise ValueError(
+            f"{source}={backend!r} cannot run on {device.type} tensors (it runs on {', '.join(info.devices)})"
+        )
+    return backend

@@ -1,0 +1,138 @@
+"""compute_advantages: the PPO experience step after a rollout, in one call.
+
+    token reward  = -kl_coef · KL(logprobs ‖ ref_logprobs)        per valid token
+                  + score                                         at each row's last valid token
+    advantages, returns = GAE(token rewards, values)              mask-carry semantics
+    advantages    = masked_whiten(advantages)                     optional
+
+On the kernel backends the first three lines are one fused pass per row (KL, score placement and the
+reverse GAE walk together); whitening is a masked reduction on top.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fastrlhf.ops import reference
+from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._common import check_discount, check_sequences
+from fastrlhf.ops._kernels import kernel_module
+from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from fastrlhf.ops.gae import masked_whiten
+from fastrlhf.ops.kl_penalty import check_clamp, check_estimator
+
+OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
+
+
+class Advantages(NamedTuple):
+    """All ``[B, T]`` float32, 0 at masked positions."""
+
+    token_rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def compute_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    score_clip: float | None = None,
+    whiten: bool = True,
+    kl_clamp: float | None = None,
+    backend: str = "auto",
+) -> Advantages:
+    """KL-shaped token rewards, GAE advantages (whitened if asked) and returns, with no gradient.
+
+    Args:
+        scores: ``[B]`` sequence scores (the reward model's output).
+        logprobs, ref_logprobs, values: ``[B, T]`` over the response tokens.
+        mask: ``[B, T]`` 0/1 or bool, the valid response tokens.
+        kl_coef: β of the per-token penalty ``-β·KL`` (finite, >= 0).
+        estimator: the KL estimator ("k1", "k2", "k3", "abs"); kl_clamp bounds it (None: no bound).
+        gamma, lam: GAE discount and λ, in [0, 1].
+        score_clip: clip scores to ``[-score_clip, score_clip]`` first (None: no clipping).
+        whiten: whiten the advantages over the masked tokens (needs at least 2 of them).
+    """
+    check_tensor("scores", scores, FLOAT_DTYPES)
+    mask_u8 = check_sequences(values, mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    if scores.shape != (values.shape[0],):
+        raise ValueError(
+            f"scores has shape {tuple(scores.shape)}; expected ({values.shape[0]},), one per row"
+        )
+    device = check_same_device(
+        scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, mask=mask
+    )
+    kl_coef = check_finite("kl_coef", kl_coef)
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    code = check_estimator(estimator)
+    clamp_value = check_clamp(kl_clamp)
+    gamma = check_discount("gamma", gamma)
+    lam = check_discount("lam", lam)
+    if score_clip is not None:
+        clip = check_clamp(score_clip)
+        scores = scores.clamp(-clip, clip)
+
+    if backend == "auto" and values.dtype == torch.float64:
+        backend = "torch"
+    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    with torch.no_grad():
+        if chosen == "torch":
+            token_rewards, advantages, returns = reference.compute_advantages(
+                scores, logprobs, ref_logprobs, values, mask_u8, kl_coef, estimator, gamma, lam, kl_clamp
+            )
+        else:
+            if ref_logprobs.dtype != logprobs.dtype or logprobs.dtype == torch.float64:
+                logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
+            token_rewards, advantages, returns = torch.ops.fastrlhf.advantages_fwd(
+                scores.detach().float().contiguous(),
+                logprobs.detach().contiguous(),
+                ref_logprobs.detach().contiguous(),
+                values.detach().float().contiguous(),
+                mask_u8.contiguous(),
+                kl_coef,
+                code,
+                clamp_value,
+                gamma,
+                lam,
+                chosen,
+            )
+        if whiten:
+            advantages = masked_whiten(advantages, mask_u8)
+    return Advantages(token_rewards, advantages, returns)
+
+
+@torch.library.custom_op("fastrlhf::advantages_fwd", mutates_args=())
+def _advantages_op(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: int,
+    clamp: float,
+    gamma: float,
+    lam: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores f32 ``[B]``; logprobs, ref_logprobs ``[B, T]`` (one dtype); values f32 ``[B, T]``; mask uint8
+    ``[B, T]`` → (token_rewards, advantages, returns) f32 ``[B, T]``, without whitening."""
+    module = kernel_module(backend, "advantages")
+    out = module.advantages_forward(
+        scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator, clamp, gamma, lam
+    )
+    return tuple(out)
+
+
+@_advantages_op.register_fake
+def _(scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator, clamp, gamma, lam, backend):
+    return torch.empty_like(values), torch.empty_like(values), torch.empty_like(values)

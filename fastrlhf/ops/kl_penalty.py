@@ -1,0 +1,175 @@
+"""kl_penalty: per-token KL estimate between the policy and the reference, fused forward and backward.
+
+With ``d = logprobs - ref_logprobs``: ``k1 = d``, ``k2 = d²/2``, ``k3 = exp(-d) + d - 1``, ``abs = |d|``
+(see ``reference.kl_penalty``). One elementwise kernel per direction on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastrlhf.ops import reference
+from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._kernels import kernel_module, optional_mask
+from fastrlhf.ops._validation import (
+    FLOAT_DTYPES,
+    check_mask,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+
+OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
+ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+REDUCTIONS = ("none", "seq-mean", "token-mean")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_estimator(estimator: str) -> int:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not one of {tuple(ESTIMATORS)}")
+    return ESTIMATORS[estimator]
+
+
+def check_clamp(clamp) -> float:
+    """None → +inf (no clamp); otherwise a positive number (it bounds the estimate to [-clamp, clamp])."""
+    if clamp is None:
+        return math.inf
+    try:
+        value = float(clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp must be None or a positive number, got {clamp!r}") from None
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"clamp must be None or a positive number, got {clamp!r}")
+    return value
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    estimator: str = "k1",
+    clamp: float | None = None,
+    reduction: str = "none",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token KL estimate, with gradients to both inputs.
+
+    Args:
+        logprobs, ref_logprobs: ``[B, T]`` (any matching shape) float32 / bfloat16 / float16.
+        mask: 0/1 (or bool) of the same shape, or None; masked positions give 0 and no gradient.
+        estimator: "k1", "k2", "k3" or "abs".
+        clamp: bound the estimate to ``[-clamp, clamp]`` (gradient 0 where it binds), or None.
+        reduction: "none" (per token, the input's shape), "seq-mean" (masked mean over the last dim,
+            shape ``[B]``), or "token-mean" (masked mean over every token, a scalar).
+    Returns:
+        float32 (float64 for float64 input) KL of the shape the reduction gives.
+    """
+    check_tensor("logprobs", logprobs, FLOAT_DTYPES)
+    check_tensor("ref_logprobs", ref_logprobs, FLOAT_DTYPES)
+    check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    device = check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    code = check_estimator(estimator)
+    clamp_value = check_clamp(clamp)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if reduction == "seq-mean" and logprobs.dim() == 0:
+        raise ValueError("reduction='seq-mean' needs logprobs with a sequence dimension, got a scalar")
+    mask_u8 = None if mask is None else check_mask("mask", mask)
+
+    if backend == "auto" and torch.float64 in (logprobs.dtype, ref_logprobs.dtype):
+        backend = "torch"
+    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    if chosen == "torch":
+        kl = reference.kl_penalty(logprobs, ref_logprobs, mask_u8, estimator, clamp)
+    else:
+        for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+            if t.dtype not in KERNEL_DTYPES:
+                raise ValueError(f"{name} dtype {t.dtype} is not supported by backend={chosen!r}")
+        if ref_logprobs.dtype != logprobs.dtype:  # one kernel dtype: widen both rather than round one
+            logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
+        flat_mask = logprobs.new_empty(0, dtype=torch.uint8) if mask_u8 is None else mask_u8.reshape(-1)
+        kl = torch.ops.fastrlhf.kl_penalty_fwd(
+            logprobs.reshape(-1).contiguous(),
+            ref_logprobs.reshape(-1).contiguous(),
+            flat_mask.contiguous(),
+            code,
+            clamp_value,
+            chosen,
+        ).view(logprobs.shape)
+    return _reduce(kl, mask_u8, reduction)
+
+
+def _reduce(kl: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return kl
+    weights = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    if reduction == "seq-mean":
+        # A sequence with no valid token has mean 0, not NaN.
+        return (kl * weights).sum(-1) / weights.sum(-1).clamp_min(1)
+    return (kl * weights).sum() / weights.sum().clamp_min(1)
+
+
+@torch.library.custom_op("fastrlhf::kl_penalty_fwd", mutates_args=())
+def _forward_op(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: int,
+    clamp: float,
+    backend: str,
+) -> torch.Tensor:
+    """logprobs, ref_logprobs ``[M]`` (one dtype), mask uint8 ``[M]`` or ``[0]`` → kl float32 ``[M]``."""
+    module = kernel_module(backend, "kl_penalty")
+    return module.kl_penalty_forward(logprobs, ref_logprobs, optional_mask(backend, mask), estimator, clamp)
+
+
+@_forward_op.register_fake
+def _(logprobs, ref_logprobs, mask, estimator, clamp, backend):
+    return logprobs.new_empty(logprobs.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastrlhf::kl_penalty_bwd", mutates_args=())
+def _backward_op(
+    grad: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: int,
+    clamp: float,
+    backend: str,
+) -> torch.Tensor:
+    """d kl / d logprobs times ``grad``, float32 ``[M]`` (d / d ref_logprobs is its negation)."""
+    module = kernel_module(backend, "kl_penalty")
+    return module.kl_penalty_backward(
+        grad, logprobs, ref_logprobs, optional_mask(backend, mask), estimator, clamp
+    )
+
+
+@_backward_op.register_fake
+def _(grad, logprobs, ref_logprobs, mask, estimator, clamp, backend):
+    return grad.new_empty(grad.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    logprobs, ref_logprobs, mask, estimator, clamp, backend = inputs
+    ctx.save_for_backward(logprobs, ref_logprobs, mask)
+    ctx.options = (estimator, clamp, backend)
+
+
+def _backward(ctx, grad):
+    logprobs, ref_logprobs, mask = ctx.saved_tensors
+    estimator, clamp, backend = ctx.options
+    grad = grad.to(torch.float32).contiguous()
+    d_logprobs = torch.ops.fastrlhf.kl_penalty_bwd(
+        grad, logprobs, ref_logprobs, mask, estimator, clamp, backend
+    )
+    d_ref = None
+    if ctx.needs_input_grad[1]:
+        d_ref = (-d_logprobs).to(ref_logprobs.dtype)
+    return d_logprobs.to(logprobs.dtype), d_ref, None, None, None, None
+
+
+torch.library.register_autograd("fastrlhf::kl_penalty_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,158 @@
+"""ranking_loss: InstructGPT's K-wise pairwise ranking loss, and the K=2 chosen/rejected form.
+
+Each prompt's C(K,2) comparisons form one batch element: the kernels compute, per prompt, the mean of
+``-logσ(r_w - r_l - margin)`` over its pairs (and its accuracy and pair count) in one pass over the
+``[K, K]`` pair table; the mean over prompts is a reduction over ``[N]`` on top.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrlhf.ops import reference
+from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._kernels import kernel_module
+from fastrlhf.ops._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_finite,
+    check_mask,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from fastrlhf.ops.reference import RankingLossResult
+
+OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
+
+
+def ranking_loss(
+    rewards: torch.Tensor,
+    ranks: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    margin: float = 0.0,
+    backend: str = "auto",
+) -> RankingLossResult:
+    """K-wise pairwise ranking loss over all valid pairs of each prompt.
+
+    Args:
+        rewards: ``[N, K]`` floating, the reward model's scores of K responses per prompt.
+        ranks: ``[N, K]`` integer, 1 = best; equal ranks form no pair.
+        mask: ``[N, K]`` 0/1 or bool, the responses present (K varies per prompt), or None (all).
+        margin: subtracted from each pair's reward gap.
+    Returns:
+        ``RankingLossResult(loss, accuracy, num_prompts_without_pairs)``: the mean over prompts of each
+        prompt's mean pair loss, the accuracy (fraction of pairs ordered right) weighted the same way, and
+        how many prompts had no pair (fewer than 2 valid responses, or only ties) and so count for nothing.
+    """
+    check_tensor("rewards", rewards, FLOAT_DTYPES)
+    check_tensor("ranks", ranks, INDEX_DTYPES)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be 2-D [prompts, K], got shape {tuple(rewards.shape)}")
+    check_same_shape("rewards", rewards, ranks=ranks, mask=mask)
+    device = check_same_device(rewards=rewards, ranks=ranks, mask=mask)
+    if rewards.shape[1] < 2:
+        raise ValueError(f"rewards has K={rewards.shape[1]} responses per prompt; a ranking needs K >= 2")
+    margin = check_finite("margin", margin)
+    mask_u8 = torch.ones_like(ranks, dtype=torch.uint8) if mask is None else check_mask("mask", mask)
+    if mask is not None and mask_u8.shape[0] and int(mask_u8.sum(1).max()) < 2:
+        raise ValueError("mask leaves every prompt with fewer than 2 responses: there is no pair to rank")
+
+    if backend == "auto" and rewards.dtype == torch.float64:
+        backend = "torch"
+    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    if chosen == "torch":
+        return reference.ranking_loss(rewards, ranks, mask_u8, margin)
+    prompt_loss, prompt_accuracy, num_pairs = torch.ops.fastrlhf.ranking_loss_fwd(
+        rewards.float().contiguous(), ranks.long().contiguous(), mask_u8.contiguous(), margin, chosen
+    )
+    has_pairs = (num_pairs > 0).float()
+    weight = has_pairs / has_pairs.sum().clamp_min(1)
+    loss = (prompt_loss * weight).sum()
+    accuracy = (prompt_accuracy * weight).sum()
+    return RankingLossResult(loss, accuracy, (num_pairs == 0).sum())
+
+
+def pairwise_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    backend: str = "auto",
+) -> RankingLossResult:
+    """The K=2 form: ``mean(-logσ(chosen - rejected - margin))`` and its accuracy.
+
+    Args:
+        chosen, rejected: ``[N]`` rewards of the preferred and the other response.
+        margin: None, a float, or an ``[N]`` tensor of per-pair margins (as in Llama 2's RM loss).
+    """
+    check_tensor("chosen", chosen, FLOAT_DTYPES)
+    check_tensor("rejected", rejected, FLOAT_DTYPES)
+    if chosen.dim() != 1:
+        raise ValueError(f"chosen must be 1-D [N], got shape {tuple(chosen.shape)}")
+    check_same_shape("chosen", chosen, rejected=rejected)
+    check_same_device(chosen=chosen, rejected=rejected)
+    shifted = rejected
+    if torch.is_tensor(margin):
+        check_same_shape("chosen", chosen, margin=margin)
+        # A per-pair margin shifts the rejected reward: r_c - (r_r + m) is the same gap.
+        shifted, margin = rejected + margin.to(rejected.dtype), 0.0
+    rewards = torch.stack([chosen, shifted], dim=1)
+    ranks = torch.tensor([1, 2], device=chosen.device).expand(chosen.shape[0], 2)
+    out = ranking_loss(rewards, ranks, None, 0.0 if margin is None else margin, backend=backend)
+    # Accuracy is about the rewards themselves, not the margin-shifted gap.
+    accuracy = (chosen > rejected).float().mean() if chosen.numel() else out.accuracy
+    return RankingLossResult(out.loss, accuracy.detach(), out.num_prompts_without_pairs)
+
+
+@torch.library.custom_op("fastrlhf::ranking_loss_fwd", mutates_args=())
+def _forward_op(
+    rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor, margin: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rewards f32 ``[N, K]``, ranks int64, mask uint8 → per-prompt (loss, accuracy, pairs) f32 ``[N]``."""
+    out = kernel_module(backend, "ranking_loss").ranking_loss_forward(rewards, ranks, mask, margin)
+    return tuple(out)
+
+
+@_forward_op.register_fake
+def _(rewards, ranks, mask, margin, backend):
+    n = rewards.shape[0]
+    return rewards.new_empty(n), rewards.new_empty(n), rewards.new_empty(n)
+
+
+@torch.library.custom_op("fastrlhf::ranking_loss_bwd", mutates_args=())
+def _backward_op(
+    grad_prompt_loss: torch.Tensor,
+    rewards: torch.Tensor,
+    ranks: torch.Tensor,
+    mask: torch.Tensor,
+    margin: float,
+    backend: str,
+) -> torch.Tensor:
+    """d(Σ grad·prompt_loss)/d rewards, f32 ``[N, K]``."""
+    module = kernel_module(backend, "ranking_loss")
+    return module.ranking_loss_backward(grad_prompt_loss, rewards, ranks, mask, margin)
+
+
+@_backward_op.register_fake
+def _(grad_prompt_loss, rewards, ranks, mask, margin, backend):
+    return torch.empty_like(rewards)
+
+
+def _setup_context(ctx, inputs, output):
+    rewards, ranks, mask, margin, backend = inputs
+    ctx.save_for_backward(rewards, ranks, mask)
+    ctx.options = (margin, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_prompt_loss, _grad_accuracy, _grad_pairs):
+    rewards, ranks, mask = ctx.saved_tensors
+    margin, backend = ctx.options
+    if grad_prompt_loss is None:
+        return None, None, None, None, None
+    grad = grad_prompt_loss.float().contiguous()
+    d_rewards = torch.ops.fastrlhf.ranking_loss_bwd(grad, rewards, ranks, mask, margin, backend)
+    return d_rewards, None, None, None, None
+
+
+torch.library.register_autograd("fastrlhf::ranking_loss_fwd", _backward, setup_context=_setup_context)

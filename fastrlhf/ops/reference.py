@@ -1,0 +1,269 @@
+"""Plain-torch definitions of every fastrlhf op: the spec the kernels are tested against.
+
+These are written for clarity and exactness, not speed. They are also the ``"torch"`` backend, so they
+must be differentiable wherever the op has gradients. Float64 inputs compute in float64 (that is how the
+tests build their reference); every other floating dtype computes and returns float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; fp32 / bf16 / fp16 accumulate in float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# log-probabilities
+# ----------------------------------------------------------------------------------------------------
+
+
+def gather_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` float32 / bfloat16 / float16 / float64.
+        labels: ``[...]`` integer; ``ignore_index`` marks positions to skip.
+    Returns:
+        ``logprobs[...]`` (float32, or float64 for float64 input), 0 where the label is ``ignore_index``;
+        with ``return_entropy`` also ``entropy[...]``, the entropy of the tempered distribution
+        (0 at ignored positions).
+    """
+    z = logits.to(compute_dtype(logits)) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logprobs = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    if not return_entropy:
+        return logprobs
+    probs = logp_all.exp()
+    # p·log p is 0 where p is 0 (e.g. -inf logits); the guard keeps the value and its gradient finite.
+    logp_where_positive = torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))
+    entropy = -(probs * logp_where_positive).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logprobs, entropy
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """``gather_logprobs(hidden @ weight.T + bias, labels)``, with the product accumulated in fp32.
+
+    Args:
+        hidden: ``[N, H]``; weight: ``[V, H]``; bias: ``[V]`` or None; labels: ``[N]``.
+    """
+    dtype = compute_dtype(hidden)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return gather_logprobs(logits, labels, temperature, ignore_index, return_entropy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KL penalty
+# ----------------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    estimator: str = "k1",
+    clamp: float | None = None,
+):
+    """Per-token KL estimate between the policy and the reference.
+
+    With ``d = logprobs - ref_logprobs``: ``k1 = d``, ``k2 = d²/2``, ``k3 = exp(-d) + d - 1``,
+    ``abs = |d|``. ``clamp`` bounds the estimate to ``[-clamp, clamp]``. Masked positions give 0.
+
+    Args:
+        logprobs, ref_logprobs: ``[B, T]`` (any matching shape). mask: same shape, 0/1, or None.
+    Returns:
+        ``[B, T]`` float32 (float64 for float64 input).
+    """
+    dtype = compute_dtype(logprobs)
+    diff = logprobs.to(dtype) - ref_logprobs.to(dtype)
+    if estimator == "k1":
+        kl = diff
+    elif estimator == "k2":
+        kl = 0.5 * diff.square()
+    elif estimator == "k3":
+        # exp(-d) - (-d) - 1 written with expm1 so small gaps keep their precision.
+        kl = torch.expm1(-diff) + diff
+    elif estimator == "abs":
+        kl = diff.abs()
+    else:
+        raise ValueError(f"estimator={estimator!r} is not one of {KL_ESTIMATORS}")
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl
+
+
+# ----------------------------------------------------------------------------------------------------
+# masked statistics and GAE
+# ----------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set (all of them when ``dim`` is None)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked positions, with the unbiased variance.
+
+    ``shift_mean=False`` adds the mean back (scales only). Unmasked positions give 0.
+    """
+    mean = masked_mean(x, mask)
+    centered = x - mean
+    count = mask.to(x.dtype).sum()
+    var = masked_mean(centered.square(), mask) * count / (count - 1)
+    # 1e-8 keeps a constant input finite, the same epsilon TRL, OpenRLHF and veRL use.
+    whitened = centered * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation with mask-carry semantics (veRL's).
+
+    Walk t from T-1 down to 0. Where ``mask[t]`` is set: ``δ = r[t] + γ·next_v − v[t]``,
+    ``last = δ + γλ·last``, ``adv[t] = last``, ``next_v = v[t]``. Elsewhere ``next_v`` and ``last`` carry
+    over unchanged and ``adv[t] = 0``. On right-padded masks this equals TRL's and OpenRLHF's loops.
+
+    Args:
+        rewards, values, mask: ``[B, T]``.
+    Returns:
+        ``(advantages[B, T], returns[B, T])``; ``returns = advantages + values`` where the mask is set,
+        0 elsewhere. No gradient.
+    """
+    dtype = compute_dtype(values)
+    rewards, values = rewards.to(dtype), values.to(dtype)
+    valid = mask.bool()
+    batch, length = values.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(batch, dtype=dtype, device=values.device)
+    last = torch.zeros(batch, dtype=dtype, device=values.device)
+    for t in reversed(range(length)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        step = delta + gamma * lam * last
+        last = torch.where(valid[:, t], step, last)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        advantages[:, t] = torch.where(valid[:, t], step, torch.zeros_like(step))
+    returns = torch.where(valid, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------------
+# K-wise ranking loss
+# ----------------------------------------------------------------------------------------------------
+
+
+class RankingLossResult(NamedTuple):
+    """``loss`` (scalar), ``accuracy`` (scalar, fraction of pairs with r_w > r_l, weighted like the loss),
+    ``num_prompts_without_pairs`` (prompts with fewer than 2 valid responses or only ties)."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    num_prompts_without_pairs: torch.Tensor
+
+
+def ranking_loss(
+    rewards: torch.Tensor,
+    ranks: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    margin: float = 0.0,
+) -> RankingLossResult:
+    """InstructGPT's K-wise pairwise ranking loss, all C(K,2) pairs of a prompt as one batch element.
+
+    Rank 1 is best. Every valid pair with ``rank_w < rank_l`` contributes ``-logσ(r_w - r_l - margin)``;
+    equal ranks are dropped. A prompt's loss is the mean over its pairs; the loss is the mean over the
+    prompts that have at least one pair (0 when none has).
+
+    Args:
+        rewards: ``[N, K]`` floating. ranks: ``[N, K]`` integer. mask: ``[N, K]`` 0/1 or None.
+    """
+    dtype = compute_dtype(rewards)
+    r = rewards.to(dtype)
+    valid = torch.ones_like(ranks, dtype=torch.bool) if mask is None else mask.bool()
+    # pair[n, w, l]: response w is ranked strictly better than response l, both valid.
+    pair = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
+    gap = r[:, :, None] - r[:, None, :] - margin
+    pair_f = pair.to(dtype)
+    pair_loss = -F.logsigmoid(gap) * pair_f
+    pair_correct = (gap + margin > 0).to(dtype) * pair_f
+    pairs_per_prompt = pair_f.sum((1, 2))
+    has_pairs = pairs_per_prompt > 0
+    denom = pairs_per_prompt.clamp_min(1)
+    prompt_loss = pair_loss.sum((1, 2)) / denom
+    prompt_acc = pair_correct.sum((1, 2)) / denom
+    num_with_pairs = has_pairs.to(dtype).sum()
+    weight = has_pairs.to(dtype) / num_with_pairs.clamp_min(1)
+    loss = (prompt_loss * weight).sum()
+    accuracy = (prompt_acc * weight).sum()
+    return RankingLossResult(loss, accuracy, (~has_pairs).sum())
+
+
+@torch.no_grad()
+def compute_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    kl_clamp: float | None = None,
+):
+    """The experience step before whitening: ``-kl_coef·KL`` per valid token, the score added at each
+    row's last valid token (rows with none get no score), then GAE.
+
+    Args:
+        scores: ``[B]``; logprobs, ref_logprobs, values, mask: ``[B, T]``.
+    Returns:
+        ``(token_rewards, advantages, returns)``, each ``[B, T]``.
+    """
+    dtype = compute_dtype(values)
+    valid = mask.bool()
+    kl = kl_penalty(logprobs.to(dtype), ref_logprobs.to(dtype), valid, estimator, kl_clamp)
+    token_rewards = -kl_coef * kl
+    length = values.shape[1]
+    if length == 0 or values.shape[0] == 0:
+        empty = torch.zeros(values.shape, dtype=dtype, device=values.device)
+        return empty, empty.clone(), empty.clone()
+    positions = torch.arange(length, device=values.device).expand_as(valid)
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+    has_token = last >= 0
+    rows = torch.arange(values.shape[0], device=values.device)[has_token]
+    token_rewards[rows, last[has_token]] += scores.to(dtype)[has_token]
+    advantages, returns = gae(token_rewards, values.to(dtype), valid, gamma, lam)
+    return token_rewards, advantages, returns

@@ -1,0 +1,152 @@
+"""Build script for the compiled core ``fastrlhf._C``.
+
+The C++ CPU kernels are always built. The CUDA kernels are added when torch has CUDA and nvcc is
+present (or ``FASTRLHF_FORCE_CUDA=1``), unless ``FASTRLHF_SKIP_CUDA=1``.
+
+Environment switches:
+    FASTRLHF_FORCE_CUDA=1      build the CUDA kernels even when no GPU is visible (needs a CUDA torch)
+    FASTRLHF_SKIP_CUDA=1       never build the CUDA kernels
+    FASTRLHF_CUDA_ARCHS="80;90"  SM architectures for nvcc (default 80;90)
+
+The build imports torch, so install torch first and build without isolation:
+    pip install torch && pip install --no-build-isolation .
+"""
+
+import glob
+import os
+import platform
+import shutil
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - only hit by a misconfigured build
+    raise RuntimeError(
+        "fastrlhf's build needs torch installed first, and pip must not isolate the build:\n"
+        "    pip install torch && pip install --no-build-isolation ."
+    ) from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+# Per-capability kernel objects: csrc/cpu/arch/<cap>.cpp includes every CPU kernel once more,
+# compiled for that instruction set; csrc/cpu/dispatch picks one at run time. Flags mirror the
+# ones torch uses for its own AVX2 / AVX512 kernels so at::vec::Vectorized takes the same paths.
+ARCH_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+    "avx512": [
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+    ],
+}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda() -> bool:
+    if _env_flag("FASTRLHF_SKIP_CUDA"):
+        return False
+    has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    if _env_flag("FASTRLHF_FORCE_CUDA"):
+        if torch.version.cuda is None:
+            raise RuntimeError("FASTRLHF_FORCE_CUDA=1 but the installed torch has no CUDA support")
+        return True
+    return torch.version.cuda is not None and has_nvcc
+
+
+def _cuda_arch_flags() -> list[str]:
+    archs = os.environ.get("FASTRLHF_CUDA_ARCHS", "80;90")
+    flags = []
+    for arch in filter(None, archs.replace(",", ";").split(";")):
+        arch = arch.strip().replace(".", "")
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def _arch_of(source: str) -> str | None:
+    name = os.path.splitext(os.path.basename(source))[0]
+    if os.path.basename(os.path.dirname(source)) == "arch" and name in ARCH_FLAGS:
+        return name
+    return None
+
+
+def _sources(with_cuda: bool) -> list[str]:
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/dispatch*.cpp"))
+    archs = ["default", "avx2", "avx512"] if IS_X86 else ["default"]
+    sources += [f"csrc/cpu/arch/{arch}.cpp" for arch in archs]
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    return sources
+
+
+class FastrlhfBuildExt(BuildExtension):
+    """torch's BuildExtension plus per-source flags for the per-capability CPU kernel objects."""
+
+    def build_extension(self, ext):
+        if not getattr(self.compiler, "_fastrlhf_wrapped", False):
+            compile_one = self.compiler._compile
+
+            def compile_with_arch(obj, src, ext_name, cc_args, extra_postargs, pp_opts):
+                arch = _arch_of(src)
+                if arch is not None and isinstance(extra_postargs, dict):
+                    extra_postargs = dict(extra_postargs)
+                    extra_postargs["cxx"] = list(extra_postargs.get("cxx", [])) + ARCH_FLAGS[arch]
+                elif arch is not None:
+                    extra_postargs = list(extra_postargs) + ARCH_FLAGS[arch]
+                return compile_one(obj, src, ext_name, cc_args, extra_postargs, pp_opts)
+
+            self.compiler._compile = compile_with_arch
+            self.compiler._fastrlhf_wrapped = True
+        super().build_extension(ext)
+
+
+def _depends() -> list[str]:
+    # Headers and the kernel files included by csrc/cpu/arch/*.cpp: distutils only rebuilds an object
+    # when its own source changed unless these are listed.
+    return sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(
+        f for f in glob.glob("csrc/cpu/*.cpp") if not os.path.basename(f).startswith("dispatch")
+    )
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DFASTRLHF_IS_X86={int(IS_X86)}"]
+    if with_cuda:
+        cxx.append("-DFASTRLHF_WITH_CUDA")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-DFASTRLHF_WITH_CUDA"] + _cuda_arch_flags()
+        return CUDAExtension(
+            "fastrlhf._C",
+            _sources(True),
+            include_dirs=include_dirs,
+            depends=_depends(),
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "fastrlhf._C",
+        _sources(False),
+        include_dirs=include_dirs,
+        depends=_depends(),
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["fastrlhf", "fastrlhf.*"]),
+    ext_modules=[_extension()],
+    # Ninja compiles every source with one set of flags; the per-capability objects need their own.
+    cmdclass={"build_ext": FastrlhfBuildExt.with_options(use_ninja=False)},
+)

@@ -1,0 +1,66 @@
+"""Test setup: run the real Triton kernels on CPU tensors through the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, because ``triton.jit`` decides at
+decoration time whether a kernel is compiled or interpreted. On a machine with a CUDA device the
+kernels run compiled on the GPU instead (set FASTRLHF_TEST_TRITON_INTERPRET=1 to force the interpreter).
+"""
+
+import os
+import sys
+
+import torch
+
+if "triton" in sys.modules:  # pragma: no cover - would make the setting below ineffective
+    raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")
+
+_force = os.environ.get("FASTRLHF_TEST_TRITON_INTERPRET")
+if _force is not None:
+    os.environ["TRITON_INTERPRET"] = _force
+elif not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from fastrlhf.ops import available_backends  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def cpu_backends(include_torch: bool = True) -> list:
+    """Backends that run on CPU tensors here, as pytest params (unavailable ones are skipped with why)."""
+    infos = available_backends()
+    names = (["torch"] if include_torch else []) + ["cpp", "triton"]
+    params = []
+    for name in names:
+        info = infos[name]
+        runs_on_cpu = info.available and "cpu" in info.devices
+        marks = [] if runs_on_cpu else [pytest.mark.skip(reason=f"{name}: {info.reason}")]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def gpu_backends() -> list:
+    infos = available_backends()
+    params = []
+    for name in ("torch", "cuda", "triton"):
+        info = infos[name]
+        runs_on_gpu = info.available and "cuda" in info.devices
+        marks = [pytest.mark.gpu] + (
+            [] if runs_on_gpu else [pytest.mark.skip(reason=f"{name}: {info.reason}")]
+        )
+        params.append(pytest.param(name, marks=marks, id=f"gpu-{name}"))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """A fresh seed per test (inputs are never the same twice); FASTRLHF_TEST_SEED replays a failure."""
+    seed = int(os.environ.get("FASTRLHF_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"FASTRLHF_TEST_SEED={seed}")  # shown by pytest when the test fails
+    yield seed

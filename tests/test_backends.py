@@ -1,0 +1,130 @@
+"""Backend discovery, the auto rules, and the FASTRLHF_BACKEND override."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastrlhf.ops import available_backends
+from fastrlhf.ops._backend import resolve_backend
+
+CPU = torch.device("cpu")
+
+
+def test_extension_is_built():
+    """The installed package carries the compiled core; CI must never silently test only torch."""
+    if os.environ.get("FASTRLHF_ALLOW_NO_EXTENSION") == "1":
+        pytest.skip("FASTRLHF_ALLOW_NO_EXTENSION=1")
+    info = available_backends()["cpp"]
+    assert info.available, info.reason
+    from fastrlhf import _C
+
+    assert _C.cpu_capability() in ("default", "avx2", "avx512")
+
+
+def test_available_backends_report_reasons():
+    infos = available_backends()
+    assert set(infos) == {"torch", "cpp", "cuda", "triton"}
+    assert infos["torch"].available
+    for info in infos.values():
+        assert info.reason, f"{info.name} has no reason text"
+        if not info.available:
+            assert info.devices == ()
+    if not torch.cuda.is_available():
+        assert not infos["cuda"].available
+
+
+def test_auto_prefers_cpp_on_cpu():
+    expected = "cpp" if available_backends()["cpp"].available else "torch"
+    assert resolve_backend("auto", CPU) == expected
+
+
+def test_env_overrides_auto_but_not_an_explicit_argument(monkeypatch):
+    monkeypatch.setenv("FASTRLHF_BACKEND", "torch")
+    assert resolve_backend("auto", CPU) == "torch"
+    if available_backends()["cpp"].available:
+        assert resolve_backend("cpp", CPU) == "cpp"
+
+
+def test_env_naming_unusable_backend_is_reported(monkeypatch):
+    monkeypatch.setenv("FASTRLHF_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTRLHF_BACKEND='cuda'"):
+        resolve_backend("auto", CPU)
+    monkeypatch.setenv("FASTRLHF_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTRLHF_BACKEND='nonsense' is not one of"):
+        resolve_backend("auto", CPU)
+
+
+def test_op_without_an_implementation_is_reported():
+    with pytest.raises(ValueError, match="has no triton implementation"):
+        resolve_backend("triton", CPU, op_backends=("torch", "cpp"))
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_each_cpu_capability_build_is_correct(capability):
+    """Every compiled instruction-set variant of the C++ kernels, forced via ATEN_CPU_CAPABILITY."""
+    if not available_backends()["cpp"].available:
+        pytest.skip("no C++ extension")
+    script = f"""
+import torch
+from fastrlhf import _C
+from fastrlhf.ops import gather_logprobs, reference
+assert _C.cpu_capability() == {capability!r}, _C.cpu_capability()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = (torch.randn(37, 20011) * 3).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 20011, (37,)); y[::5] = -100
+    lp, ent = gather_logprobs(x, y, 0.7, return_entropy=True, backend="cpp")
+    (lp.sum() + ent.sum()).backward()
+    x64 = x.detach().double().requires_grad_(True)
+    rlp, rent = reference.gather_logprobs(x64, y, 0.7, return_entropy=True)
+    (rlp.sum() + rent.sum()).backward()
+    assert (lp.double() - rlp).abs().max() < 1e-4, dtype
+    assert (ent.double() - rent).abs().max() < 1e-4, dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (x.grad.double() - x64.grad).abs().max() < tol * max(1.0, x64.grad.abs().max().item()), dtype
+print("ok")
+"""
+    import platform
+
+    if capability != "default" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-only capability")
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    needed = {"avx2": "avx2", "avx512": "avx512bw"}.get(capability)
+    if needed and needed not in flags:
+        pytest.skip(f"this CPU lacks {needed}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_import_without_extension_warns_once_and_falls_back():
+    script = """
+import importlib.abc, sys, warnings
+class BlockExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastrlhf._C":
+            raise ImportError("blocked by test")
+sys.meta_path.insert(0, BlockExtension())
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import torch, fastrlhf
+    from fastrlhf.ops import available_backends, gather_logprobs
+    infos = available_backends()
+    assert not infos["cpp"].available and "blocked by test" in infos["cpp"].reason
+    x = torch.randn(3, 11); y = torch.tensor([1, 2, -100])
+    lp = gather_logprobs(x, y)
+    lp2 = gather_logprobs(x, y)
+    ref = torch.log_softmax(x, -1).gather(-1, y.clamp_min(0)[:, None])[:, 0] * (y != -100)
+    assert torch.allclose(lp, ref)
+ours = [w for w in caught if "fastrlhf._C" in str(w.message)]
+assert len(ours) == 1, [str(w.message) for w in caught]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -1,0 +1,125 @@
+"""ranking_loss and pairwise_loss on every backend against the float64 reference (itself checked against
+an explicit pair enumeration in test_reference.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_backends
+from loops import ranking_loss_by_enumeration
+from numerics import assert_close_fp32
+
+from fastrlhf.ops import pairwise_loss, ranking_loss, reference
+
+
+def make_case(n, k, ties=True):
+    rewards = torch.randn(n, k) * 2
+    ranks = torch.stack([torch.randperm(k) + 1 for _ in range(n)])
+    mask = torch.ones(n, k, dtype=torch.bool)
+    if n >= 4:
+        mask[1, k // 2 :] = False  # a prompt with fewer responses
+        mask[2, 1:] = False  # a single response: no pair
+        if ties:
+            ranks[3] = 1  # all tied: no pair
+    if ties and k >= 3 and n >= 1:
+        ranks[0, 1] = ranks[0, 2]
+    return rewards, ranks, mask
+
+
+def run(backend, rewards, ranks, mask, margin=0.0):
+    r = rewards.detach().clone().requires_grad_(True)
+    out = ranking_loss(r, ranks, mask, margin, backend=backend)
+    out.loss.backward()
+    return out, r.grad
+
+
+def reference64(rewards, ranks, mask, margin=0.0):
+    r = rewards.detach().double().requires_grad_(True)
+    out = reference.ranking_loss(r, ranks, mask, margin)
+    out.loss.backward()
+    return out, r.grad
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("n,k", [(1, 2), (5, 3), (7, 9), (33, 16)])
+@pytest.mark.parametrize("margin", [0.0, 0.7])
+def test_matches_reference(backend, n, k, margin):
+    rewards, ranks, mask = make_case(n, k)
+    out, grad = run(backend, rewards, ranks, mask, margin)
+    want, want_grad = reference64(rewards, ranks, mask, margin)
+    assert_close_fp32("loss", out.loss, want.loss)
+    assert_close_fp32("accuracy", out.accuracy, want.accuracy)
+    assert out.num_prompts_without_pairs.item() == want.num_prompts_without_pairs.item()
+    assert_close_fp32("grad", grad, want_grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_stable_at_huge_gaps(backend):
+    rewards = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 3.0]])
+    ranks = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    out, grad = run(backend, rewards, ranks, None)
+    want, want_grad = reference64(rewards, ranks, None)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert_close_fp32("loss", out.loss, want.loss)
+    assert_close_fp32("grad", grad, want_grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_pairwise_is_k2_chosen_rejected(backend):
+    chosen, rejected = torch.randn(11, requires_grad=True), torch.randn(11, requires_grad=True)
+    margin = torch.rand(11)
+    out = pairwise_loss(chosen, rejected, margin, backend=backend)
+    out.loss.backward()
+    c, r = chosen.detach().double().requires_grad_(True), rejected.detach().double().requires_grad_(True)
+    want = -F.logsigmoid(c - r - margin.double()).mean()
+    want.backward()
+    assert_close_fp32("loss", out.loss, want)
+    assert_close_fp32("d chosen", chosen.grad, c.grad)
+    assert_close_fp32("d rejected", rejected.grad, r.grad)
+    assert out.accuracy.item() == pytest.approx((chosen > rejected).float().mean().item())
+
+
+def test_bf16_rewards_compute_in_fp32():
+    rewards, ranks, mask = make_case(6, 4)
+    out = ranking_loss(rewards.bfloat16(), ranks, mask)
+    want = reference.ranking_loss(rewards.bfloat16().double(), ranks, mask)
+    assert_close_fp32("loss", out.loss, want.loss)
+
+
+def test_validation():
+    r = torch.randn(3, 4)
+    ranks = torch.ones(3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="K=1 responses per prompt; a ranking needs K >= 2"):
+        ranking_loss(r[:, :1], ranks[:, :1])
+    with pytest.raises(ValueError, match="every prompt with fewer than 2 responses"):
+        ranking_loss(r, ranks, torch.tensor([[1, 0, 0, 0]] * 3))
+    with pytest.raises(ValueError, match=r"ranks has shape \(3, 3\)"):
+        ranking_loss(r, ranks[:, :3])
+    with pytest.raises(ValueError, match="ranks has dtype float32"):
+        ranking_loss(r, ranks.float())
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        ranking_loss(r, ranks, torch.full((3, 4), 3))
+    with pytest.raises(ValueError, match="margin must be finite"):
+        ranking_loss(r, ranks, margin=float("nan"))
+    with pytest.raises(ValueError, match="one device"):
+        ranking_loss(r, ranks.to("meta"))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("k", [2, 4, 9])
+def test_random_ranks_with_ties_against_brute_force(backend, k):
+    """Random ranks drawn with replacement (many ties), random masks: values and gradients against an
+    itertools enumeration of the pairs with float64 autograd (tests/loops.py)."""
+    n = 12
+    rewards = torch.randn(n, k) * 3
+    ranks = torch.randint(1, k + 1, (n, k))
+    mask = torch.rand(n, k) > 0.25
+    mask[0] = True
+    margin = 0.3
+    out, grad = run(backend, rewards, ranks, mask, margin)
+    r64 = rewards.double().requires_grad_(True)
+    want_loss, want_acc, want_skipped = ranking_loss_by_enumeration(r64, ranks, mask, margin)
+    want_loss.backward()
+    assert_close_fp32("loss", out.loss, want_loss.detach())
+    assert out.accuracy.item() == pytest.approx(want_acc, abs=1e-6)
+    assert out.num_prompts_without_pairs.item() == want_skipped
+    assert_close_fp32("grad", grad, r64.grad)
