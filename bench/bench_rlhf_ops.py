@@ -107,7 +107,7 @@ def gae_cases(device, quick):
 def _kl_providers(batch, length, device):
     logp = (-torch.rand(batch, length, device=device) * 5).requires_grad_(True)
     ref = (-torch.rand(batch, length, device=device) * 5).requires_grad_(True)
-    mask = (torch.rand(batch, length, device=device) > 0.1).float()
+    mask = torch.rand(batch, length, device=device) > 0.1  # bool, as a trainer's action mask is
     grad = torch.randn(batch, length, device=device)
 
     def full(fn):

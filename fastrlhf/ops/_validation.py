@@ -76,13 +76,22 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **others: tor
 
 
 def check_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """A 0/1 mask of any numeric or bool dtype → uint8. Values other than 0 and 1 are an error."""
+    """A 0/1 mask of any numeric or bool dtype → uint8. Values other than 0 and 1 are an error.
+
+    Bool masks need no check; integer masks take one min/max pass; floating masks an exact 0/1 test.
+    """
     check_tensor(name, mask)
     if mask.dtype == torch.bool:
-        return mask.to(torch.uint8)
+        return mask.view(torch.uint8)
     if mask.is_complex():
         raise ValueError(f"{name} must be bool or a real 0/1 tensor, got {mask.dtype}")
-    if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
-        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
-        raise ValueError(f"{name} must hold only 0 and 1 (it is a mask), found {bad}")
+    if mask.numel():
+        if mask.is_floating_point():
+            bad = bool(((mask != 0) & (mask != 1)).any())
+        else:
+            low, high = torch.aminmax(mask)
+            bad = bool(low < 0) or bool(high > 1)
+        if bad:
+            first = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+            raise ValueError(f"{name} must hold only 0 and 1 (it is a mask), found {first}")
     return mask.to(torch.uint8)
