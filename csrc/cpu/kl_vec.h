@@ -32,6 +32,7 @@ constexpr int64_t kStep = 2 * Vec::size();
 // ScalarKLMath. expm1 is Sleef's (1 ulp) on AVX2 / AVX512, std::expm1 per lane on the baseline.
 struct VecKLMath {
   static Vec expm1(const Vec& x) { return x.expm1(); }
+  static Vec exp(const Vec& x) { return x.exp_u20(); }
   static Vec abs(const Vec& x) { return x.abs(); }
   static Vec clamp_min0(const Vec& x) { return at::vec::maximum(x, Vec(0.0f)); }
   static Vec clamp(const Vec& x, const Vec& lo, const Vec& hi) {
