@@ -4,10 +4,9 @@
 
 #include <cstdint>
 
-namespace fastrlhf {
+#include "common/dtype.h"  // DType: the logits / dlogits element type; everything else is fp32 or int64
 
-// Element type of logits / dlogits. Everything else is fp32 (or int64 labels).
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace fastrlhf {
 
 struct GatherLogprobsForwardParams {
   const void* logits;        // [n_rows, vocab], element stride 1 along vocab

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "common/gather_logprobs_params.h"  // DType
+#include "common/dtype.h"
 
 namespace fastrlhf {
 
