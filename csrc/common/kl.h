@@ -28,7 +28,6 @@ constexpr bool valid_kl_estimator(int e) { return e >= 0 && e <= 3; }
 
 // Scalar policy. Every helper propagates NaN (a NaN gap gives a NaN estimate, as in torch).
 struct ScalarKLMath {
-  static FASTRLHF_HD float expm1(float x) { return expm1f(x); }
   static FASTRLHF_HD float exp(float x) { return expf(x); }
   static FASTRLHF_HD float abs(float x) { return fabsf(x); }
   static FASTRLHF_HD float clamp_min0(float x) { return x < 0.0f ? 0.0f : x; }
