@@ -65,3 +65,83 @@ def ranking_loss_by_enumeration(rewards, ranks, mask, margin):
     if not prompt_losses:
         return rewards.sum() * 0, 0.0, skipped
     return torch.stack(prompt_losses).mean(), sum(prompt_accs) / len(prompt_accs), skipped
+
+
+def eager_logprobs_from_hidden(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100):
+    """``hidden @ weight.T + bias → log_softmax → gather`` in the inputs' dtype, the way an eager trainer
+    writes it, with the entropy of each position: (logprobs, entropy), 0 where the label is ignored."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    valid = labels != ignore_index
+    picked = logp_all.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = torch.zeros_like(picked)
+    return torch.where(valid, picked, zero), torch.where(valid, entropy, zero)
+
+
+def kl_estimate(logp, ref, estimator):
+    """The four per-token KL estimators written out (Schulman's k1/k2/k3, and |d|)."""
+    diff = logp - ref
+    if estimator == "k1":
+        return diff
+    if estimator == "k2":
+        return 0.5 * diff * diff
+    if estimator == "k3":
+        return torch.exp(ref - logp) - (ref - logp) - 1
+    return diff.abs()
+
+
+def eager_ppo_policy_loss(
+    logp,
+    old,
+    adv,
+    mask,
+    clip_low,
+    clip_high,
+    dual_clip=None,
+    ref=None,
+    kl_coef=0.0,
+    estimator="k3",
+    entropy=None,
+    entropy_coef=0.0,
+    loss_agg="token-mean",
+):
+    """A re-statement of veRL's compute_policy_loss + agg_loss (verl/trainer/ppo/core_algos.py) with the
+    KL-in-loss and entropy-bonus terms of its actor (verl/workers/actor/dp_actor.py, update_policy):
+    returns (loss, clip_fraction, approx_kl as mean((r-1) - log r))."""
+    m = mask.to(logp.dtype)
+    log_ratio = (logp - old).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped_max = torch.maximum(loss1, loss2)
+    per_token = clipped_max
+    if dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(-adv * dual_clip, clipped_max), clipped_max)
+    if ref is not None and kl_coef:
+        per_token = per_token + kl_coef * kl_estimate(logp, ref, estimator)
+    if entropy is not None and entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    per_token = per_token * m
+    if loss_agg == "token-mean":
+        loss = per_token.sum() / m.sum()
+    else:
+        lengths = m.sum(-1)
+        keep = lengths > 0
+        loss = (per_token.sum(-1)[keep] / lengths[keep]).mean()
+    clip_fraction = ((loss2 > loss1).to(m.dtype) * m).sum() / m.sum()
+    approx_kl = (((ratio - 1) - log_ratio) * m).sum() / m.sum()
+    return loss, clip_fraction, approx_kl
+
+
+def eager_value_loss(values, old_values, returns, mask, clip):
+    """OpenRLHF's ValueLoss (openrlhf/models/loss.py) restated: 0.5·max of the two squared errors,
+    token mean; (loss, clip_fraction)."""
+    m = mask.to(values.dtype)
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    surr1 = (clipped - returns) ** 2
+    surr2 = (values - returns) ** 2
+    loss = 0.5 * (torch.max(surr1, surr2) * m).sum() / m.sum()
+    return loss, ((surr1 > surr2).to(m.dtype) * m).sum() / m.sum()

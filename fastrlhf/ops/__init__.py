@@ -10,21 +10,30 @@ from fastrlhf.ops.advantages import Advantages, compute_advantages
 from fastrlhf.ops.gae import gae, masked_whiten
 from fastrlhf.ops.gather_logprobs import gather_logprobs
 from fastrlhf.ops.kl_penalty import kl_penalty
+from fastrlhf.ops.linear_logprobs import linear_logprobs
+from fastrlhf.ops.policy_loss import linear_ppo_policy_loss, ppo_policy_loss
 from fastrlhf.ops.ranking_loss import pairwise_loss, ranking_loss
-from fastrlhf.ops.reference import RankingLossResult
+from fastrlhf.ops.reference import PolicyLossResult, RankingLossResult, ValueLossResult
+from fastrlhf.ops.value_loss import value_loss
 
 __all__ = [
     "BACKENDS",
     "Advantages",
     "BackendInfo",
+    "PolicyLossResult",
     "RankingLossResult",
+    "ValueLossResult",
     "available_backends",
     "compute_advantages",
     "gae",
     "gather_logprobs",
     "kl_penalty",
+    "linear_logprobs",
+    "linear_ppo_policy_loss",
     "masked_whiten",
     "pairwise_loss",
+    "ppo_policy_loss",
     "ranking_loss",
     "reference",
+    "value_loss",
 ]

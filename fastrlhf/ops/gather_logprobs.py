@@ -102,6 +102,24 @@ def _triton_kernels():
     return kernels
 
 
+def forward_kernel(backend, logits, labels, inv_temperature, ignore_index, with_entropy):
+    """Run the forward kernel of ``backend`` ("cpp", "cuda" or "triton") on ``logits [N, V]``.
+
+    Returns (logprobs ``[N]``, stats ``[N, 2]``, entropy ``[N]`` or ``[0]``), float32. Also used by
+    ``linear_logprobs`` on each chunk of logits; labels are not range-checked here.
+    """
+    if backend == "triton":
+        logprobs, stats, entropy = _triton_kernels().gather_logprobs_forward(
+            logits, labels, inv_temperature, ignore_index, with_entropy
+        )
+        if entropy is None:
+            entropy = logprobs.new_empty(0)
+        return logprobs, stats, entropy
+    return tuple(
+        extension().gather_logprobs_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
+    )
+
+
 @torch.library.custom_op("fastrlhf::gather_logprobs_fwd", mutates_args=())
 def _forward_op(
     logits: torch.Tensor,
@@ -119,16 +137,7 @@ def _forward_op(
     # Checked here rather than in the Python wrapper: a custom op body runs eagerly even inside a
     # torch.compile'd graph, so the data-dependent check costs no graph break.
     check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    if backend == "triton":
-        logprobs, stats, entropy = _triton_kernels().gather_logprobs_forward(
-            logits, labels, inv_temperature, ignore_index, with_entropy
-        )
-        if entropy is None:
-            entropy = logprobs.new_empty(0)
-        return logprobs, stats, entropy
-    return tuple(
-        extension().gather_logprobs_forward(logits, labels, inv_temperature, ignore_index, with_entropy)
-    )
+    return forward_kernel(backend, logits, labels, inv_temperature, ignore_index, with_entropy)
 
 
 @_forward_op.register_fake
@@ -139,9 +148,13 @@ def _(logits, labels, inv_temperature, ignore_index, with_entropy, inplace_backw
     return out, logits.new_empty((rows, 2), dtype=torch.float32), entropy
 
 
-def _run_backward(
+def backward_kernel(
     grad_logprobs, grad_entropy, logits, labels, stats, entropy, inv_temperature, ignore_index, backend, out
 ):
+    """Write d(Σ g·logp + Σ h·entropy)/d(logits) into ``out`` (which may be ``logits`` itself).
+
+    ``grad_entropy`` and ``entropy`` are ``[0]`` when the entropy is not part of the loss.
+    """
     if backend == "triton":
         _triton_kernels().gather_logprobs_backward(
             grad_logprobs,
@@ -174,7 +187,7 @@ def _backward_op(
 ) -> torch.Tensor:
     """d(logits) ``[N, V]`` in the logits dtype. ``grad_entropy``/``entropy`` are ``[0]`` when unused."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _run_backward(
+    backward_kernel(
         grad_logprobs,
         grad_entropy,
         logits,
@@ -207,7 +220,7 @@ def _backward_inplace_op(
     backend: str,
 ) -> None:
     """Like ``gather_logprobs_bwd`` but overwrites ``logits`` with d(logits): no second ``[N, V]`` buffer."""
-    _run_backward(
+    backward_kernel(
         grad_logprobs,
         grad_entropy,
         logits,

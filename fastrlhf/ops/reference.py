@@ -267,3 +267,216 @@ def compute_advantages(
     token_rewards[rows, last[has_token]] += scores.to(dtype)[has_token]
     advantages, returns = gae(token_rewards, values.to(dtype), valid, gamma, lam)
     return token_rewards, advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO losses
+# ----------------------------------------------------------------------------------------------------
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+# |log ratio| is capped here before exp(): e^20 is far past any clip range, and the cap keeps tokens with
+# a zero advantage finite (veRL caps at the same value).
+LOG_RATIO_CAP = 20.0
+
+
+class PolicyLossResult(NamedTuple):
+    """``loss`` (scalar, differentiable) and detached stats over the valid tokens: ``clip_fraction``
+    (where the clipped surrogate is the one in force), ``approx_kl`` (mean of ``(r - 1) - log r`` with
+    ``r = π/π_old``: an estimate of KL(π_old‖π), 0 when nothing changed), ``entropy`` (mean entropy, None
+    when not computed) and ``ref_kl`` (mean KL estimate to the reference, None without reference)."""
+
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    entropy: torch.Tensor | None
+    ref_kl: torch.Tensor | None
+
+
+class ValueLossResult(NamedTuple):
+    """``loss`` (scalar) and ``clip_fraction``: the share of valid tokens where the clipped error binds."""
+
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+def loss_token_weights(mask: torch.Tensor, loss_agg: str, dtype: torch.dtype) -> torch.Tensor:
+    """Weights ``w`` with ``loss = Σ w·token_loss`` for an aggregation over the valid tokens.
+
+    "token-mean": every valid token weighs 1/(valid tokens). "seq-mean-token-mean" (``mask`` ``[B, T]``):
+    each sequence's token mean, then the mean over sequences with at least one valid token. No valid
+    token at all gives all-zero weights (a zero loss), not NaN.
+    """
+    m = mask.to(dtype)
+    if loss_agg == "token-mean":
+        return m / m.sum().clamp_min(1)
+    if loss_agg == "seq-mean-token-mean":
+        per_sequence = m.sum(-1, keepdim=True)
+        sequences = (per_sequence > 0).to(dtype).sum()
+        return m / per_sequence.clamp_min(1) / sequences.clamp_min(1)
+    raise ValueError(f"loss_agg={loss_agg!r} is not one of {LOSS_AGGREGATIONS}")
+
+
+def ppo_token_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+):
+    """The per-token clipped surrogate, plus ``kl_coef``·KL to the reference, minus ``entropy_coef``·entropy.
+
+    ``pg = max(-A·r, -A·clip(r, 1 - eps_low, 1 + eps_high))`` with ``r = exp(logp - old)``; with
+    ``dual_clip = c`` tokens with A < 0 are also capped at ``-A·c`` (Ye et al. 2020, veRL's clip_ratio_c).
+
+    Args: all ``[...]`` of one shape; gradient flows through ``logprobs`` and ``entropy`` only.
+    Returns: (token_loss ``[...]``, clipped ``[...]`` bool: where the clipped term is in force).
+    """
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
+    if dual_clip is not None:
+        token_loss = torch.where(
+            advantages < 0, torch.minimum(token_loss, -advantages * dual_clip), token_loss
+        )
+    if ref_logprobs is not None and kl_coef != 0.0:
+        token_loss = token_loss + kl_coef * kl_penalty(logprobs, ref_logprobs.detach(), None, kl_estimator)
+    if entropy is not None and entropy_coef != 0.0:
+        token_loss = token_loss - entropy_coef * entropy
+    return token_loss, is_clipped
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+) -> PolicyLossResult:
+    """PPO's clipped policy loss from per-token log-probs (see ``ppo_token_losses``), aggregated by
+    ``loss_agg`` (see ``loss_token_weights``). Positions outside ``mask`` never matter, even when they
+    hold inf or NaN.
+
+    Args:
+        logprobs, old_logprobs, advantages, mask: ``[B, T]`` (any one shape for "token-mean").
+        ref_logprobs, entropy: the same shape, or None.
+    """
+    dtype = compute_dtype(logprobs)
+    valid = mask.bool()
+    logprobs = logprobs.to(dtype)
+    # Masked positions get inputs that give a zero, finite loss and gradient (padding may hold garbage).
+    safe_logp = logprobs.detach()
+    old = torch.where(valid, old_logprobs.to(dtype), safe_logp)
+    adv = torch.where(valid, advantages.to(dtype), torch.zeros_like(safe_logp))
+    ref = None if ref_logprobs is None else torch.where(valid, ref_logprobs.to(dtype), safe_logp)
+    ent = None if entropy is None else torch.where(valid, entropy.to(dtype), torch.zeros_like(safe_logp))
+    token_loss, is_clipped = ppo_token_losses(
+        logprobs,
+        old,
+        adv,
+        clip_eps,
+        clip_eps if clip_eps_high is None else clip_eps_high,
+        dual_clip,
+        ref,
+        kl_coef,
+        kl_estimator,
+        ent,
+        entropy_coef,
+    )
+    weights = loss_token_weights(valid, loss_agg, dtype)
+    loss = torch.where(valid, token_loss * weights, torch.zeros_like(token_loss)).sum()
+    with torch.no_grad():
+        log_ratio = (logprobs - old).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
+        clip_fraction = masked_mean_or_zero(is_clipped.to(dtype), valid)
+        approx_kl = masked_mean_or_zero(torch.expm1(log_ratio) - log_ratio, valid)
+        mean_entropy = None if ent is None else masked_mean_or_zero(ent, valid)
+        ref_kl = (
+            None
+            if ref is None
+            else masked_mean_or_zero(kl_penalty(logprobs, ref, valid, kl_estimator), valid)
+        )
+    return PolicyLossResult(loss, clip_fraction, approx_kl, mean_entropy, ref_kl)
+
+
+def linear_ppo_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    compute_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    **loss_options,
+) -> PolicyLossResult:
+    """``ppo_policy_loss`` on ``linear_logprobs(hidden, weight, labels, bias)``; positions whose label is
+    ``ignore_index`` count as masked. ``loss_options``: the keyword arguments of ``ppo_policy_loss``."""
+    with_entropy = compute_entropy or entropy_coef != 0.0
+    out = linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index, with_entropy)
+    logprobs, entropy = out if with_entropy else (out, None)
+    valid = mask.bool() & (labels != ignore_index)
+    return ppo_policy_loss(
+        logprobs, old_logprobs, advantages, valid, entropy=entropy, entropy_coef=entropy_coef, **loss_options
+    )
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+    loss_agg: str = "token-mean",
+) -> ValueLossResult:
+    """PPO's clipped value loss: ``½·max((v - R)², (v_old + clip(v - v_old, ±clip) - R)²)`` per valid
+    token (``clip=None``: ``½(v - R)²``), aggregated like the policy loss. Gradient flows to ``values``.
+
+    Args: values, old_values, returns, mask: ``[B, T]`` (any one shape for "token-mean").
+    """
+    dtype = compute_dtype(values)
+    valid = mask.bool()
+    values = values.to(dtype)
+    safe_values = values.detach()
+    old = torch.where(valid, old_values.detach().to(dtype), safe_values)
+    target = torch.where(valid, returns.detach().to(dtype), safe_values)
+    error = (values - target).square()
+    if clip is None:
+        token_loss = 0.5 * error
+        is_clipped = torch.zeros_like(valid)
+    else:
+        clipped_values = old + (values - old).clamp(-clip, clip)
+        clipped_error = (clipped_values - target).square()
+        token_loss = 0.5 * torch.maximum(error, clipped_error)
+        is_clipped = clipped_error > error
+    weights = loss_token_weights(valid, loss_agg, dtype)
+    loss = torch.where(valid, token_loss * weights, torch.zeros_like(token_loss)).sum()
+    with torch.no_grad():
+        clip_fraction = masked_mean_or_zero(is_clipped.to(dtype), valid)
+    return ValueLossResult(loss, clip_fraction)
+
+
+def masked_mean_or_zero(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the set positions of ``mask``; 0 (not NaN) when none is set."""
+    m = mask.to(x.dtype)
+    return (torch.where(mask.bool(), x, torch.zeros_like(x))).sum() / m.sum().clamp_min(1)

@@ -1,0 +1,386 @@
+"""ppo_policy_loss (from log-probs and fused from hidden states) and value_loss against eager float64
+re-statements of veRL's / OpenRLHF's losses: values, stats and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import cpu_backends
+from loops import eager_logprobs_from_hidden, eager_ppo_policy_loss, eager_value_loss
+from numerics import assert_close_fp32, assert_within_2x
+
+from fastrlhf.ops import (
+    gather_logprobs,
+    linear_logprobs,
+    linear_ppo_policy_loss,
+    ppo_policy_loss,
+    value_loss,
+)
+
+CONFIGS = [
+    dict(clip_low=0.2, clip_high=0.2),
+    dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    dict(clip_low=0.1, clip_high=0.3, kl_coef=0.05, estimator="k3", entropy_coef=0.01),
+    dict(clip_low=0.2, clip_high=0.2, kl_coef=0.1, estimator="k1"),
+    dict(clip_low=0.2, clip_high=0.2, kl_coef=0.1, estimator="k2", loss_agg="seq-mean-token-mean"),
+    dict(
+        clip_low=0.15,
+        clip_high=0.25,
+        kl_coef=0.02,
+        estimator="abs",
+        entropy_coef=0.02,
+        loss_agg="seq-mean-token-mean",
+        dual_clip=2.0,
+    ),
+]
+
+
+def op_kwargs(cfg):
+    return dict(
+        clip_eps=cfg["clip_low"],
+        clip_eps_high=cfg["clip_high"],
+        dual_clip=cfg.get("dual_clip"),
+        kl_coef=cfg.get("kl_coef", 0.0),
+        kl_estimator=cfg.get("estimator", "k3"),
+        entropy_coef=cfg.get("entropy_coef", 0.0),
+        loss_agg=cfg.get("loss_agg", "token-mean"),
+    )
+
+
+def eager_kwargs(cfg):
+    return dict(
+        dual_clip=cfg.get("dual_clip"),
+        kl_coef=cfg.get("kl_coef", 0.0),
+        estimator=cfg.get("estimator", "k3"),
+        entropy_coef=cfg.get("entropy_coef", 0.0),
+        loss_agg=cfg.get("loss_agg", "token-mean"),
+    )
+
+
+def rollout(batch, length, spread=0.4):
+    """Old log-probs, advantages, a right-padded mask with an empty row, and a reference near them."""
+    old = -torch.rand(batch, length) * 4
+    adv = torch.randn(batch, length) * 2
+    lengths = torch.randint(length // 2 + 1, length + 1, (batch,))  # enough tokens that some clip
+    lengths[-1] = 0  # a sequence with no response token
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    ref = old + torch.randn(batch, length) * spread
+    return old, adv, mask, ref
+
+
+# --------------------------------------------------------------------------------- from log-probs
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_logprob_form_matches_eager_float64(cfg):
+    batch, length = 6, 13
+    old, adv, mask, ref = rollout(batch, length)
+    # New log-probs spread around the old ones so some ratios clip on each side.
+    new = old + torch.randn(batch, length) * 0.3
+    entropy = torch.rand(batch, length) * 3
+    lp = new.clone().requires_grad_(True)
+    ent = entropy.clone().requires_grad_(True)
+    result = ppo_policy_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, **op_kwargs(cfg))
+    result.loss.backward()
+
+    lp64 = new.double().requires_grad_(True)
+    ent64 = entropy.double().requires_grad_(True)
+    loss, clip_fraction, approx_kl = eager_ppo_policy_loss(
+        lp64,
+        old.double(),
+        adv.double(),
+        mask,
+        cfg["clip_low"],
+        cfg["clip_high"],
+        ref=ref.double(),
+        entropy=ent64,
+        **eager_kwargs(cfg),
+    )
+    loss.backward()
+    assert 0 < float(clip_fraction) < 1, "the case must exercise both clipped and unclipped tokens"
+    assert_close_fp32("loss", result.loss, loss, rtol=1e-5, atol=1e-6)
+    assert_close_fp32("clip_fraction", result.clip_fraction, clip_fraction)
+    assert_close_fp32("approx_kl", result.approx_kl, approx_kl, rtol=1e-5, atol=1e-6)
+    assert_close_fp32("grad logprobs", lp.grad, lp64.grad, rtol=1e-5, atol=1e-7)
+    if cfg.get("entropy_coef"):
+        assert_close_fp32("grad entropy", ent.grad, ent64.grad, rtol=1e-5, atol=1e-8)
+    else:
+        assert ent.grad is None and ent64.grad is None
+    m = mask.double()
+    assert_close_fp32("mean entropy", result.entropy, (entropy.double() * m).sum() / m.sum())
+
+
+def test_garbage_in_padding_is_ignored():
+    """Padded positions may hold inf/NaN (e.g. unfilled buffers): the loss and gradient stay finite."""
+    old, adv, mask, ref = rollout(4, 9)
+    new = old + 0.1 * torch.randn(4, 9)
+    for t in (old, adv, ref):
+        t[~mask] = float("nan")
+    old[~mask & (torch.rand(4, 9) < 0.5)] = float("inf")
+    lp = new.clone().requires_grad_(True)
+    result = ppo_policy_loss(lp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+    result.loss.backward()
+    for name, value in result._asdict().items():
+        assert value is None or torch.isfinite(value).all(), name
+    assert torch.isfinite(lp.grad).all() and torch.all(lp.grad[~mask] == 0)
+
+
+def test_no_valid_token_gives_zero_loss():
+    old, adv, _, _ = rollout(3, 5)
+    lp = old.clone().requires_grad_(True)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        result = ppo_policy_loss(lp, old, adv, torch.zeros(3, 5, dtype=torch.bool), loss_agg=agg)
+        assert float(result.loss) == 0.0 and float(result.clip_fraction) == 0.0
+        result.loss.backward()
+        assert torch.all(lp.grad == 0)
+
+
+def test_extreme_log_ratios_stay_finite():
+    old, adv, mask, _ = rollout(3, 8)
+    new = old.clone()
+    new[0, :3] = old[0, :3] + 80.0  # ratio e^80 before the cap
+    new[1, :3] = old[1, :3] - 80.0
+    adv[0, 1] = 0.0
+    lp = new.clone().requires_grad_(True)
+    result = ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0)
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and torch.isfinite(lp.grad).all()
+
+
+# --------------------------------------------------------------------------------- fused from hidden
+
+
+def make_hidden_case(batch, length, hidden_size, vocab, dtype=torch.float32):
+    hidden = torch.randn(batch, length, hidden_size).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) * (2.0 / math.sqrt(hidden_size))).to(dtype)
+    bias = (torch.randn(vocab) * 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[0, -2:] = -100
+    return hidden, weight, bias, labels
+
+
+def fused_case(backend, cfg, hidden, weight, bias, labels, old, adv, mask, ref, temperature, chunk_size=None):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    result = linear_ppo_policy_loss(
+        leaves[0],
+        leaves[1],
+        labels,
+        old,
+        adv,
+        mask,
+        bias=leaves[2],
+        temperature=temperature,
+        ref_logprobs=ref,
+        compute_entropy=True,
+        chunk_size=chunk_size,
+        backend=backend,
+        **op_kwargs(cfg),
+    )
+    result.loss.backward()
+    return result, [t.grad for t in leaves]
+
+
+def eager_hidden_case(cfg, hidden, weight, bias, labels, old, adv, mask, ref, temperature, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, ent = eager_logprobs_from_hidden(leaves[0], leaves[1], labels, leaves[2], temperature)
+    valid = mask & (labels != -100)
+    loss, clip_fraction, approx_kl = eager_ppo_policy_loss(
+        lp,
+        old.to(lp.dtype),
+        adv.to(lp.dtype),
+        valid,
+        cfg["clip_low"],
+        cfg["clip_high"],
+        ref=ref.to(lp.dtype),
+        entropy=ent,
+        **eager_kwargs(cfg),
+    )
+    loss.backward()
+    return (loss, clip_fraction, approx_kl), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cfg", CONFIGS[1:3] + CONFIGS[5:])
+def test_hidden_form_matches_eager_float64(backend, cfg):
+    batch, length, hidden_size, vocab = 4, 11, 24, 517
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab)
+    with torch.no_grad():
+        now = linear_logprobs(hidden, weight, labels, bias, temperature=0.8)
+    old = now + 0.3 * torch.randn(batch, length)
+    _, adv, mask, ref = rollout(batch, length)
+    ref = now + 0.2 * torch.randn(batch, length)
+    result, grads = fused_case(
+        backend, cfg, hidden, weight, bias, labels, old, adv, mask, ref, 0.8, chunk_size=6
+    )
+    (loss, clip_fraction, approx_kl), want = eager_hidden_case(
+        cfg, hidden, weight, bias, labels, old, adv, mask, ref, 0.8, torch.float64
+    )
+    assert_close_fp32("loss", result.loss, loss, rtol=1e-5, atol=1e-6)
+    assert_close_fp32("clip_fraction", result.clip_fraction, clip_fraction)
+    assert_close_fp32("approx_kl", result.approx_kl, approx_kl, rtol=1e-5, atol=1e-6)
+    for name, got, expected in zip(("hidden", "weight", "bias"), grads, want, strict=True):
+        assert_close_fp32(f"grad {name}", got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
+def test_hidden_form_bf16_within_2x(backend):
+    cfg = CONFIGS[2]
+    batch, length, hidden_size, vocab = 3, 9, 32, 389
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab, torch.bfloat16)
+    with torch.no_grad():
+        now = linear_logprobs(hidden, weight, labels, bias)
+    old = now + 0.3 * torch.randn(batch, length)
+    _, adv, mask, _ = rollout(batch, length)
+    ref = now + 0.2 * torch.randn(batch, length)
+    result, grads = fused_case(
+        backend, cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.0, chunk_size=5
+    )
+    want_stats, want = eager_hidden_case(
+        cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.0, torch.float64
+    )
+    lowp_stats, lowp = eager_hidden_case(
+        cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.0, torch.bfloat16
+    )
+    assert_within_2x("loss", result.loss, want_stats[0], lowp_stats[0].float())
+    for name, got, expected, torch_grad in zip(("hidden", "weight", "bias"), grads, want, lowp, strict=True):
+        assert got.dtype == torch.bfloat16
+        assert_within_2x(f"grad {name}", got, expected, torch_grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_first_epoch_ratio_is_exactly_one(backend):
+    """Old log-probs from the same weights: every ratio is exactly 1, nothing clips, approx KL is 0, and
+    the loss is exactly -mean(A) for both forms."""
+    batch, length, hidden_size, vocab = 3, 10, 16, 301
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab)
+    _, adv, mask, _ = rollout(batch, length)
+    with torch.no_grad():
+        old = linear_logprobs(hidden, weight, labels, bias, backend=backend)
+    result = linear_ppo_policy_loss(
+        hidden.requires_grad_(True), weight, labels, old, adv, mask, bias=bias, backend=backend
+    )
+    valid = mask & (labels != -100)
+    expected = -(adv[valid].double().sum() / valid.sum())
+    assert float(result.approx_kl) == 0.0 and float(result.clip_fraction) == 0.0
+    assert_close_fp32("loss", result.loss, expected, rtol=1e-6, atol=1e-7)
+
+    logits = hidden.detach() @ weight.T + bias
+    old_lp = gather_logprobs(logits, labels, backend=backend).detach()
+    new_lp = gather_logprobs(logits.requires_grad_(True), labels, backend=backend)
+    result = ppo_policy_loss(new_lp, old_lp, adv, valid)
+    assert float(result.approx_kl) == 0.0 and float(result.clip_fraction) == 0.0
+    assert_close_fp32("loss", result.loss, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
+def test_hidden_form_entropy_and_ref_kl_stats(backend):
+    batch, length, hidden_size, vocab = 2, 7, 12, 97
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab)
+    old, adv, mask, _ = rollout(batch, length)
+    ref = old + 0.5
+    result = linear_ppo_policy_loss(
+        hidden,
+        weight,
+        labels,
+        old,
+        adv,
+        mask,
+        bias=bias,
+        ref_logprobs=ref,
+        kl_estimator="k1",
+        compute_entropy=True,
+        backend=backend,
+    )
+    lp, ent = eager_logprobs_from_hidden(hidden.double(), weight.double(), labels, bias.double())
+    valid = (mask & (labels != -100)).double()
+    assert_close_fp32("entropy", result.entropy, (ent * valid).sum() / valid.sum(), rtol=1e-5)
+    assert_close_fp32("ref_kl", result.ref_kl, ((lp - ref.double()) * valid).sum() / valid.sum(), rtol=1e-5)
+    quiet = linear_ppo_policy_loss(hidden, weight, labels, old, adv, mask, bias=bias, backend=backend)
+    assert quiet.entropy is None and quiet.ref_kl is None
+
+
+def test_hidden_form_without_grad_skips_gradients():
+    hidden, weight, bias, labels = make_hidden_case(2, 5, 8, 50)
+    old, adv, mask, _ = rollout(2, 5)
+    with torch.no_grad():
+        result = linear_ppo_policy_loss(hidden, weight, labels, old, adv, mask, bias=bias)
+    assert not result.loss.requires_grad and torch.isfinite(result.loss)
+
+
+# --------------------------------------------------------------------------------- value loss
+
+
+@pytest.mark.parametrize("clip", [0.2, None])
+def test_value_loss_matches_eager_float64(clip):
+    values_old = torch.randn(6, 15)
+    values = values_old + torch.randn(6, 15) * 0.4
+    returns = values_old + torch.randn(6, 15)
+    _, _, mask, _ = rollout(6, 15)
+    v = values.clone().requires_grad_(True)
+    result = value_loss(v, values_old, returns, mask, clip=clip)
+    result.loss.backward()
+    v64 = values.double().requires_grad_(True)
+    loss, clip_fraction = eager_value_loss(v64, values_old.double(), returns.double(), mask, clip or math.inf)
+    loss.backward()
+    assert_close_fp32("value loss", result.loss, loss, rtol=1e-5, atol=1e-7)
+    assert_close_fp32("grad values", v.grad, v64.grad, rtol=1e-5, atol=1e-8)
+    if clip is None:
+        assert float(result.clip_fraction) == 0.0
+    else:
+        assert 0 < float(clip_fraction) < 1
+        assert_close_fp32("clip_fraction", result.clip_fraction, clip_fraction)
+
+
+def test_value_loss_seq_mean_and_empty_rows():
+    values = torch.randn(3, 6, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0] * 6])
+    returns = torch.randn(3, 6)
+    result = value_loss(values, values.detach(), returns, mask, loss_agg="seq-mean-token-mean")
+    err = 0.5 * (values.detach().double() - returns.double()) ** 2
+    expected = (err[0, :3].mean() + err[1, 0]) / 2
+    assert_close_fp32("loss", result.loss, expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(clip_eps=0.0), "clip_eps"),
+        (dict(clip_eps=1.5), "clip_eps"),
+        (dict(clip_eps_high=-0.1), "clip_eps_high"),
+        (dict(dual_clip=0.5), "dual_clip"),
+        (dict(kl_estimator="k4"), "estimator"),
+        (dict(loss_agg="sum"), "loss_agg"),
+        (dict(kl_coef=float("nan")), "kl_coef"),
+    ],
+)
+def test_bad_options_name_the_argument(change, message):
+    old, adv, mask, _ = rollout(2, 4)
+    with pytest.raises(ValueError, match=message):
+        ppo_policy_loss(old.clone(), old, adv, mask, **change)
+    hidden, weight, _, labels = make_hidden_case(2, 4, 8, 20)
+    with pytest.raises(ValueError, match=message):
+        linear_ppo_policy_loss(hidden, weight, labels, old, adv, mask, **change)
+
+
+def test_bad_shapes_name_the_argument():
+    old, adv, mask, _ = rollout(2, 4)
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_policy_loss(old, old, adv[:, :3], mask)
+    with pytest.raises(ValueError, match="seq-mean-token-mean"):
+        ppo_policy_loss(
+            old.reshape(-1),
+            old.reshape(-1),
+            adv.reshape(-1),
+            mask.reshape(-1),
+            loss_agg="seq-mean-token-mean",
+        )
+    hidden, weight, _, labels = make_hidden_case(2, 4, 8, 20)
+    with pytest.raises(ValueError, match="mask"):
+        linear_ppo_policy_loss(hidden, weight, labels, old, adv, mask[:, :2])
+    with pytest.raises(ValueError, match="returns"):
+        value_loss(old, old, adv[:1], mask)
