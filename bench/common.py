@@ -26,6 +26,7 @@ CSV_COLUMNS = [
     "mode",
     "metric",
     "size",
+    "scale",
     "dtype",
     "median",
     "p20",
@@ -174,3 +175,32 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def copy_bandwidth(device: str, megabytes: int = 256) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write), the physical limit a memory-bound op is
+    held against: the median of ``dst.copy_(src)`` over a buffer far larger than any cache."""
+    src = torch.randn(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = time_fn(lambda: dst.copy_(src), device, min_run_time=0.5)
+    return 2 * src.numel() * 4 / median
+
+
+def cache_bytes(device: str) -> int:
+    """The last-level cache to rotate inputs past: the GPU's L2, or the CPU's largest cache (sysfs)."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20))
+    largest = 32 * 2**20
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    if os.path.isdir(base):
+        for index in os.listdir(base):
+            try:
+                with open(os.path.join(base, index, "size")) as fh:
+                    text = fh.read().strip()
+            except OSError:
+                continue
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            digits = text[:-1] if text[-1:] in "KMG" else text
+            if digits.isdigit():
+                largest = max(largest, int(digits) * scale)
+    return largest

@@ -1,0 +1,71 @@
+"""PNG plots of the bench rows: per op, time and peak memory against problem size, one line per provider."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+
+def write_plots(rows: list[dict], out_dir: str) -> list[str]:
+    """One ``<op>.png`` per op in ``rows`` (a row per (dtype, mode), time left, memory right; log-log).
+    Returns the paths written; none when matplotlib is missing (said on stdout)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        print(f"plots skipped: matplotlib not importable ({exc})")
+        return []
+    by_op = defaultdict(list)
+    for row in rows:
+        if row.get("scale") not in (None, "") and row["metric"] in ("time", "peak_extra_memory"):
+            by_op[row["op"]].append(row)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    mode_order = {"fwd": 0, "bwd": 1, "full": 2}
+    for op, op_rows in by_op.items():
+        panels = sorted(
+            {(r["dtype"], r["mode"]) for r in op_rows}, key=lambda p: (p[0], mode_order.get(p[1], 9))
+        )
+        providers = sorted({r["provider"] for r in op_rows})
+        # one colour per provider across every panel of the figure
+        colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(providers)}
+        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.0 * len(panels)), squeeze=False)
+        for (dtype, mode), (ax_time, ax_mem) in zip(panels, axes, strict=True):
+            for metric, ax, scale, unit in (
+                ("time", ax_time, 1e3, "ms"),
+                ("peak_extra_memory", ax_mem, 2**-20, "MiB"),
+            ):
+                lines = defaultdict(list)
+                for r in op_rows:
+                    if r["dtype"] == dtype and r["mode"] == mode and r["metric"] == metric:
+                        lines[r["provider"]].append((float(r["scale"]), float(r["median"]) * scale))
+                what = "time" if metric == "time" else "peak extra memory"
+                ax.set_title(f"{op} {dtype} {mode}: {what}", fontsize=9)
+                if not lines:
+                    ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+                    ax.set_axis_off()
+                    continue
+                for provider, points in sorted(lines.items()):
+                    points.sort()
+                    # log axes: a measured 0 is drawn at the floor
+                    ys = [max(y, 1e-3) for _, y in points]
+                    ax.plot([x for x, _ in points], ys, marker="o", label=provider, color=colours[provider])
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_xlabel("problem size (elements)")
+                ax.set_ylabel(f"{what} ({unit})")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+        device = op_rows[0].get("device", "")
+        note = "median of repeats; lower is better; a 0 MiB peak is drawn at 1e-3"
+        fig.suptitle(f"{op} on {device} ({note})", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 0.98))
+        path = os.path.join(out_dir, f"{op}.png")
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,24 @@
+"""The bench spec of every op, by name (see ``_base`` for what a spec provides)."""
+
+from specs import (
+    compute_advantages,
+    gae,
+    gather_logprobs,
+    kl_penalty,
+    linear_logprobs,
+    ppo_policy_loss,
+    ranking_loss,
+)
+
+SPECS = {
+    spec.OP: spec
+    for spec in (
+        gather_logprobs,
+        linear_logprobs,
+        ppo_policy_loss,
+        kl_penalty,
+        gae,
+        compute_advantages,
+        ranking_loss,
+    )
+}

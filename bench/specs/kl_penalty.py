@@ -1,0 +1,74 @@
+"""kl_penalty, estimator k3, per token over ``[B, T]`` with a bool action mask."""
+
+from __future__ import annotations
+
+import torch
+
+from fastrlhf.ops import kl_penalty
+from specs._base import Case, Provider, Target, compiled_provider, kernel_providers
+
+OP = "kl_penalty"
+MODES = ("fwd", "bwd", "full")
+DTYPES = {"cpu": ["fp32"], "cuda": ["fp32"]}
+SIZES = {"cpu": [(64, 2048), (256, 2048), (256, 8192)], "cuda": [(64, 2048), (256, 8192), (1024, 8192)]}
+QUICK_SIZES = [(16, 256), (64, 512)]
+TARGETS = [
+    Target("full", "B=64,T=2048", "cpu", "speedup", 2.0, source="issue 3"),
+    Target("full", "B=256,T=8192", "cpu", "speedup", 2.0, source="issue 3"),
+]
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    sizes = QUICK_SIZES if quick else SIZES[device]
+    return [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in sizes]
+
+
+def make_inputs(case, device, dtype, requires_grad, generator):
+    shape = (case.params["batch"], case.params["length"])
+    logp = -torch.rand(shape, generator=generator) * 5
+    ref = logp + torch.randn(shape, generator=generator) * 0.5
+    mask = torch.rand(shape, generator=generator) > 0.1  # bool, as a trainer's action mask is
+    return {
+        "logp": logp.to(dtype).to(device).requires_grad_(requires_grad),
+        "ref": ref.to(dtype).to(device).requires_grad_(requires_grad),
+        "mask": mask.to(device),
+    }
+
+
+def eager(inputs):
+    """k3 = exp(ref - logp) - (ref - logp) - 1, masked: the textbook composition."""
+    log_ratio = inputs["ref"] - inputs["logp"]
+    return (torch.exp(log_ratio) - log_ratio - 1) * inputs["mask"]
+
+
+def verl_low_var_kl(inputs):
+    """veRL's kl_penalty(..., "low_var_kl") (verl/trainer/ppo/core_algos.py), restated: k3 clamped to
+    [-10, 10], then masked as its callers do."""
+    kl = inputs["ref"] - inputs["logp"]
+    kl = torch.clamp(kl, min=-20, max=20)
+    ratio = torch.exp(kl)
+    kld = (ratio - kl - 1).contiguous()
+    return torch.clamp(kld, min=-10, max=10) * inputs["mask"]
+
+
+def providers(device: str) -> list[Provider]:
+    return [
+        Provider("eager", eager),
+        compiled_provider(eager, device),
+        Provider("verl-eager", verl_low_var_kl),
+        *kernel_providers(
+            device,
+            lambda b: (
+                lambda inputs: kl_penalty(inputs["logp"], inputs["ref"], inputs["mask"], "k3", backend=b)
+            ),
+        ),
+    ]
+
+
+def bytes_moved(case, dtype, mode):
+    """fwd: read logp, ref, mask; write kl. bwd: read grad, logp, ref, mask; write two gradients."""
+    n = case.params["batch"] * case.params["length"]
+    elt = torch.empty(0, dtype=dtype).element_size()
+    forward = n * (3 * elt + 1)
+    backward = n * (5 * elt + 1)
+    return {"fwd": forward, "bwd": backward, "full": forward + backward}[mode]
