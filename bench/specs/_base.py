@@ -90,13 +90,24 @@ def kernel_providers(device: str, make: Callable[[str], Callable[[dict], Any]]) 
 
 
 def compiled_provider(eager: Callable[[dict], Any], device: str, name: str = "torch.compile") -> Provider:
-    """``torch.compile`` of the eager version. Compiled lazily on first call (the warm-up), so a device where
-    inductor cannot compile reports the error as the skip reason instead of failing the run."""
+    """``torch.compile`` of the eager version, specialised to each case. Compiled on the first call of a
+    case (the warm-up), so a device where inductor cannot compile reports the error as the skip reason.
+
+    Every new case (shapes, dtypes, grad mode) starts from ``torch._dynamo.reset()``: dynamo's
+    recompile limit counts per function, and past it dynamo silently runs the eager code, which would
+    then be timed under this provider's name. ``fail_on_recompile_limit_hit`` makes that an error."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     state: dict = {}
 
     def run(inputs):
-        if "fn" not in state:
-            state["fn"] = torch.compile(eager, dynamic=False)
+        key = (torch.is_grad_enabled(),) + tuple(
+            (k, tuple(t.shape), t.dtype, t.requires_grad)
+            for k, t in inputs.items()
+            if isinstance(t, torch.Tensor)
+        )
+        if state.get("key") != key:
+            torch._dynamo.reset()
+            state["key"], state["fn"] = key, torch.compile(eager, dynamic=False)
         return state["fn"](inputs)
 
     return Provider(name, run, lazy=True, compiles=True)
