@@ -1,0 +1,147 @@
+"""fastrlhf.data readers: every format reads back what was written, and every bad line names the file,
+the line and the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastrlhf.data import DataError, RankedExample, read_jsonl
+
+
+def write_lines(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return str(path)
+
+
+def test_seed_formats_read_back(tmp_path):
+    sft = write_lines(
+        tmp_path, [{"prompt": "write me a song about an ox", "response": "Oh ox...", "user": 7}]
+    )
+    rm = write_lines(
+        tmp_path,
+        [
+            {
+                "prompt": "write me a song about an ox plowing a field of data",
+                "responses": [
+                    {"text": "a", "ranking": 3},
+                    {"text": "b", "ranking": 1},
+                    {"text": "c", "ranking": 2},
+                ],
+            }
+        ],
+        "rm.jsonl",
+    )
+    ppo = write_lines(tmp_path, [{"prompt": "write me a song about an ox", "extra": [1, 2]}, ""], "ppo.jsonl")
+    (example,) = read_jsonl(sft, "sft")
+    assert (example.prompt, example.response, example.user) == (
+        "write me a song about an ox",
+        "Oh ox...",
+        "7",
+    )
+    assert example.source.endswith("data.jsonl:1")
+    (ranked,) = read_jsonl(rm, "rm")
+    assert ranked.texts == ("a", "b", "c") and ranked.rankings == (3, 1, 2) and ranked.best == "b"
+    (prompt,) = read_jsonl(ppo, "ppo")
+    assert prompt.prompt == "write me a song about an ox"
+
+
+def test_extra_formats(tmp_path):
+    pairs = write_lines(tmp_path, [{"prompt": "p", "chosen": "good", "rejected": "bad"}])
+    ptx = write_lines(tmp_path, [{"text": "the quick brown ox"}], "ptx.jsonl")
+    chat = write_lines(
+        tmp_path,
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+        "chat.jsonl",
+    )
+    assert read_jsonl(pairs, "pairs") == [RankedExample("p", ("good", "bad"), (1, 2), None, f"{pairs}:1")]
+    assert read_jsonl(ptx, "ptx")[0].text == "the quick brown ox"
+    assert read_jsonl(chat, "chat")[0].messages == (("user", "hi"), ("assistant", "hello"))
+
+
+GOOD_RM = {"prompt": "p", "responses": [{"text": "a", "ranking": 1}, {"text": "b", "ranking": 2}]}
+
+
+@pytest.mark.parametrize(
+    "kind, bad, problem",
+    [
+        ("sft", '{"prompt": "p", "response": ', "invalid JSON"),
+        ("sft", "[1, 2]", "expected a JSON object"),
+        ("sft", {"prompt": "p"}, "missing field 'response'"),
+        ("sft", {"prompt": "p", "response": "   "}, "field 'response' is empty"),
+        ("sft", {"prompt": 3, "response": "r"}, "field 'prompt' must be a string"),
+        ("rm", {"prompt": "p"}, "missing field 'responses'"),
+        ("rm", {"prompt": "p", "responses": [{"text": "a", "ranking": 1}]}, "a ranking needs 2 to 9"),
+        ("rm", {"prompt": "p", "responses": [{"text": "a", "ranking": 1}] * 10}, "has 10 entries"),
+        (
+            "rm",
+            {"prompt": "p", "responses": [{"text": "a", "ranking": 1}, {"text": "b", "ranking": 1.5}]},
+            "ranking must be an integer",
+        ),
+        (
+            "rm",
+            {"prompt": "p", "responses": [{"text": "a", "ranking": 1}, {"text": "b", "ranking": "2"}]},
+            "ranking must be an integer",
+        ),
+        (
+            "rm",
+            {"prompt": "p", "responses": [{"text": "a", "ranking": 1}, {"text": "b", "ranking": 0}]},
+            "ranking must be >= 1",
+        ),
+        (
+            "rm",
+            {"prompt": "p", "responses": [{"text": "a", "ranking": 1}, {"text": "", "ranking": 2}]},
+            "field responses[1].'text' is empty",
+        ),
+        (
+            "rm",
+            {"prompt": "p", "responses": [{"text": "a", "ranking": 2}, {"text": "b", "ranking": 2}]},
+            "same ranking",
+        ),
+        (
+            "rm",
+            {"prompt": "p", "responses": [{"text": "a", "ranking": 1}, {"text": "b"}]},
+            "missing field responses[1].'ranking'",
+        ),
+        ("pairs", {"prompt": "p", "chosen": "c"}, "missing field 'rejected'"),
+        ("ppo", {"question": "q"}, "missing field 'prompt'"),
+        ("ptx", {"text": ""}, "field 'text' is empty"),
+        ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "at least 2"),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
+            "expected one of",
+        ),
+        (
+            "chat",
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+            "last message must be the assistant",
+        ),
+    ],
+)
+def test_bad_line_names_file_line_and_problem(tmp_path, kind, bad, problem):
+    good = {
+        "sft": {"prompt": "p", "response": "r"},
+        "rm": GOOD_RM,
+        "pairs": {"prompt": "p", "chosen": "c", "rejected": "r"},
+        "ppo": {"prompt": "p"},
+        "ptx": {"text": "t"},
+        "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    }[kind]
+    path = write_lines(tmp_path, [good, "", good, bad, good])
+    with pytest.raises(DataError) as info:
+        read_jsonl(path, kind)
+    assert info.value.path == path and info.value.line == 4
+    assert str(info.value).startswith(f"{path}:4: ")
+    assert problem in str(info.value), str(info.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "absent.jsonl", "sft")
+    with pytest.raises(DataError, match="no sft records"):
+        read_jsonl(write_lines(tmp_path, ["", "  "]), "sft")
+    with pytest.raises(ValueError, match="kind="):
+        read_jsonl(write_lines(tmp_path, [{"prompt": "p"}]), "dpo")
