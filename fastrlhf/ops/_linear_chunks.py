@@ -139,15 +139,11 @@ def backward_chunk(
     ignore_index,
     backend,
     start,
-    logits=None,
+    logits,
 ):
-    """Gradients of ``Σ g·logp + Σ h·entropy`` for one chunk of rows, folded into ``grads``.
-
-    ``logits`` is the chunk's float32 logits when the caller still has them (the fused loss computes
-    the gradient in its forward); otherwise they are recomputed. They are overwritten with d(logits).
-    """
-    if logits is None:
-        logits = head.logits(hidden_rows)
+    """Gradients of ``Σ g·logp + Σ h·entropy`` for one chunk of rows, folded into ``grads``. ``logits`` is
+    the chunk's float32 logits from the forward (the fused loss makes its gradient there); it is
+    overwritten with d(logits)."""
     backward_kernel(
         grad_logprobs,
         grad_entropy,

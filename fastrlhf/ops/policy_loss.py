@@ -314,14 +314,8 @@ def _token_gradients(options: PolicyLossOptions, logprobs, entropy, old, adv, re
         ent = None
         if entropy is not None:
             ent = entropy.detach().requires_grad_(True)
-        safe = lp.detach()
-        token_loss, _ = options.token_losses(
-            lp,
-            torch.where(valid, old, safe),
-            torch.where(valid, adv, torch.zeros_like(safe)),
-            None if ref is None else torch.where(valid, ref, safe),
-            ent,
-        )
+        old, adv, ref, _ = reference.safe_token_inputs(valid, lp, old, adv, ref)
+        token_loss, _ = options.token_losses(lp, old, adv, ref, ent)
         chunk_loss = torch.where(valid, token_loss * weights, torch.zeros_like(token_loss)).sum()
         inputs = [lp] if ent is None else [lp, ent]
         grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)

@@ -356,6 +356,18 @@ def ppo_token_losses(
     return token_loss, is_clipped
 
 
+def safe_token_inputs(valid, logprobs, old_logprobs, advantages, ref_logprobs=None, entropy=None):
+    """(old, adv, ref, entropy) with the positions outside ``valid`` replaced by values that give a zero,
+    finite loss and gradient there (old = ref = logp, adv = entropy = 0): padding may hold garbage."""
+    safe_logp = logprobs.detach()
+    zero = torch.zeros_like(safe_logp)
+    old = torch.where(valid, old_logprobs, safe_logp)
+    adv = torch.where(valid, advantages, zero)
+    ref = None if ref_logprobs is None else torch.where(valid, ref_logprobs, safe_logp)
+    ent = None if entropy is None else torch.where(valid, entropy, zero)
+    return old, adv, ref, ent
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -382,12 +394,14 @@ def ppo_policy_loss(
     dtype = compute_dtype(logprobs)
     valid = mask.bool()
     logprobs = logprobs.to(dtype)
-    # Masked positions get inputs that give a zero, finite loss and gradient (padding may hold garbage).
-    safe_logp = logprobs.detach()
-    old = torch.where(valid, old_logprobs.to(dtype), safe_logp)
-    adv = torch.where(valid, advantages.to(dtype), torch.zeros_like(safe_logp))
-    ref = None if ref_logprobs is None else torch.where(valid, ref_logprobs.to(dtype), safe_logp)
-    ent = None if entropy is None else torch.where(valid, entropy.to(dtype), torch.zeros_like(safe_logp))
+    old, adv, ref, ent = safe_token_inputs(
+        valid,
+        logprobs,
+        old_logprobs.to(dtype),
+        advantages.to(dtype),
+        None if ref_logprobs is None else ref_logprobs.to(dtype),
+        None if entropy is None else entropy.to(dtype),
+    )
     token_loss, is_clipped = ppo_token_losses(
         logprobs,
         old,
