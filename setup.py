@@ -146,6 +146,10 @@ def _extension():
 
 setup(
     packages=find_packages(include=["fastrlhf", "fastrlhf.*"]),
+    package_data={
+        "fastrlhf.data": ["sample/*.jsonl"],
+        "fastrlhf.models": ["tiny_tokenizer/*.json", "tiny_tokenizer/*.jinja"],
+    },
     ext_modules=[_extension()],
     # Ninja compiles every source with one set of flags; the per-capability objects need their own.
     cmdclass={"build_ext": FastrlhfBuildExt.with_options(use_ninja=False)},

@@ -1,14 +1,56 @@
-"""fastrlhf.data: readers for the seed's JSONL formats (tokenisation, batching and hygiene build on them)."""
+"""fastrlhf.data: the seed's JSONL formats, tokenisation with prompt/response boundaries, batching."""
 
+from fastrlhf.data.batching import (
+    IGNORE_INDEX,
+    Collator,
+    LengthGroupedBatchSampler,
+    choose_packing,
+    make_collator,
+    model_inputs,
+    pack_batch,
+    pad_batch,
+    padding_fraction,
+)
 from fastrlhf.data.readers import DataError, read_jsonl
 from fastrlhf.data.records import ChatExample, PromptExample, RankedExample, SFTExample, TextExample
+from fastrlhf.data.tokenize import (
+    TokenizationReport,
+    TokenizedGroup,
+    TokenizedSequence,
+    TruncationPolicy,
+    tokenize_prompt,
+    tokenize_prompt_response,
+    tokenize_prompts,
+    tokenize_ranked,
+    tokenize_sft,
+    tokenize_texts,
+)
 
 __all__ = [
+    "IGNORE_INDEX",
     "ChatExample",
+    "Collator",
     "DataError",
+    "LengthGroupedBatchSampler",
     "PromptExample",
     "RankedExample",
     "SFTExample",
     "TextExample",
+    "TokenizationReport",
+    "TokenizedGroup",
+    "TokenizedSequence",
+    "TruncationPolicy",
+    "choose_packing",
+    "make_collator",
+    "model_inputs",
+    "pack_batch",
+    "pad_batch",
+    "padding_fraction",
     "read_jsonl",
+    "tokenize_prompt",
+    "tokenize_prompt_response",
+    "tokenize_prompts",
+    "tokenize_ranked",
+    "tokenize_sft",
+    "tokenize_texts",
 ]

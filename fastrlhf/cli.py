@@ -1,0 +1,92 @@
+"""``fastrlhf <command> [flags]``: the command line of the trainer (see DESIGN.md, "CLI contract").
+
+Every command's flags come from a config dataclass; ``--config run.yaml`` supplies them from YAML, and
+``fastrlhf <command> --help`` explains each one. Errors in inputs (a bad JSONL line, a missing model
+directory, an invalid flag value) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+COMMANDS = {
+    "sft": "Step 1: supervised fine-tuning on prompt -> demonstration.",
+    "rm": "Step 2: reward model on K ranked responses per prompt.",
+    "generate": "Sample responses to prompts with a model.",
+    "score": 'Add a reward model\'s "reward" to {prompt, response} lines.',
+    "data": "Dataset hygiene: prefix dedupe, per-user cap, user-disjoint split, tokenisation report.",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fastrlhf <command> [--help] [flags]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _config_class(command: str):
+    if command == "sft":
+        from fastrlhf.train.sft import SFTConfig
+
+        return SFTConfig
+    if command == "rm":
+        from fastrlhf.train.rm import RMConfig
+
+        return RMConfig
+    from fastrlhf import commands
+
+    return {"generate": commands.GenerateConfig, "score": commands.ScoreConfig, "data": commands.DataConfig}[
+        command
+    ]
+
+
+def _run(command: str, config):
+    if command == "sft":
+        from fastrlhf.train.sft import train_sft
+
+        return train_sft(config)
+    if command == "rm":
+        from fastrlhf.train.rm import train_rm
+
+        return train_rm(config)
+    from fastrlhf import commands
+
+    return {"generate": commands.run_generate, "score": commands.run_score, "data": commands.run_data}[
+        command
+    ](config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"fastrlhf: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from fastrlhf.train.config import parse_config
+
+    try:
+        config = parse_config(_config_class(command), rest, prog=f"fastrlhf {command}")
+        result = _run(command, config)
+    except ValueError as error:  # bad input: data lines, paths, flag values (DataError is a ValueError)
+        if os.environ.get("FASTRLHF_DEBUG"):
+            raise
+        print(f"fastrlhf {command}: error: {error}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") != "0":  # under a multi-process launch, only rank 0 prints the result
+        return 0
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    elif result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

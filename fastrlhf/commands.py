@@ -1,0 +1,233 @@
+"""The non-training subcommands: ``generate``, ``score`` and ``data``. Each reads, computes, and writes
+its output atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from fastrlhf.train.arguments import flag
+from fastrlhf.train.io import atomic_output, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    model: str = flag(
+        "tiny", "A local HF causal LM directory (an SFT/PPO run's model/, or a run dir), or 'tiny'."
+    )
+    prompts: str = flag("sample", "Prompt JSONL ({\"prompt\"}; extra fields ignored); 'sample' = bundled.")
+    output: str | None = flag(None, 'Output JSONL: one {"prompt", "response"} per prompt.')
+    max_new_tokens: int = flag(64, "Tokens to sample at most per response.")
+    temperature: float = flag(1.0, "Sampling temperature; 0 decodes greedily.")
+    top_p: float = flag(1.0, "Nucleus sampling mass.")
+    batch_size: int = flag(16, "Prompts per generate call.")
+    max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
+    seed: int = flag(0, "Sampling seed.")
+    dtype: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+
+    def __post_init__(self):
+        if not self.output:
+            raise ValueError("output: an output JSONL path is required (--output F.jsonl)")
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    reward_model: str | None = flag(
+        None, "A reward model saved by `fastrlhf rm` (its model/ dir or the run dir)."
+    )
+    data: str | None = flag(
+        None, 'JSONL of {"prompt", "response"} (e.g. generate\'s output); other fields kept.'
+    )
+    output: str | None = flag(None, 'Output JSONL: each input object with "reward" added.')
+    batch_size: int = flag(16, "Sequences per forward pass.")
+    max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens (as in RM training).")
+    max_response_tokens: int = flag(256, "Longer responses keep their first tokens.")
+    dtype: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+
+    def __post_init__(self):
+        for name in ("reward_model", "data", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required (--{name.replace('_', '-')})")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data: str | None = flag(None, "Input JSONL.")
+    kind: str = flag("sft", "Format of --data: sft, rm, pairs, ppo, ptx or chat.")
+    output: str | None = flag(None, "Output directory: train.jsonl, validation.jsonl, report.json.")
+    prefix_chars: int = flag(200, "Prompts whose normalised first N characters match are duplicates.")
+    max_per_user: int = flag(200, "Keep at most this many examples per user id (InstructGPT: 200).")
+    validation_fraction: float = flag(0.1, "Fraction of users whose examples go to validation.")
+    seed: int = flag(0, "Seed of the user split.")
+    model: str | None = flag(
+        None, "With a model (or 'tiny'): also report tokenisation, truncation and padding."
+    )
+    batch_size: int = flag(16, "Batch size for the padding report.")
+    max_prompt_tokens: int = flag(256, "Truncation policy for the report: prompt keeps its last N tokens.")
+    max_response_tokens: int = flag(
+        256, "Truncation policy for the report: response keeps its first N tokens."
+    )
+
+    def __post_init__(self):
+        for name in ("data", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required (--{name})")
+
+
+def _resolve_trained(path: str) -> str:
+    """A run directory stands for its final model (``<run>/model``)."""
+    candidate = Path(path) / "model"
+    return str(candidate) if (candidate / "config.json").exists() else path
+
+
+def run_generate(config: GenerateConfig) -> Path:
+    import torch
+
+    from fastrlhf.data.bundled import data_path
+    from fastrlhf.data.readers import read_jsonl
+    from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompt
+    from fastrlhf.inference.generate import generate_responses
+    from fastrlhf.models.loading import ModelOptions, load_causal_lm, load_tokenizer
+    from fastrlhf.train.run import quiet_libraries
+
+    quiet_libraries()
+    model = _resolve_trained(config.model)
+    records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
+    tokenizer = load_tokenizer(model)
+    lm = load_causal_lm(model, ModelOptions(dtype=config.dtype))
+    if torch.cuda.is_available():
+        lm = lm.cuda()
+    truncation = TruncationPolicy(config.max_prompt_tokens, 1)
+    prompt_ids = [tokenize_prompt(tokenizer, r.prompt, truncation) for r in records]
+    responses = generate_responses(
+        lm,
+        prompt_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.batch_size,
+        generator_seed=config.seed,
+    )
+    with atomic_output(config.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record, response in zip(records, responses, strict=True):
+            text = tokenizer.decode(response.response_ids, skip_special_tokens=True)
+            f.write(json.dumps({"prompt": record.prompt, "response": text}, ensure_ascii=False) + "\n")
+    ended = sum(r.ended_with_eos for r in responses)
+    log.info("wrote %d responses to %s (%d ended with EOS)", len(responses), config.output, ended)
+    return Path(config.output)
+
+
+def run_score(config: ScoreConfig) -> Path:
+    import torch
+
+    from fastrlhf.data.readers import read_jsonl
+    from fastrlhf.data.tokenize import TruncationPolicy
+    from fastrlhf.inference.score import score_pairs
+    from fastrlhf.models.loading import ModelOptions, load_tokenizer
+    from fastrlhf.models.reward_model import RewardModel, is_reward_model
+    from fastrlhf.train.run import quiet_libraries
+
+    quiet_libraries()
+    model = _resolve_trained(config.reward_model)
+    if not is_reward_model(model):
+        raise ValueError(
+            f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm` "
+            "(no score_head.safetensors)"
+        )
+    records = read_jsonl(config.data, "sft")
+    raw_lines = _raw_objects(config.data)
+    tokenizer = load_tokenizer(model)
+    reward_model = RewardModel.from_pretrained(model, ModelOptions(dtype=config.dtype))
+    if torch.cuda.is_available():
+        reward_model = reward_model.cuda()
+    truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
+    rewards = score_pairs(reward_model, tokenizer, records, truncation, config.batch_size)
+    with atomic_output(config.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record, reward in zip(records, rewards, strict=True):
+            obj = raw_lines[record.source]
+            obj["reward"] = reward
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    log.info(
+        "scored %d responses into %s (mean reward %.4f)",
+        len(rewards),
+        config.output,
+        sum(rewards) / max(len(rewards), 1),
+    )
+    return Path(config.output)
+
+
+def _raw_objects(path: str) -> dict[str, dict]:
+    """``{"file:line": object}`` of a JSONL file already validated by ``read_jsonl``."""
+    objects = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                objects[f"{path}:{number}"] = json.loads(line)
+    return objects
+
+
+def run_data(config: DataConfig) -> dict:
+    """Hygiene (prefix dedupe, per-user cap, user-disjoint split) and, with --model, a tokenisation report."""
+    from fastrlhf.data.batching import LengthGroupedBatchSampler, padding_fraction
+    from fastrlhf.data.bundled import data_path
+    from fastrlhf.data.hygiene import clean
+    from fastrlhf.data.readers import read_jsonl
+
+    path = data_path(config.data, config.kind)
+    records = read_jsonl(path, config.kind)
+    train, validation, report = clean(
+        records, config.prefix_chars, config.max_per_user, config.validation_fraction, config.seed
+    )
+    raw = _raw_lines(path)
+    out = Path(config.output)
+    for name, part in (("train.jsonl", train), ("validation.jsonl", validation)):
+        with atomic_output(out / name) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(raw[r.source] for r in part)
+    result = {"input": str(path), "kind": config.kind, **dataclasses.asdict(report)}
+    if config.model:
+        from fastrlhf.data.tokenize import TruncationPolicy, tokenize_ranked, tokenize_sft
+        from fastrlhf.models.loading import load_tokenizer
+        from fastrlhf.train.run import quiet_libraries
+
+        quiet_libraries()
+        tokenizer = load_tokenizer(_resolve_trained(config.model))
+        truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
+        if config.kind in ("sft", "chat"):
+            sequences, token_report = tokenize_sft(train, tokenizer, truncation)
+            lengths = [len(s.input_ids) for s in sequences]
+        elif config.kind in ("rm", "pairs"):
+            groups, token_report = tokenize_ranked(train, tokenizer, truncation)
+            lengths = [max(len(s.input_ids) for s in g.sequences) for g in groups]
+        else:
+            raise ValueError(
+                f"model: the tokenisation report covers sft, chat, rm and pairs data, not {config.kind}"
+            )
+        grouped = list(
+            iter(LengthGroupedBatchSampler(lengths, config.batch_size, shuffle=True, seed=config.seed))
+        )
+        in_order = [
+            list(range(i, min(i + config.batch_size, len(lengths))))
+            for i in range(0, len(lengths), config.batch_size)
+        ]
+        result["tokenization"] = token_report.as_dict()
+        result["padding_fraction"] = {
+            "length_grouped": padding_fraction(lengths, grouped),
+            "file_order": padding_fraction(lengths, in_order),
+        }
+    atomic_write_json(out / "report.json", result)
+    return result
+
+
+def _raw_lines(path: Path) -> dict[str, str]:
+    """``{"file:line": the line}`` so that kept records are written back byte for byte."""
+    lines = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            lines[f"{path}:{number}"] = line if line.endswith("\n") else line + "\n"
+    return lines

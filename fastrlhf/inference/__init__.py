@@ -1,0 +1,1 @@
+"""Using trained models: sampling responses (generate) and scoring them with a reward model (score)."""

@@ -1,0 +1,1 @@
+"""fastrlhf.models: model loading, value and score heads, and the embedded tiny model."""

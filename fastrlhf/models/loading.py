@@ -1,0 +1,196 @@
+"""Loading a local causal LM and its tokenizer the way every trainer wants it.
+
+- dtype: bf16 on a CUDA device that supports it, fp32 on CPU (``--dtype`` overrides).
+- attention: ``flash_attention_2`` when flash-attn imports on CUDA, ``sdpa`` otherwise.
+- options: gradient checkpointing, LoRA through peft, an 8/4-bit frozen base through bitsandbytes (CUDA
+  only), and a dropout override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+
+import torch
+
+from fastrlhf.models.dropout import apply_dropout
+from fastrlhf.models.tiny import resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+QUANTIZATION = ("none", "8bit", "4bit")
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """How to load and adapt the model; the trainers' configs inherit these flags."""
+
+    dtype: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."},
+    )
+    attn_implementation: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "auto (flash_attention_2 when flash-attn imports on CUDA, else sdpa), sdpa, eager, "
+            "or flash_attention_2."
+        },
+    )
+    gradient_checkpointing: bool = dataclasses.field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    lora_r: int = dataclasses.field(
+        default=0, metadata={"help": "LoRA rank; 0 trains all weights, > 0 trains only LoRA adapters (peft)."}
+    )
+    lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = dataclasses.field(
+        default="all-linear",
+        metadata={"help": "Modules that get adapters: 'all-linear' or a comma-separated list of names."},
+    )
+    quantization: str = dataclasses.field(
+        default="none",
+        metadata={
+            "help": "Frozen base in 8bit or 4bit through bitsandbytes (CUDA only; needs --lora-r > 0), "
+            "or none."
+        },
+    )
+    dropout: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Override residual and attention dropout (InstructGPT's SFT used 0.2); "
+            "unset keeps the model config's."
+        },
+    )
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(
+                f"attn_implementation: expected one of {ATTENTION}, got {self.attn_implementation!r}"
+            )
+        if self.quantization not in QUANTIZATION:
+            raise ValueError(f"quantization: expected one of {QUANTIZATION}, got {self.quantization!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.quantization != "none" and self.lora_r == 0:
+            raise ValueError(
+                "quantization: a quantized base is frozen, so it needs LoRA adapters (--lora-r > 0)"
+            )
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` -> bf16 on a CUDA device with bf16 support, else fp32."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attention(name: str) -> str:
+    """``auto`` -> flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of a local model directory (or ``tiny``), with a pad token guaranteed.
+
+    A tokenizer without a pad token gets its eos as pad: the trainers never read pad positions (masks
+    and -100 targets exclude them), so sharing the id is safe.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"model {model!r}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(options: ModelOptions, dtype: torch.dtype):
+    if options.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"quantization={options.quantization!r}: bitsandbytes 8/4-bit weights need a CUDA device"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if options.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_causal_lm(
+    model: str, options: ModelOptions | None = None, *, auto_class=None, device_index: int = 0
+):
+    """Load ``model`` (a local HF directory or ``tiny``) with ``options`` applied.
+
+    ``auto_class`` defaults to ``AutoModelForCausalLM``; the reward model passes ``AutoModel`` to get the
+    trunk without the unembedding. Returns the model in train mode (LoRA-wrapped when ``lora_r > 0``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    options = options or ModelOptions()
+    auto_class = auto_class or AutoModelForCausalLM
+    path = resolve_model(model)
+    dtype = resolve_dtype(options.dtype)
+    attention = resolve_attention(options.attn_implementation)
+    if attention == "flash_attention_2" and dtype == torch.float32:
+        raise ValueError("attn_implementation=flash_attention_2 needs --dtype bfloat16 or float16")
+    kwargs = {"dtype": dtype, "attn_implementation": attention}
+    quantization = _quantization_config(options, dtype)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device_index})
+    lm = auto_class.from_pretrained(path, **kwargs)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=options.gradient_checkpointing)
+    elif options.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.lora_r > 0:
+        lm = add_lora(lm, options)
+    if options.dropout is not None:
+        applied = apply_dropout(lm, options.dropout)
+        log.info("dropout %.3g applied: %s", options.dropout, applied)
+    lm.train()
+    return lm
+
+
+def add_lora(lm, options: ModelOptions):
+    """Wrap ``lm`` with peft LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = options.lora_target_modules
+    target_modules = (
+        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    )
+    config = LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+    return get_peft_model(lm, config)
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,63 @@
+"""A causal LM seen as a policy: per-token log-probs of chosen targets, straight from the hidden states.
+
+The unembedding runs only on the positions that have a target (response tokens), through
+``fastrlhf.ops.linear_logprobs``: no ``[tokens, vocab]`` logits are ever held, and prompt and pad
+positions cost nothing past the trunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastrlhf import ops
+from fastrlhf.data.batching import IGNORE_INDEX
+
+
+def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """``(trunk, lm_head)`` of an HF causal LM, peft-wrapped or not.
+
+    The trunk returns the final (normed) hidden states that the lm_head reads.
+    """
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    if decoder is None or not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(lm).__name__}: cannot find the decoder and a Linear lm_head")
+    return decoder, head
+
+
+class CausalLMPolicy(nn.Module):
+    """Wraps an HF causal LM so that ``forward`` returns target log-probs (and a DDP wrapper sees it all).
+
+    ``forward(targets[B, T], **model_inputs(batch))`` returns ``logprobs[n]`` (float32) for the ``n``
+    positions where ``targets != -100``, in row-major order, and optionally their entropies. The
+    inputs are a padded ``[B, T]`` or a packed ``[1, N]`` batch (``fastrlhf.data.batching``).
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def hidden_states(self, **inputs) -> torch.Tensor:
+        """``[B, T, H]`` final hidden states; ``inputs`` as ``fastrlhf.data.batching.model_inputs`` gives."""
+        decoder, _ = decoder_and_head(self.lm)
+        inputs.setdefault("use_cache", False)
+        return decoder(**inputs).last_hidden_state
+
+    def forward(
+        self, targets: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False, **inputs
+    ):
+        hidden = self.hidden_states(**inputs)
+        _, head = decoder_and_head(self.lm)
+        selected = targets != IGNORE_INDEX
+        return ops.linear_logprobs(
+            hidden[selected],
+            head.weight,
+            targets[selected],
+            bias=head.bias,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )

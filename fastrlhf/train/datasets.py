@@ -1,0 +1,71 @@
+"""From a JSONL path to train / held-out records and a DataLoader: the part SFT and RM share."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastrlhf.data.batching import LengthGroupedBatchSampler, padding_fraction
+from fastrlhf.data.bundled import data_path
+from fastrlhf.data.hygiene import split_by_user
+from fastrlhf.data.readers import read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def load_train_eval(data: str, eval_data: str | None, kind: str, validation_fraction: float, seed: int):
+    """Records of ``--data`` and of ``--eval-data``; without the latter, a user-disjoint held-out split."""
+    records = read_jsonl(data_path(data, kind), kind)
+    if eval_data:
+        return records, read_jsonl(data_path(eval_data, kind, "eval_data"), kind)
+    if validation_fraction == 0:
+        return records, []
+    train, held_out = split_by_user(records, validation_fraction, seed)
+    if not train:
+        raise ValueError(
+            f"data: the held-out split took every example of {data}; lower --validation-fraction"
+        )
+    return train, held_out
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def make_loader(
+    items: list,
+    lengths: list[int],
+    batch_size: int,
+    collate,
+    *,
+    shuffle: bool,
+    group_by_length: bool,
+    seed: int,
+):
+    """A DataLoader over ``items`` and the padding fraction its batching leaves.
+
+    With ``group_by_length`` the batches hold examples of similar length (less padding); otherwise
+    they are plain shuffled (or sequential) batches. Returns ``(loader, batch_sampler, padding_fraction)``;
+    the caller sets the epoch on the batch sampler (``set_epoch``) when it has one.
+    """
+    if group_by_length:
+        sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        base = (
+            torch.utils.data.RandomSampler(items, generator=generator)
+            if shuffle
+            else torch.utils.data.SequentialSampler(items)
+        )
+        sampler = torch.utils.data.BatchSampler(base, batch_size, drop_last=False)
+    batches = list(iter(sampler))
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=collate)
+    return loader, sampler, padding_fraction(lengths, batches)

@@ -1,0 +1,342 @@
+"""What every training run does around its loop: the run directory, accelerate, logging, checkpoints.
+
+The loops in ``sft.py`` and ``rm.py`` stay readable because the bookkeeping lives here, once:
+- the run directory and its resolved ``config.yaml``
+- the ``Accelerator`` (devices, DDP, mixed precision, gradient accumulation, trackers)
+- ``metrics.jsonl`` and the tqdm bar, atomic checkpoints and ``--resume``
+- the final HF model, ``summary.json`` and the plots
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from fastrlhf.train.arguments import TrainArguments
+from fastrlhf.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrlhf.train.config import save_resolved_config
+from fastrlhf.train.io import fsync_dir
+from fastrlhf.train.metrics import MetricsLogger, write_summary
+from fastrlhf.train.plots import plot_metrics
+
+log = logging.getLogger(__name__)
+
+FINAL_MODEL_DIR = "model"
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and load reports of transformers (they drown the run's own bar)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class TrainingRun:
+    """One run directory and the accelerator that trains in it."""
+
+    def __init__(self, args: TrainArguments):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        quiet_libraries()
+        self.args = args
+        trackers = [t for t in args.report_to.split(",") if t and t != "none"]
+        self.run_dir = Path(args.output)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=trackers or None,
+            project_dir=str(self.run_dir),
+            # Without CUDA, cpu=True is what makes accelerate form a gloo process group when launched
+            # with several processes (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine).
+            cpu=not torch.cuda.is_available(),
+        )
+        set_seed(args.seed)
+        self.resume_from = self._check_run_dir()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved_config(args, self.run_dir)
+        self.accelerator.wait_for_everyone()
+        if trackers:
+            self.accelerator.init_trackers(self.run_dir.name)
+        self.start_time = time.perf_counter()
+        self.metrics: MetricsLogger | None = None
+        self.progress = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _check_run_dir(self) -> Path | None:
+        checkpoint = latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
+        if self.args.resume:
+            if checkpoint is None:
+                raise ValueError(f"resume: {self.run_dir} holds no checkpoint to resume from")
+            return checkpoint
+        if checkpoint is not None or (self.run_dir / "summary.json").exists():
+            raise ValueError(
+                f"output: {self.run_dir} already holds a run; pass --resume to continue it, "
+                "or choose a new directory"
+            )
+        return None
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def restore(self) -> dict:
+        """Load the checkpoint chosen at start (``--resume``); returns its trainer state, or {} when fresh."""
+        if self.resume_from is None:
+            state = {}
+        else:
+            state = load_checkpoint(self.accelerator, self.resume_from)
+            log.info("resumed from %s at step %d", self.resume_from, state.get("step", 0))
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=self.is_main, resume_from_step=state.get("step") if state else None
+        )
+        return state
+
+    def checkpoint(self, step: int, trainer_state: dict) -> None:
+        save_checkpoint(
+            self.accelerator,
+            self.run_dir,
+            step,
+            {"step": step, **trainer_state},
+            keep_last=self.args.keep_checkpoints,
+        )
+
+    # ---- logging ---------------------------------------------------------------------------------
+
+    def start_progress(self, total: int, initial: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(
+            total=total, initial=initial, desc=desc, disable=not self.is_main, dynamic_ncols=True
+        )
+
+    def log(self, step: int, metrics: dict, bar: tuple[str, ...] = ()) -> None:
+        """Append ``metrics`` to metrics.jsonl (main process), the trackers, and the bar's postfix."""
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self.metrics.log(step, **values)
+        if self.accelerator.trackers:
+            self.accelerator.log(values, step=step)
+        if self.progress is not None and bar:
+            self.progress.set_postfix(
+                {k.split("/")[-1]: f"{values[k]:.4g}" for k in bar if k in values}, refresh=False
+            )
+
+    def reduce_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
+        """The global mean of per-process sums ``total / count`` over all processes."""
+        stacked = torch.stack([total.detach().double(), count.detach().double()]).to(self.device)
+        summed = self.accelerator.reduce(stacked, reduction="sum")
+        return float(summed[0] / summed[1]) if float(summed[1]) > 0 else math.nan
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        train_sampler,
+        loss_fn,
+        evaluate,
+        total_steps: int,
+        bar: tuple[str, ...],
+        desc: str,
+    ) -> tuple[int, dict, dict]:
+        """The optimisation loop shared by the SFT and reward-model trainers.
+
+        ``loss_fn(batch) -> (loss, stats)``: the micro-batch loss to minimise and a dict of detached scalar
+        tensors to average into the ``train/*`` metrics (an ``"items"`` entry counts throughput).
+        ``evaluate() -> dict`` of ``eval/*`` metrics. Runs ``--epochs`` (or ``--max-steps``) from the
+        checkpoint chosen at start; evaluates and checkpoints per ``--eval-every`` / ``--save-every``, or
+        at each epoch end. Returns ``(steps, first_eval, last_eval)``.
+        """
+        args, accelerator = self.args, self.accelerator
+        state = self.restore()
+        step, epoch, batches_done = (
+            state.get("step", 0),
+            state.get("epoch", 0),
+            state.get("batches_in_epoch", 0),
+        )
+        first_eval = state.get("first_eval") or evaluate()
+        if not state:
+            self.log(0, first_eval)
+        last_eval = dict(state.get("last_eval") or first_eval)
+        self.start_progress(total_steps, step, desc)
+        window, items, window_start = [], 0.0, time.perf_counter()
+        evaluated_at = saved_at = step
+
+        def checkpoint(epoch_now: int, batches_now: int) -> None:
+            nonlocal saved_at
+            saved_at = step
+            self.checkpoint(
+                step,
+                {
+                    "epoch": epoch_now,
+                    "batches_in_epoch": batches_now,
+                    "first_eval": first_eval,
+                    "last_eval": last_eval,
+                },
+            )
+
+        while epoch < args.epochs and step < total_steps:
+            if hasattr(train_sampler, "set_epoch"):
+                train_sampler.set_epoch(epoch)
+            # A resumed epoch skips the batches it already trained on (the sampler order is per-epoch seeded).
+            loader = (
+                accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+            )
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss, stats = loss_fn(batch)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batches_done += 1
+                items += float(stats.pop("items", 0))
+                window.append({"loss": loss.detach(), **stats})
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                self.progress.update(1)
+                if step % args.log_every == 0:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics = {
+                        f"train/{k}": torch.stack([w[k] for w in window]).float().mean() for k in window[0]
+                    }
+                    metrics.update(
+                        {
+                            "lr": scheduler.get_last_lr()[0],
+                            "epoch": epoch + batches_done / max(len(train_loader), 1),
+                            "train/items_per_s": items * accelerator.num_processes / elapsed,
+                        }
+                    )
+                    if grad_norm is not None:
+                        metrics["train/grad_norm"] = grad_norm
+                    self.log(step, metrics, bar)
+                    window, items, window_start = [], 0.0, time.perf_counter()
+                if args.eval_every and step % args.eval_every == 0:
+                    last_eval, evaluated_at = evaluate(), step
+                    self.log(step, last_eval, bar)
+                if args.save_every and step % args.save_every == 0:
+                    checkpoint(epoch, batches_done)
+                if step >= total_steps:
+                    break
+            else:
+                epoch, batches_done = epoch + 1, 0
+                if not args.eval_every:
+                    last_eval, evaluated_at = evaluate(), step
+                    self.log(step, last_eval, bar)
+                if not args.save_every:
+                    checkpoint(epoch, 0)
+                continue
+            break  # --max-steps reached inside an epoch
+
+        # --max-steps (or the last step landing inside an epoch) skips the epoch-end bookkeeping above.
+        if evaluated_at != step:
+            last_eval = evaluate()
+            self.log(step, last_eval, bar)
+        if saved_at != step:
+            checkpoint(epoch, batches_done)
+        return step, first_eval, last_eval
+
+    def scheduler(self, optimizer, total_steps: int):
+        """Cosine decay to ``--final-lr-fraction`` over ``total_steps`` optimizer steps, after the warmup.
+
+        accelerate's prepared scheduler advances once per process at every optimizer step (unless
+        ``split_batches``), so the schedule is laid out in those units.
+        """
+        from fastrlhf.train.optim import build_scheduler
+
+        n = self.accelerator.num_processes
+        return build_scheduler(
+            optimizer, total_steps * n, self.args.warmup_steps * n, self.args.final_lr_fraction
+        )
+
+    def total_steps(self, train_loader) -> int:
+        """Optimizer steps of the run: per-process batches / accumulation x epochs, capped by --max-steps."""
+        per_epoch = math.ceil(
+            len(train_loader) / self.accelerator.num_processes / self.args.gradient_accumulation_steps
+        )
+        total = per_epoch * self.args.epochs
+        return min(total, self.args.max_steps) if self.args.max_steps else total
+
+    # ---- the end ---------------------------------------------------------------------------------
+
+    def save_model(self, model, tokenizer, save_fn=None) -> Path:
+        """Write the final HF model into ``<output>/model`` atomically (a temp dir renamed into place).
+
+        ``save_fn(unwrapped, directory)`` writes a custom model (the reward model); by default the
+        unwrapped model's ``save_pretrained``, with LoRA adapters merged so the result loads anywhere.
+        """
+        final = self.run_dir / FINAL_MODEL_DIR
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            unwrapped = self.accelerator.unwrap_model(model)
+            tmp = self.run_dir / f".{FINAL_MODEL_DIR}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            (save_fn or save_causal_lm)(unwrapped, tmp)
+            tokenizer.save_pretrained(tmp)
+            old = self.run_dir / f".{FINAL_MODEL_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            fsync_dir(self.run_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def finish(self, summary: dict, plot_groups: dict[str, list[str]]) -> dict:
+        summary = {
+            "seconds": round(time.perf_counter() - self.start_time, 2),
+            "processes": self.accelerator.num_processes,
+            "device": str(self.device),
+            **summary,
+        }
+        if self.progress is not None:
+            self.progress.close()
+        if self.is_main:
+            write_summary(self.run_dir, summary)
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir, plot_groups)
+        self.accelerator.end_training()
+        return summary
+
+
+def save_causal_lm(model, directory: Path) -> None:
+    """``save_pretrained`` of the HF causal LM inside ``model`` (a ``CausalLMPolicy`` or a bare LM)."""
+    lm = getattr(model, "lm", model)
+    if hasattr(lm, "merge_and_unload"):
+        import copy
+
+        lm = copy.deepcopy(lm).merge_and_unload()
+    lm.save_pretrained(directory)
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) and no grad for the block; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
