@@ -7,8 +7,12 @@ kernels run compiled on the GPU instead (set FASTRLHF_TEST_TRITON_INTERPRET=1 to
 
 import os
 import sys
+import tempfile
 
 import torch
+
+# The tiny model is built on first use under FASTRLHF_HOME; tests build their own, never touching ~/.cache.
+os.environ.setdefault("FASTRLHF_HOME", tempfile.mkdtemp(prefix="fastrlhf-test-home-"))
 
 if "triton" in sys.modules:  # pragma: no cover - would make the setting below ineffective
     raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")

@@ -1,0 +1,49 @@
+"""Helpers for tests that run the trainers in-process on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps process-wide state; every in-process run starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run_sft(output: Path, **flags):
+    from accelerate.state import AcceleratorState
+
+    from fastrlhf.train.config import parse_config
+    from fastrlhf.train.sft import SFTConfig, train_sft
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_sft(parse_config(SFTConfig, to_argv(output=str(output), **flags), prog="test"))
+
+
+def run_rm(output: Path, **flags):
+    from accelerate.state import AcceleratorState
+
+    from fastrlhf.train.config import parse_config
+    from fastrlhf.train.rm import RMConfig, train_rm
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_rm(parse_config(RMConfig, to_argv(output=str(output), **flags), prog="test"))
+
+
+def to_argv(**flags) -> list[str]:
+    argv = []
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
