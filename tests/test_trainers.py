@@ -168,9 +168,27 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 def test_same_command_under_accelerate_launch_with_two_processes(tmp_path):
     output = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "fastrlhf.cli", "sft", "--output", str(output), "--max-steps", "6", "--batch-size", "8",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "fastrlhf.cli",
+        "sft",
+        "--output",
+        str(output),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -34,7 +34,7 @@ class TrainArguments(ModelOptions):
     )
     warmup_steps: int = flag(0, "Linear warmup steps before the cosine decay.")
     final_lr_fraction: float = flag(
-        0.1, "The cosine decay ends at this fraction of the peak LR (paper: 10%)."
+        0.1, "The cosine decay ends at this fraction of the peak LR (the paper: 0.1)."
     )
     max_grad_norm: float = flag(1.0, "Clip the gradient norm to this; 0 disables clipping.")
     max_prompt_tokens: int = flag(
