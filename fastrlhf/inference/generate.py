@@ -34,8 +34,10 @@ def generate_responses(
 ) -> list[GeneratedResponse]:
     """Sample a response to each prompt (token ids), in batches of ``batch_size``.
 
-    ``temperature == 0`` decodes greedily. The model runs in eval mode (no dropout) and is restored to its
-    previous mode afterwards. Responses are truncated after the first EOS; a response that never emitted
+    ``temperature == 0`` decodes greedily. ``generator_seed`` reseeds torch's global RNG (HF ``generate``
+    takes no generator); leave it None inside a training loop, whose RNG is seeded once and checkpointed.
+    The model runs in eval mode (no dropout) and is restored to its previous mode afterwards.
+    Responses are truncated after the first EOS; a response that never emitted
     EOS within ``max_new_tokens`` is returned whole with ``ended_with_eos=False`` (PPO may penalise it).
     """
     if max_new_tokens < 1:
@@ -67,7 +69,6 @@ def generate_responses(
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
                 use_cache=True,
-                top_k=0,
                 **sampling,
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()

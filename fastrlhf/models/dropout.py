@@ -19,6 +19,11 @@ EMBEDDING_FIELDS = ("embd_pdrop", "embed_dropout")
 BRANCH_OUTPUT_NAMES = ("o_proj", "down_proj")
 
 
+def _is_rate(value) -> bool:
+    # config.json files write a zero rate as 0 as often as 0.0; bool is an int but never a rate
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _dropout_hook(p: float):
     def hook(module: nn.Module, _inputs, output):
         return nn.functional.dropout(output, p=p, training=module.training)
@@ -37,7 +42,7 @@ def apply_dropout(model: nn.Module, p: float) -> dict:
     config = model.config
     changed = []
     for name in RESIDUAL_FIELDS + ATTENTION_FIELDS + EMBEDDING_FIELDS:
-        if isinstance(getattr(config, name, None), float):
+        if _is_rate(getattr(config, name, None)):
             setattr(config, name, p)
             changed.append(name)
     # Modules built from the config copied the old rate; nn.Dropout layers must be updated in place.
@@ -45,7 +50,7 @@ def apply_dropout(model: nn.Module, p: float) -> dict:
         if isinstance(module, nn.Dropout):
             module.p = p
         # Llama-style attention reads its rate from an attribute at call time.
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+        if _is_rate(getattr(module, "attention_dropout", None)):
             module.attention_dropout = p
     has_residual_field = any(name in changed for name in RESIDUAL_FIELDS)
     hooks = 0

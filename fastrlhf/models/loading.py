@@ -171,22 +171,13 @@ def load_causal_lm(
     return lm
 
 
-def add_lora(lm, options: ModelOptions):
-    """Wrap ``lm`` with peft LoRA adapters; only the adapters train."""
+def add_lora(lm, options: ModelOptions, adapter_name: str = "default"):
+    """Wrap ``lm`` with peft LoRA adapters named ``adapter_name``; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    targets = options.lora_target_modules
-    target_modules = (
-        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    )
-    config = LoraConfig(
-        r=options.lora_r,
-        lora_alpha=options.lora_alpha,
-        lora_dropout=options.lora_dropout,
-        target_modules=target_modules,
-        bias="none",
-    )
-    return get_peft_model(lm, config)
+    from fastrlhf.models.actor_critic import lora_kwargs
+
+    return get_peft_model(lm, LoraConfig(**lora_kwargs(options)), adapter_name=adapter_name)
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

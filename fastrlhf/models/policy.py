@@ -22,6 +22,17 @@ def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Linear]:
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     if decoder is None or not isinstance(head, nn.Linear):
         raise ValueError(f"{type(lm).__name__}: cannot find the decoder and a Linear lm_head")
+    config = lm.config
+    # Log-probs are taken from hidden @ lm_head.T directly; models that post-process their logits would
+    # get silently wrong log-probs, so they are refused rather than mis-trained.
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (
+        1,
+        1.0,
+        None,
+    ):
+        raise ValueError(
+            f"{config.model_type}: logit soft-capping / scaling after the lm_head is not supported"
+        )
     return decoder, head
 
 
