@@ -181,3 +181,31 @@ def test_score_pairs_equals_the_reward_model_on_each_pair(model_dir):
         ]
     assert scores == pytest.approx(expected, abs=1e-5, rel=1e-5)
     assert len(set(scores)) == len(scores)
+
+
+def test_sampling_follows_the_full_distribution_not_a_top_k_cut(lm):
+    """PPO's log-probs assume samples from the policy itself: transformers' default top-k of 50 must be off.
+
+    At temperature 3 the first-token distribution puts much of its mass outside its 50 likeliest tokens;
+    the share of samples that land there must match that mass (a top-50 cut would make it 0).
+    """
+    prompt = _prompts(lm.config.vocab_size, [4])[0]
+    with torch.no_grad():
+        logits = lm.eval()(input_ids=torch.tensor([prompt])).logits[0, -1] / 3.0
+    probs = logits.double().softmax(-1)
+    top50 = set(probs.topk(50).indices.tolist())
+    mass_outside = 1.0 - float(probs[list(top50)].sum())
+    assert mass_outside > 0.3, "the test needs a flat enough distribution"
+    draws = 400
+    responses = generate_responses(
+        lm,
+        [prompt] * draws,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        max_new_tokens=1,
+        temperature=3.0,
+        batch_size=draws,
+    )
+    outside = sum(r.response_ids[0] not in top50 for r in responses) / draws
+    # Binomial standard error at these sizes is below 0.025; 5 of them is a safe band.
+    assert abs(outside - mass_outside) < 0.125, (outside, mass_outside)

@@ -57,8 +57,10 @@ def generate_responses(
             chunk = prompt_ids[start : start + batch_size]
             sequences = [TokenizedSequence(tuple(p), len(p), False, False, "") for p in chunk]
             batch = pad_batch(sequences, pad_token_id, padding_side="left")
+            # top_k=0 turns off transformers' default top-k of 50: PPO's log-probs and KL estimates assume
+            # the samples come from the policy's own (tempered) distribution, not a truncated one.
             sampling = (
-                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
                 if temperature > 0
                 else {"do_sample": False}
             )
