@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "sft": "Step 1: supervised fine-tuning on prompt -> demonstration.",
     "rm": "Step 2: reward model on K ranked responses per prompt.",
+    "ppo": "Step 3: PPO against the reward model, KL penalty to the SFT policy, optional PPO-ptx.",
     "generate": "Sample responses to prompts with a model.",
     "score": 'Add a reward model\'s "reward" to {prompt, response} lines.',
     "data": "Dataset hygiene: prefix dedupe, per-user cap, user-disjoint split, tokenisation report.",
@@ -36,6 +37,10 @@ def _config_class(command: str):
         from fastrlhf.train.rm import RMConfig
 
         return RMConfig
+    if command == "ppo":
+        from fastrlhf.train.ppo import PPOConfig
+
+        return PPOConfig
     from fastrlhf import commands
 
     return {"generate": commands.GenerateConfig, "score": commands.ScoreConfig, "data": commands.DataConfig}[
@@ -52,6 +57,10 @@ def _run(command: str, config):
         from fastrlhf.train.rm import train_rm
 
         return train_rm(config)
+    if command == "ppo":
+        from fastrlhf.train.ppo import train_ppo
+
+        return train_ppo(config)
     from fastrlhf import commands
 
     return {"generate": commands.run_generate, "score": commands.run_score, "data": commands.run_data}[

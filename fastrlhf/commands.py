@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import flag
 from fastrlhf.train.io import atomic_output, atomic_write_json
 
@@ -78,12 +79,6 @@ class DataConfig:
                 raise ValueError(f"{name}: required (--{name})")
 
 
-def _resolve_trained(path: str) -> str:
-    """A run directory stands for its final model (``<run>/model``)."""
-    candidate = Path(path) / "model"
-    return str(candidate) if (candidate / "config.json").exists() else path
-
-
 def run_generate(config: GenerateConfig) -> Path:
     import torch
 
@@ -95,7 +90,7 @@ def run_generate(config: GenerateConfig) -> Path:
     from fastrlhf.train.run import quiet_libraries
 
     quiet_libraries()
-    model = _resolve_trained(config.model)
+    model = resolve_model(config.model)
     records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model, ModelOptions(dtype=config.dtype))
@@ -134,7 +129,7 @@ def run_score(config: ScoreConfig) -> Path:
     from fastrlhf.train.run import quiet_libraries
 
     quiet_libraries()
-    model = _resolve_trained(config.reward_model)
+    model = resolve_model(config.reward_model)
     if not is_reward_model(model):
         raise ValueError(
             f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm` "
@@ -196,7 +191,7 @@ def run_data(config: DataConfig) -> dict:
         from fastrlhf.train.run import quiet_libraries
 
         quiet_libraries()
-        tokenizer = load_tokenizer(_resolve_trained(config.model))
+        tokenizer = load_tokenizer(resolve_model(config.model))
         truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
         if config.kind in ("sft", "chat"):
             sequences, token_report = tokenize_sft(train, tokenizer, truncation)

@@ -38,6 +38,16 @@ def run_rm(output: Path, **flags):
     return train_rm(parse_config(RMConfig, to_argv(output=str(output), **flags), prog="test"))
 
 
+def run_ppo(output: Path, **flags):
+    from accelerate.state import AcceleratorState
+
+    from fastrlhf.train.config import parse_config
+    from fastrlhf.train.ppo import PPOConfig, train_ppo
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_ppo(parse_config(PPOConfig, to_argv(output=str(output), **flags), prog="test"))
+
+
 def to_argv(**flags) -> list[str]:
     argv = []
     for name, value in flags.items():

@@ -19,6 +19,7 @@ no-grad passes of the rollout (``reference_hidden``, ``generation_model``) use t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 
@@ -129,6 +130,9 @@ class ActorCritic(nn.Module):
     def forward(self, value_rows: int | None = None, **inputs):
         """Policy hidden states for all rows, values for the first ``value_rows`` rows (all when None)."""
         inputs.setdefault("use_cache", False)
+        if value_rows == 0:  # log-probs only (e.g. perplexity): no critic pass at all
+            hidden = self._policy_hidden(inputs)
+            return hidden, hidden.new_zeros(0, hidden.shape[1], dtype=torch.float32)
         rows = slice(None) if value_rows is None else slice(0, value_rows)
         value_inputs = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         if self.mode == "lora":
@@ -201,7 +205,8 @@ def build_actor_critic(
     if mode == "lora":
         if options.lora_r <= 0:
             raise ValueError("actor_critic=lora: the adapters need a rank, pass --lora-r > 0 (e.g. 16)")
-        base_options = ModelOptions(**{**vars(options), "lora_r": 0, "dropout": None})
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(ModelOptions)}
+        base_options = ModelOptions(**{**fields, "lora_r": 0, "dropout": None})
         base = load_causal_lm(policy, base_options, device_index=device_index)
         for parameter in base.parameters():
             parameter.requires_grad_(False)

@@ -197,13 +197,19 @@ def fastrlhf_home() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("FASTRLHF_HOME") or DEFAULT_HOME))
 
 
+RUN_MODEL_DIR = "model"  # where a training run writes its final model (fastrlhf.train.run)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """The local directory to load a model from. ``"tiny"`` is built into ``$FASTRLHF_HOME/tiny-v1`` on
-    first use; anything else must be an existing directory with a ``config.json``. Raises ``ValueError``
-    otherwise: fastrlhf never downloads from the hub."""
+    first use; a fastrlhf run directory stands for its final model (``<run>/model``); anything else must be
+    an existing directory with a ``config.json``. Raises ``ValueError`` otherwise: fastrlhf never
+    downloads from the hub."""
     if os.fspath(name_or_path) == TINY_NAME:
         return build_tiny_model(os.path.join(fastrlhf_home(), TINY_CACHE_DIR))
     path = os.path.abspath(os.path.expanduser(os.fspath(name_or_path)))
+    if not _is_model_dir(path) and _is_model_dir(os.path.join(path, RUN_MODEL_DIR)):
+        path = os.path.join(path, RUN_MODEL_DIR)
     if not _is_model_dir(path):
         raise ValueError(
             f"model {os.fspath(name_or_path)!r}: not a local directory with config.json; fastrlhf loads "

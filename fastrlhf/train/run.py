@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.train.arguments import TrainArguments
+from fastrlhf.models.tiny import RUN_MODEL_DIR
+from fastrlhf.train.arguments import RunArguments
 from fastrlhf.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrlhf.train.config import save_resolved_config
 from fastrlhf.train.io import fsync_dir
@@ -28,7 +29,7 @@ from fastrlhf.train.plots import plot_metrics
 
 log = logging.getLogger(__name__)
 
-FINAL_MODEL_DIR = "model"
+FINAL_MODEL_DIR = RUN_MODEL_DIR
 
 
 def quiet_libraries() -> None:
@@ -42,7 +43,7 @@ def quiet_libraries() -> None:
 class TrainingRun:
     """One run directory and the accelerator that trains in it."""
 
-    def __init__(self, args: TrainArguments):
+    def __init__(self, args: RunArguments):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -318,6 +319,15 @@ class TrainingRun:
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir, plot_groups)
         self.accelerator.end_training()
         return summary
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def save_causal_lm(model, directory: Path) -> None:

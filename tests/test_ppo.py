@@ -1,0 +1,256 @@
+"""PPO end to end on the tiny model (CPU): learning per actor/critic mode, the exact first-epoch ratio,
+PPO-ptx's gradient, resume, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_runs import read_lines, run_ppo
+
+from fastrlhf.cli import main
+from fastrlhf.train.checkpoint import latest_checkpoint
+from fastrlhf.train.kl_control import KLController
+from fastrlhf.train.ppo import prompt_order
+
+# A rule reward that a random tiny policy shows a little of by chance (digits in its response), scaled so
+# that scores are of order 1 against the KL penalty.
+RULE = dict(
+    policy="tiny",
+    reward_model="none",
+    reward_fn="ppo_rewards:digit_fraction",
+    reward_fn_weight=10,
+    max_new_tokens=16,
+    rollout_batch_size=32,
+)
+LEARNING_RATE = {"separate": 1e-3, "shared": 1e-3, "lora": 3e-3}
+ADAPTERS = {"separate": {}, "shared": {}, "lora": {"lora_r": 16}}
+
+
+@pytest.mark.parametrize("mode", ["separate", "shared", "lora"])
+def test_reward_rises_while_kl_stays_bounded(mode, tmp_path):
+    summary = run_ppo(
+        tmp_path / mode,
+        actor_critic=mode,
+        steps=25,
+        learning_rate=LEARNING_RATE[mode],
+        **ADAPTERS[mode],
+        **RULE,
+    )
+    steps = [m for m in read_lines(tmp_path / mode / "metrics.jsonl") if "score/mean" in m]
+    scores = [m["score/mean"] for m in steps]
+    assert len(steps) == 25
+    early, late = sum(scores[:3]) / 3, sum(scores[-8:]) / 8
+    assert late > early + 0.05, (early, late)
+    # Greedy responses to held-out prompts: the behaviour the reward asks for is now what the policy does.
+    assert summary["eval_score_end"] > summary["eval_score_start"] + 0.3, summary
+    assert summary["eval_win_rate"] > 0.5
+    # A loose bound: with β = 0.02 the penalty lets the policy drift, but not run away (a uniform policy
+    # over 1024 tokens is ln(1024) = 6.9 nats per token, about 100 nats over a response).
+    assert max(m["kl/ref"] for m in steps) < 20.0
+    # Rollout and experience run without dropout and in the first epoch's row blocks: the first
+    # minibatch's ratio is exactly 1 at every step.
+    assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in steps)
+    assert steps[0]["kl/ref"] == 0.0, "before the first update the policy is the reference"
+    assert (tmp_path / mode / "model" / "model.safetensors").is_file()
+    weights = load_file(tmp_path / mode / "model" / "model.safetensors")
+    assert not any("lora" in name for name in weights), "the saved policy is a plain HF model"
+
+
+def test_a_larger_kl_coefficient_keeps_the_policy_closer(tmp_path):
+    final_kl = {}
+    for beta in (0.02, 1.0):
+        run_ppo(
+            tmp_path / str(beta), actor_critic="shared", steps=15, learning_rate=1e-3, kl_coef=beta, **RULE
+        )
+        steps = [m for m in read_lines(tmp_path / str(beta) / "metrics.jsonl") if "kl/ref" in m]
+        final_kl[beta] = sum(m["kl/ref"] for m in steps[-5:]) / 5
+    assert final_kl[1.0] < 0.7 * final_kl[0.02], final_kl
+
+
+def test_memory_modes_hold_what_they_claim(tmp_path):
+    reports = {}
+    for mode in ("separate", "shared", "lora"):
+        reports[mode] = run_ppo(tmp_path / mode, actor_critic=mode, steps=1, **ADAPTERS[mode], **RULE)[
+            "parameter_bytes"
+        ]
+    policy = reports["shared"]["policy"]
+    # shared: one trunk for the policy and the values, so no critic trunk (a head only).
+    assert reports["shared"]["critic"] < 0.01 * policy
+    assert reports["separate"]["critic"] > 0.5 * policy
+    # lora: the reference is the base with adapters off: no second copy of the base weights.
+    assert reports["lora"]["reference"] == 0
+    assert reports["separate"]["reference"] == reports["shared"]["reference"] == policy
+    assert reports["lora"]["trainable"] < 0.5 * policy
+
+
+def test_ptx_gradient_is_ppo_plus_gamma_times_lm(tmp_path):
+    """PPO-ptx: the accumulated gradient equals the PPO gradient plus γ times the LM gradient."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from fastrlhf import ops
+    from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
+    from fastrlhf.data.tokenize import TokenizedSequence
+    from fastrlhf.models.actor_critic import build_actor_critic
+    from fastrlhf.models.loading import ModelOptions
+    from fastrlhf.train.rollout import Rollout, backward_micro_batch, compute_experience, select_rows
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    model = build_actor_critic("shared", "tiny", None, ModelOptions())
+    vocab = model.config.vocab_size
+    sequences = [
+        TokenizedSequence(tuple(torch.randint(6, vocab, (n,)).tolist()), p) for n, p in [(9, 4), (7, 3)]
+    ]
+    batch = pad_batch(sequences, 0)
+    mask = batch["targets"] != IGNORE_INDEX
+    rollout = Rollout(batch, mask, torch.randn(2), torch.ones(2, dtype=torch.bool), mask.sum(1), [], [], 0.0)
+    experience = compute_experience(model, rollout, 2)
+    micro = select_rows(rollout, torch.arange(2))
+    micro.update(
+        old_logprobs=experience["old_logprobs"],
+        old_values=experience["values"],
+        advantages=torch.randn(2, batch["targets"].shape[1]) * mask,
+        returns=torch.randn(2, batch["targets"].shape[1]) * mask,
+    )
+    text = pad_batch([TokenizedSequence(tuple(torch.randint(6, vocab, (11,)).tolist()), 0)], 0)
+    ptx = {"inputs": model_inputs(text), "targets": text["targets"]}
+    gamma = 27.8
+    options = dict(clip_eps=0.2, value_clip=0.2, vf_coef=0.1, entropy_coef=0.0, ptx_coef=gamma, sync=True)
+
+    def gradients():
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    backward_micro_batch(model, accelerator, micro, ptx, **options)
+    combined = gradients()
+    backward_micro_batch(model, accelerator, micro, None, **options)
+    ppo_only = gradients()
+    hidden, _ = model(value_rows=0, **ptx["inputs"])
+    keep = ptx["targets"] != IGNORE_INDEX
+    head = model.lm_head
+    (-ops.linear_logprobs(hidden[keep], head.weight, ptx["targets"][keep]).mean()).backward()
+    lm_only = gradients()
+    for name, grad in combined.items():
+        expected = ppo_only.get(name, torch.zeros_like(grad)) + gamma * lm_only.get(
+            name, torch.zeros_like(grad)
+        )
+        scale = expected.abs().max().clamp_min(1e-12)
+        assert (grad - expected).abs().max() <= 1e-5 * scale, (
+            name,
+            float((grad - expected).abs().max()),
+            float(scale),
+        )
+    assert any(name in lm_only for name in combined), "the LM loss reached the policy's weights"
+
+
+def test_ppo_with_ptx_and_ema_runs_and_logs_the_lm_loss(tmp_path):
+    summary = run_ppo(tmp_path / "ptx", steps=3, ptx_data="sample", ptx_coef=1.0, ema_decay=0.9, **RULE)
+    assert summary["ptx"] is True and summary["ema_decay"] == 0.9
+    steps = [m for m in read_lines(tmp_path / "ptx" / "metrics.jsonl") if "score/mean" in m]
+    assert all(m["ptx/loss"] > 0 for m in steps)
+
+
+def test_resumed_ppo_continues_where_the_interrupted_run_stopped(tmp_path, monkeypatch):
+    flags = dict(steps=4, save_every=2, learning_rate=1e-3, **RULE)
+    run_ppo(tmp_path / "reference", **flags)
+
+    from fastrlhf.train.run import TrainingRun
+
+    original = TrainingRun.checkpoint
+
+    def checkpoint_then_crash(self, step, state):
+        original(self, step, state)
+        if step == 2:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(tmp_path / "interrupted", **flags)
+    monkeypatch.setattr(TrainingRun, "checkpoint", original)
+    assert latest_checkpoint(tmp_path / "interrupted").name == "checkpoint-00000002"
+
+    run_ppo(tmp_path / "interrupted", resume=True, **flags)
+    # Same prompts, the same sampling RNG, optimizer and schedule: the same rollouts and the same weights.
+    reference = read_lines(tmp_path / "reference" / "metrics.jsonl")
+    resumed = read_lines(tmp_path / "interrupted" / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == [m["step"] for m in reference]
+    for a, b in zip(reference, resumed, strict=True):
+        if "score/mean" in a:
+            assert b["score/mean"] == pytest.approx(a["score/mean"], rel=1e-5)
+    final = load_file(tmp_path / "interrupted" / "model" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "reference" / "model" / "model.safetensors").items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bad_prompt_file_is_reported_with_file_and_line(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
+    code = main(
+        [
+            "ppo",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "run"),
+            "--reward-model",
+            "none",
+            "--reward-fn",
+            "ppo_rewards:constant",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:2:" in err and "prompt" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"reward_model": "none"}, "reward-fn"),
+        ({"reward_model": "none", "reward_fn": "no_such_module:f"}, "cannot import"),
+        ({"reward_model": "none", "reward_fn": "ppo_rewards"}, "module:function"),
+        (
+            {"reward_model": "none", "reward_fn": "ppo_rewards:constant", "actor_critic": "both"},
+            "actor_critic",
+        ),
+        (
+            {
+                "reward_model": "none",
+                "reward_fn": "ppo_rewards:constant",
+                "minibatch_size": 6,
+                "gradient_accumulation_steps": 4,
+            },
+            "multiple",
+        ),
+    ],
+)
+def test_bad_options_are_clear_errors(tmp_path, capsys, flags, message):
+    argv = ["ppo", "--output", str(tmp_path / "run")]
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_order_covers_every_prompt_once_per_pass_and_shards_processes():
+    n, batch = 10, 3
+    single = [i for step in range(10) for i in prompt_order(n, step, batch, 0, 1, seed=1)]
+    for start in range(0, 30, n):
+        assert sorted(single[start : start + n]) == list(range(n))
+    two = [prompt_order(n, step, batch, rank, 2, seed=1) for step in range(5) for rank in range(2)]
+    assert [i for block in two for i in block] == single, "processes take consecutive slices of one order"
+
+
+def test_adaptive_kl_controller_moves_toward_the_target():
+    fixed = KLController(0.02)
+    assert fixed.update(100.0, 64) == 0.02
+    adaptive = KLController(0.1, target=6.0, horizon=100)
+    assert adaptive.update(12.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +20%
+    assert adaptive.update(3.0, 10) < 0.1 * (1 + 0.2 * 10 / 100)
+    with pytest.raises(ValueError, match="kl_coef"):
+        KLController(-1.0)
