@@ -26,6 +26,10 @@ enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
 
 constexpr bool valid_kl_estimator(int e) { return e >= 0 && e <= 3; }
 
+// Caps of the clamped k3's gap (see kl_gap): e^80 is finite in fp32; the upper side needs no cap.
+constexpr float kK3ClampedGapCap = 80.0f;
+constexpr float kK3UnboundedGap = 3.0e38f;
+
 // Scalar policy. Every helper propagates NaN (a NaN gap gives a NaN estimate, as in torch).
 struct ScalarKLMath {
   static FASTRLHF_HD float exp(float x) { return expf(x); }
@@ -94,9 +98,23 @@ FASTRLHF_HD T kl_estimate_grad(const T& d) {
 }
 
 // kl penalty of one token: the estimate, bounded to [-clamp, clamp] when kClamp.
+// The log-ratio k3 is evaluated at. Under a clamp, gaps past u = min(clamp + 1, 80) are capped: there
+// k3 >= e^(c+1) - c - 2 > c already (the clamp wins, no value changes), and e^u stays finite in fp32, so
+// a -inf log-prob gives the clamp and a zero gradient instead of inf - inf = NaN.
+template <class Math, KLEstimator E, bool kClamp, class T>
+FASTRLHF_HD T kl_gap(const T& logp, const T& ref, const T& clamp) {
+  const T d = logp - ref;
+  if constexpr (kClamp && E == KLEstimator::kK3) {
+    const T cap = Math::clamp(clamp + T(1.0f), T(0.0f), T(kK3ClampedGapCap));
+    return Math::clamp(d, T(0.0f) - cap, T(kK3UnboundedGap));
+  } else {
+    return d;
+  }
+}
+
 template <class Math, KLEstimator E, bool kClamp, class T>
 FASTRLHF_HD T kl_value(const T& logp, const T& ref, const T& clamp) {
-  const T kl = kl_estimate<Math, E>(logp - ref);
+  const T kl = kl_estimate<Math, E>(kl_gap<Math, E, kClamp>(logp, ref, clamp));
   if constexpr (kClamp) {
     return Math::clamp(kl, T(0.0f) - clamp, clamp);
   } else {
@@ -107,7 +125,7 @@ FASTRLHF_HD T kl_value(const T& logp, const T& ref, const T& clamp) {
 // grad * d kl_value / d(logp): 0 where the clamp is active.
 template <class Math, KLEstimator E, bool kClamp, class T>
 FASTRLHF_HD T kl_value_grad(const T& grad, const T& logp, const T& ref, const T& clamp) {
-  const T d = logp - ref;
+  const T d = kl_gap<Math, E, kClamp>(logp, ref, clamp);
   const T g = grad * kl_estimate_grad<Math, E>(d);
   if constexpr (kClamp) {
     return Math::pass_within(kl_estimate<Math, E>(d), T(0.0f) - clamp, clamp, g);

@@ -7,6 +7,7 @@ tests build their reference); every other floating dtype computes and returns fl
 
 from __future__ import annotations
 
+
 from typing import NamedTuple
 
 import torch
@@ -109,7 +110,13 @@ def kl_penalty(
         kl = 0.5 * diff.square()
     elif estimator == "k3":
         # exp(-d) - (-d) - 1 written with expm1 so small gaps keep their precision.
-        kl = torch.expm1(-diff) + diff
+        gap = -diff
+        if clamp is not None:
+            # Past x = c + 1, k3 = e^x - x - 1 > c already, so capping the gap there changes no value; it
+            # keeps exp finite, so a -inf log-prob gives the clamp and a zero gradient rather than NaN
+            # (inf - inf, and the clamp's 0 gradient times inf). 80 keeps e^x inside float32.
+            gap = gap.clamp(max=min(clamp + 1.0, 80.0))
+        kl = torch.expm1(gap) - gap
     elif estimator == "abs":
         kl = diff.abs()
     else:

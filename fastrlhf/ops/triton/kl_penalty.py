@@ -84,8 +84,18 @@ def _kl_unclamped(d, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
+def _clamped_gap(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
+    """Under a clamp, k3's gap is capped at min(clamp + 1, 80): past it k3 > clamp already, and e^-d stays
+    finite, so a -inf log-prob gives the clamp and a 0 gradient, not inf - inf (csrc/common/kl.h: kl_gap)."""
+    if HAS_CLAMP and ESTIMATOR == 2:
+        d = tl.maximum(d, -tl.minimum(clamp + 1.0, 80.0))
+    return d
+
+
+@triton.jit
 def _kl_value(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
     """Clamped KL estimate from the fp32 log-ratio ``d``; ``clamp`` is only read when HAS_CLAMP."""
+    d = _clamped_gap(d, clamp, ESTIMATOR, HAS_CLAMP)
     kl = _kl_unclamped(d, ESTIMATOR)
     if HAS_CLAMP:
         kl = tl.minimum(tl.maximum(kl, -clamp), clamp)
@@ -95,6 +105,7 @@ def _kl_value(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
 @triton.jit
 def _kl_grad(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
     """``d kl / d logprobs`` at the fp32 log-ratio ``d``, 0 where the clamp is active."""
+    d = _clamped_gap(d, clamp, ESTIMATOR, HAS_CLAMP)
     if ESTIMATOR == 0:
         g = tl.full(d.shape, 1.0, tl.float32)
     elif ESTIMATOR == 1:
