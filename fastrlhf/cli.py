@@ -16,6 +16,7 @@ COMMANDS = {
     "sft": "Step 1: supervised fine-tuning on prompt -> demonstration.",
     "rm": "Step 2: reward model on K ranked responses per prompt.",
     "ppo": "Step 3: PPO against the reward model, KL penalty to the SFT policy, optional PPO-ptx.",
+    "pipeline": "SFT -> RM -> PPO (and PPO-ptx) on tiny and the bundled data, with a summary table.",
     "generate": "Sample responses to prompts with a model.",
     "score": 'Add a reward model\'s "reward" to {prompt, response} lines.',
     "data": "Dataset hygiene: prefix dedupe, per-user cap, user-disjoint split, tokenisation report.",
@@ -41,6 +42,10 @@ def _config_class(command: str):
         from fastrlhf.train.ppo import PPOConfig
 
         return PPOConfig
+    if command == "pipeline":
+        from fastrlhf.train.pipeline import PipelineConfig
+
+        return PipelineConfig
     from fastrlhf import commands
 
     return {"generate": commands.GenerateConfig, "score": commands.ScoreConfig, "data": commands.DataConfig}[
@@ -61,6 +66,11 @@ def _run(command: str, config):
         from fastrlhf.train.ppo import train_ppo
 
         return train_ppo(config)
+    if command == "pipeline":
+        from fastrlhf.train.pipeline import run_pipeline
+
+        run_pipeline(config)  # prints its table; the stages' summaries are in the run directory
+        return None
     from fastrlhf import commands
 
     return {"generate": commands.run_generate, "score": commands.run_score, "data": commands.run_data}[

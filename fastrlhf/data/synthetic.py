@@ -507,3 +507,10 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """``preference_score`` of each pair, in the ``--reward-fn`` / ``--eval-reward-fn`` signature: the
+    known preference of the bundled world, to check what PPO against a *learned* reward model really
+    improved (and to catch reward hacking)."""
+    return [preference_score(p, r) for p, r in zip(prompts, responses, strict=True)]

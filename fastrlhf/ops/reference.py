@@ -7,7 +7,6 @@ tests build their reference); every other floating dtype computes and returns fl
 
 from __future__ import annotations
 
-
 from typing import NamedTuple
 
 import torch

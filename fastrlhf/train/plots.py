@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from fastrlhf.train.io import atomic_output
 from fastrlhf.train.metrics import read_metrics
 
-__all__ = ["plot_metrics"]
+__all__ = ["plot_metrics", "plot_panels"]
 
 
 def plot_metrics(
@@ -84,3 +84,28 @@ def _file_stem(name: str) -> str:
     if not stem:
         raise ValueError(f"plot group name {name!r} has no characters usable in a file name")
     return stem
+
+
+def plot_panels(panels: list[tuple[str, str | os.PathLike, list[str]]], path: str | os.PathLike) -> Path:
+    """One figure with a panel per ``(title, metrics.jsonl path, keys)``, side by side: the pipeline's
+    overview of several runs. Panels without data are left empty with their title."""
+    fig = Figure(figsize=(5 * len(panels), 4), dpi=100)
+    FigureCanvasAgg(fig)
+    for index, (title, metrics_path, keys) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), index)
+        records = read_metrics(metrics_path) if Path(metrics_path).exists() else []
+        for key in keys:
+            points, _ = _series(records, key)
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=key, marker="o" if len(points) <= 50 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path

@@ -37,7 +37,7 @@ from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import RunArguments, flag
 from fastrlhf.train.kl_control import KLController
 from fastrlhf.train.optim import build_optimizer, param_groups
-from fastrlhf.train.rewards import load_reward_fn
+from fastrlhf.train.rewards import call_reward_fn, load_reward_fn
 from fastrlhf.train.rollout import (
     backward_micro_batch,
     collect_rollout,
@@ -102,6 +102,11 @@ class PPOConfig(RunArguments):
     missing_eos_penalty: float | None = flag(None, "Subtract this from the score of responses without EOS.")
     reward_fn: str | None = flag(None, "A rule reward module:function(prompts, responses) -> list[float].")
     reward_fn_weight: float = flag(1.0, "Weight of --reward-fn when added to the reward model's score.")
+    eval_reward_fn: str | None = flag(
+        None,
+        "A ground-truth module:function scoring the held-out responses at start and end (never trained "
+        "on), e.g. fastrlhf.data.synthetic:gold_reward for the bundled data; it exposes reward hacking.",
+    )
     ema_decay: float = flag(0.0, "EMA of the policy weights saved as the final model (paper: 0.992; 0: off).")
     learning_rate: float = flag(5e-5, "Peak learning rate.")
     eval_max_new_tokens: int = flag(24, "Greedy response tokens in the start/end evaluation.")
@@ -206,6 +211,7 @@ def train_ppo(config: PPOConfig) -> dict:
     eval_ids, _ = tokenize_prompts(eval_prompts, tokenizer, truncation)
     ptx_sequences, perplexity_sequences = split_texts(config, tokenizer)
     reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None
+    eval_reward_fn = load_reward_fn(config.eval_reward_fn) if config.eval_reward_fn else None
     reward_model = load_frozen_reward_model(config, device)
     rm_path = resolve_model(config.reward_model) if reward_model is not None else None
 
@@ -254,6 +260,7 @@ def train_ppo(config: PPOConfig) -> dict:
             device=device,
         )
         scores = rollout.scores.tolist()
+        gold = call_reward_fn(eval_reward_fn, rollout.prompts, rollout.responses) if eval_reward_fn else []
         perplexity = (
             text_perplexity(
                 unwrapped, perplexity_sequences, tokenizer.pad_token_id, config.rollout_batch_size, device
@@ -265,6 +272,7 @@ def train_ppo(config: PPOConfig) -> dict:
             "scores": scores,
             "score": sum(scores) / len(scores),
             "perplexity": perplexity,
+            "gold": sum(gold) / len(gold) if gold else None,
             "samples": [
                 {"prompt": p, "response": r}
                 for p, r in zip(rollout.prompts[:4], rollout.responses[:4], strict=False)
@@ -276,7 +284,14 @@ def train_ppo(config: PPOConfig) -> dict:
     kl.value = state.get("kl_coef", kl.value)
     start_eval = state.get("start_eval") or evaluate()
     if not state:
-        run.log(0, {"eval/score": start_eval["score"], "eval/perplexity": start_eval["perplexity"]})
+        run.log(
+            0,
+            {
+                "eval/score": start_eval["score"],
+                "eval/perplexity": start_eval["perplexity"],
+                **({"eval/gold": start_eval["gold"]} if start_eval.get("gold") is not None else {}),
+            },
+        )
     run.start_progress(config.steps, step, f"ppo[{config.actor_critic}]")
     ptx_stream = (
         _ptx_batches(ptx_sequences, config, tokenizer.pad_token_id, device) if ptx_sequences else None
@@ -405,7 +420,14 @@ def train_ppo(config: PPOConfig) -> dict:
     del saved_at
 
     end_eval = evaluate()
-    run.log(step, {"eval/score": end_eval["score"], "eval/perplexity": end_eval["perplexity"]})
+    run.log(
+        step,
+        {
+            "eval/score": end_eval["score"],
+            "eval/perplexity": end_eval["perplexity"],
+            **({"eval/gold": end_eval["gold"]} if end_eval.get("gold") is not None else {}),
+        },
+    )
     wins = [
         1.0 if b > a else 0.5 if b == a else 0.0
         for a, b in zip(start_eval["scores"], end_eval["scores"], strict=True)
@@ -418,12 +440,15 @@ def train_ppo(config: PPOConfig) -> dict:
         "model_dir": str(model_dir),
         "actor_critic": config.actor_critic,
         "steps": step,
-        "score_start": metrics[0].get("score/mean") if metrics else None,
-        "score_end": metrics[-1].get("score/mean") if metrics else None,
-        "kl_end": metrics[-1].get("kl/ref") if metrics else None,
+        # One rollout's mean is noisy: start and end average the first and last tenth of the steps (1-10).
+        "score_start": _window_mean(metrics, "score/mean", first=True),
+        "score_end": _window_mean(metrics, "score/mean", first=False),
+        "kl_end": _window_mean(metrics, "kl/ref", first=False),
         "eval_score_start": start_eval["score"],
         "eval_score_end": end_eval["score"],
         "eval_win_rate": sum(wins) / len(wins) if wins else None,
+        "eval_gold_start": start_eval.get("gold"),
+        "eval_gold_end": end_eval.get("gold"),
         "eval_perplexity_start": start_eval["perplexity"],
         "eval_perplexity_end": end_eval["perplexity"],
         "eval_samples_start": start_eval.get("samples"),
@@ -452,6 +477,15 @@ def train_ppo(config: PPOConfig) -> dict:
         "lr": ["lr"],
     }
     return run.finish(summary, groups)
+
+
+def _window_mean(metrics: list[dict], key: str, first: bool) -> float | None:
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    if not values:
+        return None
+    window = max(1, min(10, len(values) // 10))
+    part = values[:window] if first else values[-window:]
+    return sum(part) / len(part)
 
 
 def read_train_metrics(run: TrainingRun) -> list[dict]:

@@ -1,0 +1,40 @@
+"""``fastrlhf pipeline``: SFT -> RM -> PPO and PPO-ptx into one directory, with the summary table."""
+
+from __future__ import annotations
+
+import json
+
+from accelerate.state import AcceleratorState
+
+from fastrlhf.cli import main
+from fastrlhf.train.pipeline import PipelineConfig, run_pipeline, summary_table
+
+
+def test_pipeline_runs_every_stage_and_reuses_finished_ones(tmp_path, capsys):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    output = tmp_path / "pipeline"
+    argv = ["pipeline", "--output", str(output), "--sft-epochs", "2", "--ppo-steps", "3"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for stage in ("sft", "rm", "ppo", "ppo-ptx"):
+        assert (output / stage / "model" / "config.json").is_file(), stage
+        assert (output / stage / "summary.json").is_file(), stage
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sft"]["eval_loss_end"] < summary["sft"]["eval_loss_start"]
+    assert 0.0 <= summary["rm"]["eval_accuracy_end"] <= 1.0
+    for name in ("ppo", "ppo-ptx"):
+        part = summary[name]
+        assert part["eval_gold_start"] is not None, "the bundled prompts are scored by the known preference"
+        assert part["eval_perplexity_start"] > 0 and part["eval_perplexity_end"] > 0
+    # The same numbers in the printed table and in summary.md.
+    assert (output / "summary.md").read_text().strip() == summary_table(summary).strip()
+    assert "| RM | held-out pairwise accuracy |" in table and "PPO-PTX" in table
+    assert (output / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # PPO-ptx pulls the held-out text's perplexity below plain PPO's (its LM loss is on that text's source).
+    assert summary["ppo-ptx"]["eval_perplexity_end"] < summary["ppo"]["eval_perplexity_end"]
+
+    # A second call finds every stage finished and only rebuilds the table.
+    stamps = {p: p.stat().st_mtime_ns for p in output.glob("*/summary.json")}
+    again = run_pipeline(PipelineConfig(output=str(output), sft_epochs=2, ppo_steps=3))
+    assert {p: p.stat().st_mtime_ns for p in output.glob("*/summary.json")} == stamps
+    assert again == summary
