@@ -254,3 +254,66 @@ def test_adaptive_kl_controller_moves_toward_the_target():
     assert adaptive.update(3.0, 10) < 0.1 * (1 + 0.2 * 10 / 100)
     with pytest.raises(ValueError, match="kl_coef"):
         KLController(-1.0)
+
+
+def test_ppo_under_accelerate_launch_with_two_processes(tmp_path):
+    """DDP (gloo on CPU) with the most involved path: lora adapters, PPO-ptx and gradient accumulation."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "fastrlhf.cli",
+        "ppo",
+        "--output",
+        str(output),
+        "--policy",
+        "tiny",
+        "--reward-model",
+        "none",
+        "--reward-fn",
+        "ppo_rewards:digit_fraction",
+        "--actor-critic",
+        "lora",
+        "--lora-r",
+        "8",
+        "--ptx-data",
+        "sample",
+        "--steps",
+        "3",
+        "--rollout-batch-size",
+        "8",
+        "--minibatch-size",
+        "4",
+        "--gradient-accumulation-steps",
+        "2",
+    ]
+    tests_dir = str(Path(__file__).parent)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    steps = [m for m in read_lines(output / "metrics.jsonl") if "score/mean" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3], "only the main process writes metrics"
+    assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in steps)

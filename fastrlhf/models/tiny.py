@@ -159,18 +159,36 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> 
     HF directory at ``out_dir``; returns the directory. The global torch RNG is left as it was.
 
     The directory appears atomically (built next to it, then renamed), so a crash never leaves half a
-    model. A model already at ``out_dir`` is kept as it is, which also makes concurrent builders safe:
-    the first rename wins and the others discard their copy. Delete the directory to rebuild."""
-    import torch
-    from transformers import LlamaForCausalLM
+    model. A model already at ``out_dir`` is kept as it is. Concurrent builders (the processes of one
+    ``accelerate launch`` starting on a fresh cache) take turns under an advisory file lock next to the
+    directory: the first builds, the others find its model. Delete the directory to rebuild."""
+    import fcntl
 
     out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     if _is_model_dir(out_dir):
         return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"out_dir {out_dir!r} exists, is not empty and holds no model (no config.json)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    lock_path = os.path.join(parent, f".{os.path.basename(out_dir)}.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_model_dir(out_dir):  # another process built it while this one waited
+            return out_dir
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise FileExistsError(
+                f"out_dir {out_dir!r} exists, is not empty and holds no model (no config.json)"
+            )
+        _build_into(out_dir, parent, seed, overrides)
+        # Safe to remove while held: a process still waiting on it finds the model once it gets the lock,
+        # and one arriving later finds the model before it looks for a lock.
+        os.unlink(lock_path)
+    return out_dir
+
+
+def _build_into(out_dir: str, parent: str, seed: int, overrides: dict) -> str:
+    import torch
+    from transformers import LlamaForCausalLM
+
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         config = tiny_config(**overrides)
