@@ -42,7 +42,9 @@ class RunArguments(ModelOptions):
         0.1, "The cosine decay ends at this fraction of the peak LR (the paper: 0.1)."
     )
     max_grad_norm: float = flag(1.0, "Clip the gradient norm to this; 0 disables clipping.")
-    save_every: int = flag(0, "Write a resumable checkpoint every N optimizer steps (0: each epoch end).")
+    save_every: int = flag(
+        0, "Write a resumable checkpoint every N steps (0: at each epoch end; PPO: at the end)."
+    )
     keep_checkpoints: int = flag(2, "How many checkpoints to keep.")
     resume: bool = flag(False, "Continue from the last checkpoint in --output.")
     seed: int = flag(0, "Seed for initialisation, shuffling, dropout and sampling.")
