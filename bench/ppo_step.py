@@ -270,16 +270,9 @@ class PPOStep:
 
     def __call__(self) -> dict:
         """One PPO step; returns its seconds, whole and per phase."""
-        import torch
 
-        from fastrlhf import ops
-        from fastrlhf.train.rollout import (
-            backward_micro_batch,
-            collect_rollout,
-            compute_experience,
-            micro_batches,
-            select_rows,
-        )
+        from fastrlhf.train.ppo import make_experience, ppo_update
+        from fastrlhf.train.rollout import collect_rollout
 
         config, device = self.config, self.device
         prompt_ids = self.prompts()
@@ -298,51 +291,12 @@ class PPOStep:
             device=device,
         )
         rolled_out = time.perf_counter()
-        experience = compute_experience(self.unwrapped, rollout, config.micro_batch_size)
-        advantages = ops.compute_advantages(
-            rollout.scores,
-            experience["old_logprobs"],
-            experience["ref_logprobs"],
-            experience["values"],
-            rollout.mask,
-            kl_coef=config.kl_coef,
-            estimator=config.kl_estimator,
-            gamma=config.gamma,
-            lam=config.lam,
-            score_clip=config.score_clip or None,
-            whiten=True,
-        )
+        experience, advantages = make_experience(self.unwrapped, rollout, config, config.kl_coef)
         experienced = time.perf_counter()
-        # The update loop of train_ppo, as written there (no ptx stream, no EMA, no LR schedule).
-        rows = torch.arange(rollout.mask.shape[0], device=device)
-        for epoch in range(config.ppo_epochs):
-            order = rows if epoch == 0 else rows[torch.randperm(rows.numel(), device="cpu").to(device)]
-            for minibatch in micro_batches(order, config.minibatch_size):
-                blocks = micro_batches(minibatch, config.micro_batch_size)
-                for index, block in enumerate(blocks):
-                    micro = select_rows(rollout, block)
-                    micro.update(
-                        old_logprobs=experience["old_logprobs"][block],
-                        old_values=experience["values"][block],
-                        advantages=advantages.advantages[block],
-                        returns=advantages.returns[block],
-                    )
-                    backward_micro_batch(
-                        self.model,
-                        self.accelerator,
-                        micro,
-                        None,
-                        clip_eps=config.clip_eps,
-                        value_clip=config.value_clip or None,
-                        vf_coef=config.vf_coef,
-                        entropy_coef=config.entropy_coef,
-                        ptx_coef=config.ptx_coef,
-                        sync=index == len(blocks) - 1,
-                    )
-                if config.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        # The trainer's own update (no ptx stream, no EMA, no LR schedule in the bench).
+        ppo_update(
+            self.model, self.accelerator, self.optimizer, None, rollout, experience, advantages, config
+        )
         end = time.perf_counter()
         return {
             "step": end - start,

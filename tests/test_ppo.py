@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import read_lines, run_ppo
+from trainer_runs import crash_after_checkpoint, read_lines, run_ppo
 
 from fastrlhf.cli import main
 from fastrlhf.train.checkpoint import latest_checkpoint
@@ -159,19 +159,10 @@ def test_resumed_ppo_continues_where_the_interrupted_run_stopped(tmp_path, monke
     flags = dict(steps=4, save_every=2, learning_rate=1e-3, **RULE)
     run_ppo(tmp_path / "reference", **flags)
 
-    from fastrlhf.train.run import TrainingRun
-
-    original = TrainingRun.checkpoint
-
-    def checkpoint_then_crash(self, step, state):
-        original(self, step, state)
-        if step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_ppo(tmp_path / "interrupted", **flags)
-    monkeypatch.setattr(TrainingRun, "checkpoint", original)
+    monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "interrupted").name == "checkpoint-00000002"
 
     run_ppo(tmp_path / "interrupted", resume=True, **flags)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import read_lines, run_rm, run_sft
+from trainer_runs import crash_after_checkpoint, read_lines, run_rm, run_sft
 
 from fastrlhf.data import synthetic
 from fastrlhf.train.checkpoint import latest_checkpoint
@@ -128,19 +128,10 @@ def test_resumed_run_continues_where_the_interrupted_one_stopped(tmp_path, monke
     reference = run_sft(tmp_path / "reference", **flags)
 
     # Interrupt the second run right after its step-8 checkpoint is on disk.
-    from fastrlhf.train.run import TrainingRun
-
-    original = TrainingRun.checkpoint
-
-    def checkpoint_then_crash(self, step, state):
-        original(self, step, state)
-        if step == 8:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
+    crash_after_checkpoint(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run_sft(tmp_path / "interrupted", **flags)
-    monkeypatch.setattr(TrainingRun, "checkpoint", original)
+    monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "interrupted").name == "checkpoint-00000008"
 
     resumed = run_sft(tmp_path / "interrupted", resume=True, **flags)

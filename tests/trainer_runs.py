@@ -48,6 +48,21 @@ def run_ppo(output: Path, **flags):
     return train_ppo(parse_config(PPOConfig, to_argv(output=str(output), **flags), prog="test"))
 
 
+def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make the next run raise KeyboardInterrupt right after its checkpoint of step ``at_step`` is on disk
+    (a simulated interruption); undo with ``monkeypatch.undo()``."""
+    from fastrlhf.train.run import TrainingRun
+
+    original = TrainingRun.checkpoint
+
+    def checkpoint_then_crash(self, step, state):
+        original(self, step, state)
+        if step == at_step:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
+
+
 def to_argv(**flags) -> list[str]:
     argv = []
     for name, value in flags.items():

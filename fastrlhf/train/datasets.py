@@ -69,3 +69,23 @@ def make_loader(
     batches = list(iter(sampler))
     loader = torch.utils.data.DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=collate)
     return loader, sampler, padding_fraction(lengths, batches)
+
+
+def local_eval_loader(items: list, length_of, batch_size: int, collate, accelerator):
+    """A loader over this process's slice of the held-out ``items`` (every ``num_processes``-th one).
+
+    Each process evaluates its own slice with the unwrapped model and the sums are reduced once: exact
+    (no padded duplicates, unlike a sharded loader's even batches) and with no DDP collective inside a
+    loop whose length may differ between processes. ``length_of(item)`` gives the grouping length.
+    """
+    local = items[accelerator.process_index :: accelerator.num_processes]
+    loader, _, _ = make_loader(
+        local,
+        [length_of(item) for item in local],
+        batch_size,
+        collate,
+        shuffle=False,
+        group_by_length=True,
+        seed=0,
+    )
+    return loader

@@ -326,65 +326,11 @@ def train_ppo(config: PPOConfig) -> dict:
             device=device,
         )
         update_start = time.perf_counter()
-        experience = compute_experience(unwrapped, rollout, config.micro_batch_size)
-        scores = rollout.scores
-        if config.whiten_scores:
-            scores = (scores - scores.mean()) / scores.std().clamp_min(1e-6)
-        advantages = ops.compute_advantages(
-            scores,
-            experience["old_logprobs"],
-            experience["ref_logprobs"],
-            experience["values"],
-            rollout.mask,
-            kl_coef=kl.value,
-            estimator=config.kl_estimator,
-            gamma=config.gamma,
-            lam=config.lam,
-            score_clip=config.score_clip or None,
-            whiten=True,
-        )
+        experience, advantages = make_experience(unwrapped, rollout, config, kl.value)
         sequence_kl = ((experience["old_logprobs"] - experience["ref_logprobs"]) * rollout.mask).sum(1)
-
-        stats, first_epoch_approx_kl = [], None
-        rows = torch.arange(rollout.mask.shape[0], device=device)
-        for epoch in range(config.ppo_epochs):
-            # Epoch 0 keeps the experience pass's row blocks, so its ratio is exactly 1; later epochs shuffle.
-            order = rows if epoch == 0 else rows[torch.randperm(rows.numel(), device="cpu").to(device)]
-            for minibatch in micro_batches(order, config.minibatch_size):
-                blocks = micro_batches(minibatch, config.micro_batch_size)
-                for index, block in enumerate(blocks):
-                    micro = select_rows(rollout, block)
-                    micro.update(
-                        old_logprobs=experience["old_logprobs"][block],
-                        old_values=experience["values"][block],
-                        advantages=advantages.advantages[block],
-                        returns=advantages.returns[block],
-                    )
-                    ptx = next(ptx_stream) if ptx_stream is not None else None
-                    stats.append(
-                        backward_micro_batch(
-                            model,
-                            accelerator,
-                            micro,
-                            ptx,
-                            clip_eps=config.clip_eps,
-                            value_clip=config.value_clip or None,
-                            vf_coef=config.vf_coef,
-                            entropy_coef=config.entropy_coef,
-                            ptx_coef=config.ptx_coef,
-                            sync=index == len(blocks) - 1,
-                        )
-                    )
-                    if first_epoch_approx_kl is None:
-                        first_epoch_approx_kl = float(stats[-1]["policy/approx_kl"])
-                grad_norm = None
-                if config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update_parameters(unwrapped.policy_lm)
+        stats, first_epoch_approx_kl, grad_norm = ppo_update(
+            model, accelerator, optimizer, scheduler, rollout, experience, advantages, config, ptx_stream, ema
+        )
         update_seconds = time.perf_counter() - update_start
         mean_kl = float(sequence_kl.mean())
         kl.update(mean_kl, rollout.mask.shape[0] * accelerator.num_processes)
@@ -477,6 +423,88 @@ def train_ppo(config: PPOConfig) -> dict:
         "lr": ["lr"],
     }
     return run.finish(summary, groups)
+
+
+def make_experience(model, rollout, config: PPOConfig, kl_coef: float):
+    """Old/reference log-probs and values of a rollout, then the KL-shaped rewards, GAE, whitened
+    advantages and returns (``ops.compute_advantages``). ``model`` is the unwrapped ``ActorCritic``."""
+    experience = compute_experience(model, rollout, config.micro_batch_size)
+    scores = rollout.scores
+    if config.whiten_scores:
+        scores = (scores - scores.mean()) / scores.std().clamp_min(1e-6)
+    advantages = ops.compute_advantages(
+        scores,
+        experience["old_logprobs"],
+        experience["ref_logprobs"],
+        experience["values"],
+        rollout.mask,
+        kl_coef=kl_coef,
+        estimator=config.kl_estimator,
+        gamma=config.gamma,
+        lam=config.lam,
+        score_clip=config.score_clip or None,
+        whiten=True,
+    )
+    return experience, advantages
+
+
+def ppo_update(
+    model,
+    accelerator,
+    optimizer,
+    scheduler,
+    rollout,
+    experience,
+    advantages,
+    config: PPOConfig,
+    ptx_stream=None,
+    ema=None,
+):
+    """``--ppo-epochs`` passes over the rollout: per minibatch, the micro-batches' backward passes (with
+    PPO-ptx when ``ptx_stream`` is given), clipping, one optimizer (and scheduler, when given) step, and
+    the EMA update. Returns ``(per-micro-batch stats, the first micro-batch's approx KL, last grad norm)``.
+    """
+    stats, first_epoch_approx_kl, grad_norm = [], None, None
+    rows = torch.arange(rollout.mask.shape[0], device=rollout.mask.device)
+    for epoch in range(config.ppo_epochs):
+        # Epoch 0 keeps the experience pass's row blocks, so its ratio is exactly 1; later epochs shuffle.
+        order = rows if epoch == 0 else rows[torch.randperm(rows.numel(), device="cpu").to(rows.device)]
+        for minibatch in micro_batches(order, config.minibatch_size):
+            blocks = micro_batches(minibatch, config.micro_batch_size)
+            for index, block in enumerate(blocks):
+                micro = select_rows(rollout, block)
+                micro.update(
+                    old_logprobs=experience["old_logprobs"][block],
+                    old_values=experience["values"][block],
+                    advantages=advantages.advantages[block],
+                    returns=advantages.returns[block],
+                )
+                ptx = next(ptx_stream) if ptx_stream is not None else None
+                stats.append(
+                    backward_micro_batch(
+                        model,
+                        accelerator,
+                        micro,
+                        ptx,
+                        clip_eps=config.clip_eps,
+                        value_clip=config.value_clip or None,
+                        vf_coef=config.vf_coef,
+                        entropy_coef=config.entropy_coef,
+                        ptx_coef=config.ptx_coef,
+                        sync=index == len(blocks) - 1,
+                    )
+                )
+                if first_epoch_approx_kl is None:
+                    first_epoch_approx_kl = float(stats[-1]["policy/approx_kl"])
+            if config.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model).policy_lm)
+    return stats, first_epoch_approx_kl, grad_norm
 
 
 def _window_mean(metrics: list[dict], key: str, first: bool) -> float | None:

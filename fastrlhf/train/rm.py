@@ -24,8 +24,7 @@ from fastrlhf.inference.score import score_pairs
 from fastrlhf.models.loading import load_tokenizer, resolve_attention, trainable_parameters
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.train.arguments import TrainArguments, flag
-from fastrlhf.train.datasets import load_train_eval, make_loader
-from fastrlhf.train.optim import build_optimizer, param_groups
+from fastrlhf.train.datasets import load_train_eval, local_eval_loader, make_loader
 from fastrlhf.train.run import TrainingRun, evaluating
 
 
@@ -78,6 +77,11 @@ def make_group_collator(pad_token_id: int, packing: bool):
     return collate
 
 
+def group_length(group) -> int:
+    """A prompt's cost is its longest response (they are padded together): its length for grouping."""
+    return max(len(s.input_ids) for s in group.sequences)
+
+
 def score_batch(reward_model, batch: dict) -> torch.Tensor:
     """Scores ``[S]`` of the sequences of a collated batch (padded or packed)."""
     last_index = batch["cu_seq_lens"][1:].long() - 1 if "cu_seq_lens" in batch else None
@@ -109,8 +113,7 @@ def train_rm(config: RMConfig) -> dict:
     )
     packing = choose_packing(resolve_attention(config.attn_implementation), config.packing)
     collate = make_group_collator(tokenizer.pad_token_id, packing)
-    # A prompt's cost is its longest response (they are padded together), so that is its length for grouping.
-    lengths = [max(len(s.input_ids) for s in g.sequences) for g in train_groups]
+    lengths = [group_length(g) for g in train_groups]
     train_loader, train_sampler, padding = make_loader(
         train_groups,
         lengths,
@@ -120,28 +123,8 @@ def train_rm(config: RMConfig) -> dict:
         group_by_length=config.group_by_length,
         seed=config.seed,
     )
-    # Each process evaluates its own slice with the unwrapped model (exact sums, no DDP collectives).
-    local_eval = eval_groups[accelerator.process_index :: accelerator.num_processes]
-    eval_loader, _, _ = make_loader(
-        local_eval,
-        [max(len(s.input_ids) for s in g.sequences) for g in local_eval],
-        config.batch_size,
-        collate,
-        shuffle=False,
-        group_by_length=True,
-        seed=config.seed,
-    )
-    optimizer = build_optimizer(
-        param_groups(reward_model, config.weight_decay),
-        config.optimizer,
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
-    total_steps = run.total_steps(train_loader)
-    scheduler = run.scheduler(optimizer, total_steps)
-    reward_model, optimizer, train_loader, scheduler = accelerator.prepare(
-        reward_model, optimizer, train_loader, scheduler
-    )
+    eval_loader = local_eval_loader(eval_groups, group_length, config.batch_size, collate, accelerator)
+    reward_model, optimizer, scheduler, train_loader, total_steps = run.prepare(reward_model, train_loader)
 
     def ranking(model, batch: dict):
         scores = score_batch(model, batch)

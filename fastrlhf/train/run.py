@@ -258,6 +258,31 @@ class TrainingRun:
             checkpoint(epoch, batches_done)
         return step, first_eval, last_eval
 
+    def optimizer(self, model):
+        """The configured optimizer over ``model``'s trainable parameters (no decay on biases and norms)."""
+        from fastrlhf.train.optim import build_optimizer, param_groups
+
+        args = self.args
+        return build_optimizer(
+            param_groups(model, args.weight_decay),
+            args.optimizer,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+        )
+
+    def prepare(self, model, train_loader):
+        """Optimizer, schedule and accelerate's wrapping for an epoch-based run.
+
+        Returns ``(model, optimizer, scheduler, train_loader, total_steps)``, the first four prepared.
+        """
+        optimizer = self.optimizer(model)
+        total_steps = self.total_steps(train_loader)
+        scheduler = self.scheduler(optimizer, total_steps)
+        model, optimizer, train_loader, scheduler = self.accelerator.prepare(
+            model, optimizer, train_loader, scheduler
+        )
+        return model, optimizer, scheduler, train_loader, total_steps
+
     def scheduler(self, optimizer, total_steps: int):
         """Cosine decay to ``--final-lr-fraction`` over ``total_steps`` optimizer steps, after the warmup.
 

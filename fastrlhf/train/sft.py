@@ -18,8 +18,7 @@ from fastrlhf.data.tokenize import TruncationPolicy, tokenize_sft
 from fastrlhf.models.loading import load_causal_lm, load_tokenizer, resolve_attention, trainable_parameters
 from fastrlhf.models.policy import CausalLMPolicy
 from fastrlhf.train.arguments import TrainArguments, flag
-from fastrlhf.train.datasets import load_train_eval, make_loader
-from fastrlhf.train.optim import build_optimizer, param_groups
+from fastrlhf.train.datasets import load_train_eval, local_eval_loader, make_loader
 from fastrlhf.train.run import TrainingRun, evaluating
 
 
@@ -66,30 +65,10 @@ def train_sft(config: SFTConfig) -> dict:
         group_by_length=config.group_by_length,
         seed=config.seed,
     )
-    # Each process evaluates its own slice with the unwrapped model: exact sums, no padded duplicates,
-    # and no DDP collectives in a loop whose length may differ between processes.
-    local_eval = eval_seqs[accelerator.process_index :: accelerator.num_processes]
-    eval_loader, _, _ = make_loader(
-        local_eval,
-        [len(s.input_ids) for s in local_eval],
-        config.batch_size,
-        collate,
-        shuffle=False,
-        group_by_length=True,
-        seed=config.seed,
+    eval_loader = local_eval_loader(
+        eval_seqs, lambda s: len(s.input_ids), config.batch_size, collate, accelerator
     )
-
-    optimizer = build_optimizer(
-        param_groups(policy, config.weight_decay),
-        config.optimizer,
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
-    total_steps = run.total_steps(train_loader)
-    scheduler = run.scheduler(optimizer, total_steps)
-    policy, optimizer, train_loader, scheduler = accelerator.prepare(
-        policy, optimizer, train_loader, scheduler
-    )
+    policy, optimizer, scheduler, train_loader, total_steps = run.prepare(policy, train_loader)
 
     def loss_fn(batch: dict):
         """Mean NLL of the micro-batch's response tokens."""
