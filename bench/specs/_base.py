@@ -69,8 +69,11 @@ class Target:
     source: str = ""
 
 
-def kernel_providers(device: str, make: Callable[[str], Callable[[dict], Any]]) -> list[Provider]:
-    """``fastrlhf-<backend>`` for every compiled/Triton backend, skipped with the reason where it can't run.
+def kernel_providers(
+    device: str, make: Callable[[str], Callable[[dict], Any]], suffix: str = ""
+) -> list[Provider]:
+    """``fastrlhf-<backend><suffix>`` for every compiled/Triton backend, skipped with the reason where it
+    can't run. ``suffix`` names a variant of the same op (e.g. ``-clamped``).
 
     Triton runs on CUDA only here: on CPU it would be the interpreter, which is a test tool, not a backend.
     """
@@ -79,13 +82,15 @@ def kernel_providers(device: str, make: Callable[[str], Callable[[dict], Any]]) 
     for backend in ("cpp", "cuda", "triton"):
         info = infos[backend]
         if not info.available:
-            out.append(Provider(f"fastrlhf-{backend}", None, info.reason))
+            out.append(Provider(f"fastrlhf-{backend}{suffix}", None, info.reason))
         elif device not in info.devices or (backend == "triton" and device == "cpu"):
             out.append(
-                Provider(f"fastrlhf-{backend}", None, f"runs on {', '.join(info.devices)}, not {device}")
+                Provider(
+                    f"fastrlhf-{backend}{suffix}", None, f"runs on {', '.join(info.devices)}, not {device}"
+                )
             )
         else:
-            out.append(Provider(f"fastrlhf-{backend}", make(backend)))
+            out.append(Provider(f"fastrlhf-{backend}{suffix}", make(backend)))
     return out
 
 

@@ -62,6 +62,16 @@ def providers(device: str) -> list[Provider]:
                 lambda inputs: kl_penalty(inputs["logp"], inputs["ref"], inputs["mask"], "k3", backend=b)
             ),
         ),
+        # Clamped to [-10, 10] like veRL's low_var_kl: the like-for-like row against ``verl-eager``.
+        *kernel_providers(
+            device,
+            lambda b: (
+                lambda inputs: kl_penalty(
+                    inputs["logp"], inputs["ref"], inputs["mask"], "k3", clamp=10.0, backend=b
+                )
+            ),
+            suffix="-clamped",
+        ),
     ]
 
 

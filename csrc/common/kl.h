@@ -26,9 +26,6 @@ enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
 
 constexpr bool valid_kl_estimator(int e) { return e >= 0 && e <= 3; }
 
-// Caps of the clamped k3's gap (see kl_gap): e^80 is finite in fp32; the upper side needs no cap.
-constexpr float kK3ClampedGapCap = 80.0f;
-constexpr float kK3UnboundedGap = 3.0e38f;
 
 // Scalar policy. Every helper propagates NaN (a NaN gap gives a NaN estimate, as in torch).
 struct ScalarKLMath {
@@ -36,6 +33,8 @@ struct ScalarKLMath {
   static FASTRLHF_HD float abs(float x) { return fabsf(x); }
   static FASTRLHF_HD float clamp_min0(float x) { return x < 0.0f ? 0.0f : x; }
   static FASTRLHF_HD float clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+  // max(x, lo), NaN propagating.
+  static FASTRLHF_HD float floor_at(float x, float lo) { return x < lo ? lo : x; }
   static FASTRLHF_HD float sign(float x) {
     return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f);
   }
@@ -98,15 +97,16 @@ FASTRLHF_HD T kl_estimate_grad(const T& d) {
 }
 
 // kl penalty of one token: the estimate, bounded to [-clamp, clamp] when kClamp.
-// The log-ratio k3 is evaluated at. Under a clamp, gaps past u = min(clamp + 1, 80) are capped: there
-// k3 >= e^(c+1) - c - 2 > c already (the clamp wins, no value changes), and e^u stays finite in fp32, so
-// a -inf log-prob gives the clamp and a zero gradient instead of inf - inf = NaN.
+// The log-ratio k3 is evaluated at. Under a clamp c, gaps u = -d past c + 1 are capped there: k3 >=
+// e^(c+1) - c - 2 > c already (the clamp wins, no value changes), so a -inf log-prob gives the clamp and
+// a zero gradient instead of inf - inf = NaN. One NaN-propagating max per element; c + 1 is loop-invariant.
+// (If e^(c+1) overflows, k3 is inf and still clamps to c; the gradient selects 0 rather than multiplying,
+// so unlike the autograd reference no further cap is needed here.)
 template <class Math, KLEstimator E, bool kClamp, class T>
 FASTRLHF_HD T kl_gap(const T& logp, const T& ref, const T& clamp) {
   const T d = logp - ref;
   if constexpr (kClamp && E == KLEstimator::kK3) {
-    const T cap = Math::clamp(clamp + T(1.0f), T(0.0f), T(kK3ClampedGapCap));
-    return Math::clamp(d, T(0.0f) - cap, T(kK3UnboundedGap));
+    return Math::floor_at(d, T(0.0f) - (clamp + T(1.0f)));
   } else {
     return d;
   }

@@ -37,6 +37,7 @@ struct VecKLMath {
   static Vec clamp(const Vec& x, const Vec& lo, const Vec& hi) {
     return at::vec::minimum(at::vec::maximum(x, lo), hi);
   }
+  static Vec floor_at(const Vec& x, const Vec& lo) { return at::vec::maximum(x, lo); }
   static Vec sign(const Vec& x) { return x.gt(Vec(0.0f)) - x.lt(Vec(0.0f)); }
   static Vec select_small(const Vec& x, const Vec& bound, const Vec& a, const Vec& b) {
     return Vec::blendv(b, a, x.abs() < bound);

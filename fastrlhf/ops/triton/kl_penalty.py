@@ -85,10 +85,10 @@ def _kl_unclamped(d, ESTIMATOR: tl.constexpr):
 
 @triton.jit
 def _clamped_gap(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
-    """Under a clamp, k3's gap is capped at min(clamp + 1, 80): past it k3 > clamp already, and e^-d stays
-    finite, so a -inf log-prob gives the clamp and a 0 gradient, not inf - inf (csrc/common/kl.h: kl_gap)."""
+    """Under a clamp, k3's gap is capped at clamp + 1: past it k3 > clamp already, so a -inf log-prob gives
+    the clamp and a 0 gradient, not inf - inf (csrc/common/kl.h: kl_gap)."""
     if HAS_CLAMP and ESTIMATOR == 2:
-        d = tl.maximum(d, -tl.minimum(clamp + 1.0, 80.0))
+        d = tl.maximum(d, -(clamp + 1.0))
     return d
 
 
