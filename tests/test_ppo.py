@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import crash_after_checkpoint, read_lines, run_ppo
+from trainer_runs import crash_after_checkpoint, launch_two_processes, read_lines, run_ppo
 
 from fastrlhf.cli import main
 from fastrlhf.train.checkpoint import latest_checkpoint
@@ -249,61 +249,21 @@ def test_adaptive_kl_controller_moves_toward_the_target():
 
 def test_ppo_under_accelerate_launch_with_two_processes(tmp_path):
     """DDP (gloo on CPU) with the most involved path: lora adapters, PPO-ptx and gradient accumulation."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     output = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "fastrlhf.cli",
+    summary = launch_two_processes(
         "ppo",
-        "--output",
-        str(output),
-        "--policy",
-        "tiny",
-        "--reward-model",
-        "none",
-        "--reward-fn",
-        "ppo_rewards:digit_fraction",
-        "--actor-critic",
-        "lora",
-        "--lora-r",
-        "8",
-        "--ptx-data",
-        "sample",
-        "--steps",
-        "3",
-        "--rollout-batch-size",
-        "8",
-        "--minibatch-size",
-        "4",
-        "--gradient-accumulation-steps",
-        "2",
-    ]
-    tests_dir = str(Path(__file__).parent)
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])),
-    }
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((output / "summary.json").read_text())
+        output,
+        policy="tiny",
+        reward_model="none",
+        reward_fn="ppo_rewards:digit_fraction",
+        actor_critic="lora",
+        lora_r=8,
+        ptx_data="sample",
+        steps=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        gradient_accumulation_steps=2,
+    )
     assert summary["processes"] == 2 and summary["steps"] == 3
     steps = [m for m in read_lines(output / "metrics.jsonl") if "score/mean" in m]
     assert [m["step"] for m in steps] == [1, 2, 3], "only the main process writes metrics"

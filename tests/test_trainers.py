@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import crash_after_checkpoint, read_lines, run_rm, run_sft
+from trainer_runs import crash_after_checkpoint, launch_two_processes, read_lines, run_rm, run_sft
 
 from fastrlhf.data import synthetic
 from fastrlhf.train.checkpoint import latest_checkpoint
@@ -158,33 +156,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process launch is exercised on Linux")
 def test_same_command_under_accelerate_launch_with_two_processes(tmp_path):
     output = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "fastrlhf.cli",
-        "sft",
-        "--output",
-        str(output),
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "8",
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((output / "summary.json").read_text())
+    summary = launch_two_processes("sft", output, max_steps=6, batch_size=8)
     assert summary["processes"] == 2, "accelerate formed a 2-process (gloo) group"
     assert summary["steps"] == 6
     assert summary["eval_loss_end"] < summary["eval_loss_start"]

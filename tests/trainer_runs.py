@@ -63,6 +63,41 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
 
 
+def launch_two_processes(command: str, output: Path, **flags) -> dict:
+    """``accelerate launch --multi_gpu --num_processes 2 -m fastrlhf.cli <command> --output <output> ...``
+    with no GPU visible (accelerate then forms a gloo group on CPU); asserts it succeeded and returns the
+    run's summary. tests/ joins PYTHONPATH so that rule rewards such as ``ppo_rewards:...`` import."""
+    import os
+    import subprocess
+    import sys
+
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    argv = launch + ["-m", "fastrlhf.cli", command] + to_argv(output=str(output), **flags)
+    tests_dir = str(Path(__file__).parent)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((Path(output) / "summary.json").read_text())
+
+
 def to_argv(**flags) -> list[str]:
     argv = []
     for name, value in flags.items():

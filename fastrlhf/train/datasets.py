@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -10,6 +11,7 @@ from fastrlhf.data.batching import LengthGroupedBatchSampler, padding_fraction
 from fastrlhf.data.bundled import data_path
 from fastrlhf.data.hygiene import split_by_user
 from fastrlhf.data.readers import read_jsonl
+from fastrlhf.data.tokenize import TruncationPolicy
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,34 @@ def load_train_eval(data: str, eval_data: str | None, kind: str, validation_frac
             f"data: the held-out split took every example of {data}; lower --validation-fraction"
         )
     return train, held_out
+
+
+@dataclasses.dataclass
+class SupervisedData:
+    """A supervised run's data: the tokenizer, the truncation policy, the training records and both
+    tokenised splits (``TokenizedSequence`` for SFT, ``TokenizedGroup`` for the RM), and the report."""
+
+    tokenizer: object
+    truncation: TruncationPolicy
+    train_records: list
+    train: list
+    eval: list
+    report: object
+
+
+def load_tokenized(config, tokenize) -> SupervisedData:
+    """Read ``config.data`` (and ``--eval-data`` or a user split), then ``tokenize(records, tokenizer,
+    truncation) -> (items, report)`` both splits with ``config.model``'s tokenizer."""
+    from fastrlhf.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
+    train_records, eval_records = load_train_eval(
+        config.data, config.eval_data, config.data_format, config.validation_fraction, config.seed
+    )
+    train, report = tokenize(train_records, tokenizer, truncation)
+    held_out, _ = tokenize(eval_records, tokenizer, truncation)
+    return SupervisedData(tokenizer, truncation, train_records, train, held_out, report)
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -19,12 +19,12 @@ from fastrlhf import ops
 from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
 from fastrlhf.data.bundled import data_path
 from fastrlhf.data.readers import read_jsonl
-from fastrlhf.data.tokenize import TruncationPolicy, tokenize_ranked
+from fastrlhf.data.tokenize import tokenize_ranked
 from fastrlhf.inference.score import score_pairs
-from fastrlhf.models.loading import load_tokenizer, resolve_attention, trainable_parameters
+from fastrlhf.models.loading import resolve_attention, trainable_parameters
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.train.arguments import TrainArguments, flag
-from fastrlhf.train.datasets import load_train_eval, local_eval_loader, make_loader
+from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
 from fastrlhf.train.run import TrainingRun, evaluating
 
 
@@ -100,13 +100,9 @@ def train_rm(config: RMConfig) -> dict:
     run = TrainingRun(config)
     accelerator = run.accelerator
 
-    tokenizer = load_tokenizer(config.model)
-    truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
-    train_records, eval_records = load_train_eval(
-        config.data, config.eval_data, config.data_format, config.validation_fraction, config.seed
-    )
-    train_groups, train_report = tokenize_ranked(train_records, tokenizer, truncation)
-    eval_groups, _ = tokenize_ranked(eval_records, tokenizer, truncation)
+    data = load_tokenized(config, tokenize_ranked)
+    tokenizer, truncation, train_records = data.tokenizer, data.truncation, data.train_records
+    train_groups, eval_groups, train_report = data.train, data.eval, data.report
 
     reward_model = RewardModel.from_pretrained(
         config.model, config, device_index=accelerator.local_process_index

@@ -14,11 +14,11 @@ import torch
 from accelerate.utils import send_to_device
 
 from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
-from fastrlhf.data.tokenize import TruncationPolicy, tokenize_sft
-from fastrlhf.models.loading import load_causal_lm, load_tokenizer, resolve_attention, trainable_parameters
+from fastrlhf.data.tokenize import tokenize_sft
+from fastrlhf.models.loading import load_causal_lm, resolve_attention, trainable_parameters
 from fastrlhf.models.policy import CausalLMPolicy
 from fastrlhf.train.arguments import TrainArguments, flag
-from fastrlhf.train.datasets import load_train_eval, local_eval_loader, make_loader
+from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
 from fastrlhf.train.run import TrainingRun, evaluating
 
 
@@ -43,13 +43,8 @@ def train_sft(config: SFTConfig) -> dict:
     run = TrainingRun(config)
     accelerator = run.accelerator
 
-    tokenizer = load_tokenizer(config.model)
-    policy_truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
-    train_records, eval_records = load_train_eval(
-        config.data, config.eval_data, config.data_format, config.validation_fraction, config.seed
-    )
-    train_seqs, train_report = tokenize_sft(train_records, tokenizer, policy_truncation)
-    eval_seqs, _ = tokenize_sft(eval_records, tokenizer, policy_truncation)
+    data = load_tokenized(config, tokenize_sft)
+    tokenizer, train_seqs, eval_seqs, train_report = data.tokenizer, data.train, data.eval, data.report
 
     lm = load_causal_lm(config.model, config, device_index=accelerator.local_process_index)
     policy = CausalLMPolicy(lm)
