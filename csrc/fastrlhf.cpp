@@ -6,6 +6,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "common/group_advantages.h"
 #include "common/kl.h"
 #include "cpu/dispatch.h"
 #include "tensor_params.h"
@@ -139,7 +140,8 @@ void gather_logprobs_backward(const at::Tensor& grad_logprobs, const at::Tensor&
 }
 
 // ---------------------------------------------------------------------------------------------
-// kl_penalty, gae, advantages, ranking_loss. Python passes contiguous tensors on one device.
+// kl_penalty, gae, advantages, group_advantages, ranking_loss. Python passes contiguous tensors on one
+// device.
 
 #ifdef FASTRLHF_WITH_CUDA
 #define FASTRLHF_ON_CUDA(call) call
@@ -269,6 +271,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_forward(
   return {token_rewards, advantages, returns};
 }
 
+at::Tensor group_advantages_forward(const at::Tensor& scores, const at::Tensor& mask, int64_t group_size,
+                                   int64_t mode, double gamma, double eps) {
+  TORCH_CHECK(mask.dim() == 2, "fastrlhf: mask must be 2-D [B*k, T], got ", mask.sizes());
+  check_mask(mask, mask.sizes(), mask, /*optional=*/false);
+  const int64_t n = mask.size(0);
+  check_tensor(scores, "scores", {n}, at::kFloat, mask);
+  TORCH_CHECK(group_size >= 1 && n % group_size == 0, "fastrlhf: group_size must be >= 1 and divide the ", n,
+              " rows, got ", group_size);
+  TORCH_CHECK(valid_outcome_mode(mode), "fastrlhf: mode must be 0 (center), 1 (normalize), 2 (leave-one-out) or ",
+              "3 (discount), got ", mode);
+  TORCH_CHECK(mode != static_cast<int64_t>(OutcomeMode::kLeaveOneOut) || group_size >= 2,
+              "fastrlhf: leave-one-out needs group_size >= 2, got ", group_size);
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, "fastrlhf: gamma must be in [0, 1], got ",
+              gamma);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "fastrlhf: eps must be finite and >= 0, got ", eps);
+  at::Tensor out = at::empty(mask.sizes(), mask.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  if (mask.is_cpu()) {
+    cpu::group_advantages_forward(make_group_advantages_params(scores, mask, group_size, mode, gamma, eps, out));
+  } else if (mask.is_cuda()) {
+    FASTRLHF_ON_CUDA(cuda::group_advantages_forward(scores, mask, group_size, mode, gamma, eps, out));
+  } else {
+    fail_device("group_advantages", mask);
+  }
+  return out;
+}
+
 void check_ranking_inputs(const at::Tensor& rewards, const at::Tensor& ranks, const at::Tensor& mask,
                           double margin) {
   TORCH_CHECK(rewards.dim() == 2, "fastrlhf: rewards must be 2-D [N, K], got ", rewards.sizes());
@@ -355,6 +384,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused experience step. token_rewards = -kl_coef * kl (masked; estimator / clamp as in\n"
         "kl_penalty_forward) plus scores[b] at row b's last valid position, then GAE on them.\n"
         "Returns (token_rewards, advantages, returns), each f32[B, T].");
+  m.def("group_advantages_forward", &fastrlhf::group_advantages_forward, py::arg("scores"), py::arg("mask"),
+        py::arg("group_size"), py::arg("mode"), py::arg("gamma"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Outcome advantages of critic-free RL before any whitening. scores f32[B*k] (groups of group_size\n"
+        "consecutive rows), mask uint8 [B*k, T]. mode: 0 = r - group mean, 1 = (r - mean) / (std + eps),\n"
+        "2 = leave-one-out k/(k-1) * (r - mean), 3 = r * gamma^(valid tokens after t). Returns f32[B*k, T],\n"
+        "0 where the mask is 0.");
   m.def("ranking_loss_forward", &fastrlhf::ranking_loss_forward, py::arg("rewards"), py::arg("ranks"),
         py::arg("mask"), py::arg("margin"), py::call_guard<py::gil_scoped_release>(),
         "K-wise pairwise ranking loss per prompt: rewards f32[N, K], ranks int64[N, K] (1 is best),\n"

@@ -7,6 +7,7 @@
 
 #include "common/gae_params.h"
 #include "common/gather_logprobs_params.h"
+#include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/ranking_loss_params.h"
 
@@ -138,6 +139,22 @@ inline AdvantagesParams make_advantages_params(const at::Tensor& scores, const a
   p.token_rewards = token_rewards.mutable_data_ptr<float>();
   p.advantages = advantages.mutable_data_ptr<float>();
   p.returns = returns.mutable_data_ptr<float>();
+  return p;
+}
+
+inline GroupAdvantagesParams make_group_advantages_params(const at::Tensor& scores, const at::Tensor& mask,
+                                                          int64_t group_size, int64_t mode, double gamma,
+                                                          double eps, const at::Tensor& out) {
+  GroupAdvantagesParams p{};
+  p.scores = scores.const_data_ptr<float>();
+  p.mask = mask_ptr(mask);
+  p.n_rows = mask.size(0);
+  p.length = mask.size(1);
+  p.group_size = group_size;
+  p.mode = static_cast<int>(mode);
+  p.gamma = gamma;
+  p.eps = eps;
+  p.out = out.mutable_data_ptr<float>();
   return p;
 }
 

@@ -85,6 +85,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     assert (ent.double() - rent).abs().max() < 1e-4, dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (x.grad.double() - x64.grad).abs().max() < tol * max(1.0, x64.grad.abs().max().item()), dtype
+from fastrlhf.ops import group_advantages
+scores = torch.randn(37, 5)
+mask = torch.rand(37 * 5, 203) > 0.2
+for estimator in ("grpo", "rloo", "reinforce++", "reinforce++-baseline"):
+    adv, ret = group_advantages(scores, mask, estimator, gamma=0.99, backend="cpp")
+    radv, rret = reference.group_advantages(scores.double(), mask, estimator, 0.99)
+    assert (adv.double() - radv).abs().max() < 1e-5 and (ret.double() - rret).abs().max() < 1e-5, estimator
 print("ok")
 """
     import platform
@@ -122,6 +129,9 @@ with warnings.catch_warnings(record=True) as caught:
     lp2 = gather_logprobs(x, y)
     ref = torch.log_softmax(x, -1).gather(-1, y.clamp_min(0)[:, None])[:, 0] * (y != -100)
     assert torch.allclose(lp, ref)
+    from fastrlhf.ops import group_advantages
+    adv, _ = group_advantages(torch.tensor([[1.0, 3.0]]), torch.ones(2, 4), "rloo")
+    assert adv[:, 0].tolist() == [-2.0, 2.0]
 ours = [w for w in caught if "fastrlhf._C" in str(w.message)]
 assert len(ours) == 1, [str(w.message) for w in caught]
 print("ok")

@@ -11,8 +11,16 @@ import sys
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from loops import (
+    verl_grpo,
+    verl_masked_whiten,
+    verl_reinforce_pp,
+    verl_reinforce_pp_baseline,
+    verl_rloo,
+)
 from numerics import assert_close_fp32, assert_within_2x
 
 from fastrlhf.compat import verl as compat
@@ -32,19 +40,6 @@ def verl_logprobs_from_logits(logits, labels):
         for r, lab in zip(logits, labels, strict=True)
     ]
     return torch.stack(rows)
-
-
-def verl_masked_whiten(values, mask):
-    """verl/utils/torch_functional.py, masked_whiten (with masked_mean's ``+ 1e-8`` denominator and
-    masked_var's Bessel correction), shift_mean=True."""
-    mask = mask.to(values.dtype)
-
-    def masked_mean(v):
-        return (torch.where(mask.bool(), v, 0.0) * mask).sum() / (mask.sum() + 1e-8)
-
-    mean = masked_mean(values)
-    var = masked_mean((values - mean) ** 2) * mask.sum() / (mask.sum() - 1)
-    return (values - mean) * torch.rsqrt(var + 1e-8)
 
 
 def verl_gae(token_level_rewards, values, response_mask, gamma, lam):
@@ -273,6 +268,115 @@ def test_kl_low_precision_within_2x(dtype, name):
     assert_within_2x(name, compat.kl_penalty(logp, ref, name), want, verl_kl_penalty(logp, ref, name))
 
 
+# ------------------------------------------------------------------------------------- outcome estimators
+
+
+def outcome_batch(sizes, length, order="contiguous"):
+    """veRL's inputs for prompts with ``sizes`` responses each: dense random token rewards (veRL's score
+    is their sum, padding included), right-padded float masks with at least one token, and ``index``
+    (uid strings), with the rows in prompt order, or shuffled."""
+    n = sum(sizes)
+    lengths = torch.randint(1, length + 1, (n,))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).double()
+    rewards = torch.randn(n, length, dtype=torch.float64) * 0.3
+    rewards[torch.rand(n) < 0.3] = 0.0  # all-zero rows: ties inside groups
+    index = np.repeat(np.array([f"uid-{i}" for i in range(len(sizes))], dtype=object), sizes)
+    if order == "shuffled":
+        perm = torch.randperm(n)
+        mask, rewards, index = mask[perm], rewards[perm], index[perm.numpy()]
+    return rewards, mask, index
+
+
+GROUPED = {
+    "grpo": (compat.compute_grpo_outcome_advantage, verl_grpo),
+    "rloo": (compat.compute_rloo_outcome_advantage, verl_rloo),
+    "reinforce_plus_plus_baseline": (
+        compat.compute_reinforce_plus_plus_baseline_outcome_advantage,
+        verl_reinforce_pp_baseline,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+@pytest.mark.parametrize(
+    "sizes,order",
+    [([4] * 6, "contiguous"), ([4] * 6, "shuffled"), ([1] * 5, "contiguous"), ([3, 1, 5, 2, 2], "shuffled")],
+    ids=["contiguous", "shuffled", "groups-of-one", "unequal"],
+)
+def test_grouped_outcome_estimators_match_verl(name, sizes, order):
+    ours, theirs = GROUPED[name]
+    rewards, mask, index = outcome_batch(sizes, 13, order)
+    want_adv, want_ret = theirs(rewards, mask, index)
+    for index_as in (index, list(index), torch.as_tensor([int(i[4:]) for i in index])):
+        adv, ret = ours(rewards.float(), mask.float(), index_as, config=None)
+        assert adv.shape == ret.shape == rewards.shape and adv.dtype == torch.float32
+        assert_close_fp32(f"{name} advantages", adv, want_adv, 2e-5, 2e-5)
+        assert_close_fp32(f"{name} returns", ret, want_ret, 2e-5, 2e-5)
+    if name == "grpo":
+        adv, _ = compat.compute_grpo_outcome_advantage(
+            rewards.float(), mask, index, epsilon=0.1, norm_adv_by_std_in_grpo=False
+        )
+        want, _ = verl_grpo(rewards, mask, index, 0.1, norm_adv_by_std_in_grpo=False)
+        assert_close_fp32("dr-grpo", adv, want, 2e-5, 2e-5)
+
+
+def reinforce_pp_batch(kind, n=7, length=15):
+    """Right-padded or holed masks, with an outcome score only or with per-token (KL-like) rewards too."""
+    lengths = torch.randint(2, length + 1, (n,))
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    if kind.startswith("holes"):
+        mask &= torch.rand(n, length) > 0.25
+        mask[:, 0] = True
+    rewards = torch.zeros(n, length, dtype=torch.float64)
+    last = torch.where(mask, torch.arange(length), -1).amax(1)
+    rewards[torch.arange(n), last] = torch.randn(n, dtype=torch.float64) * 2
+    if kind.endswith("dense"):
+        rewards += -0.05 * torch.rand(n, length, dtype=torch.float64) * mask
+    return rewards, mask.double()
+
+
+@pytest.mark.parametrize("kind", ["outcome", "dense", "holes-outcome", "holes-dense"])
+@pytest.mark.parametrize(
+    "config,gamma",
+    [(None, 1.0), (types.SimpleNamespace(gamma=0.95), 0.95), ({"gamma": 0.9}, 0.9)],
+    ids=["no-config", "attribute", "mapping"],
+)
+def test_reinforce_plus_plus_matches_verl(kind, config, gamma):
+    """Every path (the op, GAE with zero values, the restarting loop) against veRL's loop; holes included,
+    where veRL restarts its sum at every masked token."""
+    rewards, mask = reinforce_pp_batch(kind)
+    want_adv, want_ret = verl_reinforce_pp(rewards, mask, gamma)
+    adv, ret = compat.compute_reinforce_plus_plus_outcome_advantage(
+        rewards.float(), mask, config=config, index=np.arange(rewards.shape[0])
+    )
+    valid = mask.bool()
+    assert_close_fp32("advantages", adv, want_adv, 2e-5, 2e-5)
+    assert_close_fp32("returns", ret[valid], want_ret[valid], 2e-5, 2e-5)
+    assert torch.all(ret[~valid] == 0)  # veRL keeps its running return there; every consumer masks it
+
+
+def test_outcome_estimators_edge_cases():
+    rewards, mask = torch.randn(4, 6), torch.ones(4, 6)
+    with pytest.raises(ValueError, match="index has 3 entries; expected 4"):
+        compat.compute_grpo_outcome_advantage(rewards, mask, np.arange(3))
+    with pytest.raises(ValueError, match="response_mask must hold only 0 and 1"):
+        compat.compute_rloo_outcome_advantage(rewards, mask * 3, np.zeros(4))
+    with pytest.raises(ValueError, match=r"config.gamma must be in \[0, 1\]"):
+        compat.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, {"gamma": 2.0})
+    # Mixed id types numpy cannot sort; one response token in the batch (veRL's masked_var raises): zeros.
+    adv, _ = compat.compute_reinforce_plus_plus_baseline_outcome_advantage(
+        rewards, mask, np.array(["a", 1, "a", 1], dtype=object)
+    )
+    assert torch.isfinite(adv).all()
+    one = torch.zeros(4, 6)
+    one[2, 3] = 1
+    adv, ret = compat.compute_reinforce_plus_plus_outcome_advantage(rewards, one)
+    assert torch.all(adv == 0) and ret[2, 3] == rewards[2, 3]
+    empty = torch.zeros(0, 6)
+    assert compat.compute_grpo_outcome_advantage(empty, empty, np.arange(0))[0].shape == (0, 6)
+    assert compat.compute_reinforce_plus_plus_outcome_advantage(empty, empty)[0].shape == (0, 6)
+
+
 # ------------------------------------------------------------------------------------------------ patch()
 
 
@@ -281,6 +385,15 @@ def _module(name, **attrs):
     for key, value in attrs.items():
         setattr(module, key, value)
     return module
+
+
+# veRL's ADV_ESTIMATOR_REGISTRY names of the outcome estimators → their functions in core_algos.
+OUTCOME = {
+    "grpo": "compute_grpo_outcome_advantage",
+    "rloo": "compute_rloo_outcome_advantage",
+    "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
+    "reinforce_plus_plus_baseline": "compute_reinforce_plus_plus_baseline_outcome_advantage",
+}
 
 
 @pytest.fixture
@@ -294,8 +407,11 @@ def fake_verl(monkeypatch):
         fn.__module__ = "verl.fake"
         return fn
 
-    originals = {name: sentinel(name) for name in ("logprobs_from_logits", "gae", "kl_penalty", "kl_forward")}
-    registry = {"gae": originals["gae"], "grpo": sentinel("grpo")}
+    originals = {
+        name: sentinel(name) for name in ("logprobs_from_logits", "gae", "kl_penalty", "kl_forward", *OUTCOME)
+    }
+    registry = {"gae": originals["gae"], "remax": sentinel("remax")}
+    registry |= {name: originals[name] for name in OUTCOME}
     modules = [
         _module("verl"),
         _module("verl.utils"),
@@ -308,6 +424,7 @@ def fake_verl(monkeypatch):
             kl_penalty=originals["kl_penalty"],
             kl_penalty_forward=originals["kl_forward"],
             ADV_ESTIMATOR_REGISTRY=registry,
+            **{function: originals[name] for name, function in OUTCOME.items()},
         ),
         # dp_actor.py does `from verl.trainer.ppo.core_algos import kl_penalty`: a copy by name.
         _module("verl.workers.actor.dp_actor", kl_penalty=originals["kl_penalty"], unrelated=len),
@@ -330,7 +447,10 @@ def test_patch_swaps_and_unpatch_restores(fake_verl, monkeypatch):
     assert core.compute_gae_advantage_return is compat.compute_gae_advantage_return
     assert core.kl_penalty is compat.kl_penalty and core.kl_penalty_forward is compat.kl_penalty_forward
     assert fake_verl.registry["gae"] is compat.compute_gae_advantage_return  # the estimator registry
-    assert fake_verl.registry["grpo"]() == "grpo"
+    for name, function in OUTCOME.items():
+        assert getattr(core, function) is getattr(compat, function)
+        assert fake_verl.registry[name] is getattr(compat, function)
+    assert fake_verl.registry["remax"]() == "remax"  # estimators fastrlhf has no kernel for stay
     assert actor.kl_penalty is compat.kl_penalty and actor.unrelated is len
 
     # veRL's call sites now compute: low_var_kl through the kernel.
@@ -345,6 +465,8 @@ def test_patch_swaps_and_unpatch_restores(fake_verl, monkeypatch):
     assert core.kl_penalty is fake_verl.originals["kl_penalty"]
     assert core.kl_penalty_forward is fake_verl.originals["kl_forward"]
     assert fake_verl.registry["gae"] is fake_verl.originals["gae"]
+    for name, function in OUTCOME.items():
+        assert getattr(core, function) is fake_verl.registry[name] is fake_verl.originals[name]
     assert actor.kl_penalty is late.kl_penalty is fake_verl.originals["kl_penalty"]
 
 

@@ -93,6 +93,10 @@ void gae_forward(const GaeParams& p) { FASTRLHF_CPU_DISPATCH(gae_forward_kernel,
 
 void advantages_forward(const AdvantagesParams& p) { FASTRLHF_CPU_DISPATCH(advantages_forward_kernel, p) }
 
+void group_advantages_forward(const GroupAdvantagesParams& p) {
+  FASTRLHF_CPU_DISPATCH(group_advantages_forward_kernel, p)
+}
+
 void ranking_loss_forward(const RankingLossForwardParams& p) {
   FASTRLHF_CPU_DISPATCH(ranking_loss_forward_kernel, p)
 }

@@ -3,6 +3,7 @@
 
 #include "common/gae_params.h"
 #include "common/gather_logprobs_params.h"
+#include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/ranking_loss_params.h"
 
@@ -19,6 +20,7 @@ void kl_penalty_forward(const KLPenaltyParams& p);
 void kl_penalty_backward(const KLPenaltyParams& p);
 void gae_forward(const GaeParams& p);
 void advantages_forward(const AdvantagesParams& p);
+void group_advantages_forward(const GroupAdvantagesParams& p);
 void ranking_loss_forward(const RankingLossForwardParams& p);
 void ranking_loss_backward(const RankingLossBackwardParams& p);
 

@@ -7,6 +7,7 @@
 
 #include "common/gae_params.h"
 #include "common/gather_logprobs_params.h"
+#include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/ranking_loss_params.h"
 
@@ -17,5 +18,6 @@
   void kl_penalty_backward_kernel(const ::fastrlhf::KLPenaltyParams& p);                   \
   void gae_forward_kernel(const ::fastrlhf::GaeParams& p);                                 \
   void advantages_forward_kernel(const ::fastrlhf::AdvantagesParams& p);                   \
+  void group_advantages_forward_kernel(const ::fastrlhf::GroupAdvantagesParams& p);        \
   void ranking_loss_forward_kernel(const ::fastrlhf::RankingLossForwardParams& p);         \
   void ranking_loss_backward_kernel(const ::fastrlhf::RankingLossBackwardParams& p);

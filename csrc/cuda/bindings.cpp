@@ -9,6 +9,7 @@
 
 #include "cuda/gae.h"
 #include "cuda/gather_logprobs.h"
+#include "cuda/group_advantages.h"
 #include "cuda/kl_penalty.h"
 #include "cuda/ranking_loss.h"
 #include "tensor_params.h"
@@ -80,6 +81,14 @@ void advantages_forward(const at::Tensor& scores, const at::Tensor& logprobs, co
       make_advantages_params(scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator, clamp, gamma, lam,
                              token_rewards, advantages, returns),
       at::cuda::getCurrentCUDAStream()));
+}
+
+void group_advantages_forward(const at::Tensor& scores, const at::Tensor& mask, int64_t group_size, int64_t mode,
+                              double gamma, double eps, const at::Tensor& out) {
+  check_cuda(mask);
+  const c10::cuda::CUDAGuard guard(mask.device());
+  C10_CUDA_CHECK(launch_group_advantages_forward(
+      make_group_advantages_params(scores, mask, group_size, mode, gamma, eps, out), at::cuda::getCurrentCUDAStream()));
 }
 
 void ranking_loss_forward(const at::Tensor& rewards, const at::Tensor& ranks, const at::Tensor& mask,

@@ -28,6 +28,9 @@ void advantages_forward(const at::Tensor& scores, const at::Tensor& logprobs, co
                         double clamp, double gamma, double lam, const at::Tensor& token_rewards,
                         const at::Tensor& advantages, const at::Tensor& returns);
 
+void group_advantages_forward(const at::Tensor& scores, const at::Tensor& mask, int64_t group_size, int64_t mode,
+                              double gamma, double eps, const at::Tensor& out);
+
 // mask may be [0] (all valid).
 void ranking_loss_forward(const at::Tensor& rewards, const at::Tensor& ranks, const at::Tensor& mask,
                           double margin, const at::Tensor& prompt_loss, const at::Tensor& prompt_accuracy,

@@ -9,6 +9,7 @@ from fastrlhf.ops._backend import BACKENDS, BackendInfo, available_backends
 from fastrlhf.ops.advantages import Advantages, compute_advantages
 from fastrlhf.ops.gae import gae, masked_whiten
 from fastrlhf.ops.gather_logprobs import gather_logprobs
+from fastrlhf.ops.group_advantages import GroupAdvantages, group_advantages
 from fastrlhf.ops.kl_penalty import kl_penalty
 from fastrlhf.ops.linear_logprobs import linear_logprobs
 from fastrlhf.ops.policy_loss import linear_ppo_policy_loss, ppo_policy_loss
@@ -20,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "Advantages",
     "BackendInfo",
+    "GroupAdvantages",
     "PolicyLossResult",
     "RankingLossResult",
     "ValueLossResult",
@@ -27,6 +29,7 @@ __all__ = [
     "compute_advantages",
     "gae",
     "gather_logprobs",
+    "group_advantages",
     "kl_penalty",
     "linear_logprobs",
     "linear_ppo_policy_loss",

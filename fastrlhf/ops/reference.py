@@ -143,17 +143,26 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """``(x - mean) / sqrt(var + 1e-8)`` over the masked positions, with the unbiased variance.
 
-    ``shift_mean=False`` adds the mean back (scales only). Unmasked positions give 0.
+    ``shift_mean=False`` adds the mean back (scales only). Unmasked positions give 0, whatever they hold.
+
+    The mean and the variance accumulate in float64: x up to 1e37 whitens without overflowing a square,
+    long batches lose no precision, and a constant input gives exactly 0 (its mean is exact). Fewer than
+    two set positions leave no spread to estimate: the variance is taken as 0, so the result is 0 (with
+    ``shift_mean=False``, the one set position keeps its value), with finite gradients. This is the one
+    home of that rule: ``group_advantages`` whitens through it on every backend. (``ops.masked_whiten``
+    raises there instead, as veRL does.)
     """
-    mean = masked_mean(x, mask)
-    centered = x - mean
-    count = mask.to(x.dtype).sum()
-    var = masked_mean(centered.square(), mask) * count / (count - 1)
+    valid = mask.bool()
+    count = torch.count_nonzero(valid).to(torch.float64)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    mean = torch.where(valid, x, zero).sum(dtype=torch.float64) / count.clamp_min(1)
+    centered = torch.where(valid, x - mean.to(x.dtype), zero)
+    var = torch.linalg.vector_norm(centered, dtype=torch.float64).square() / (count - 1).clamp_min(1)
     # 1e-8 keeps a constant input finite, the same epsilon TRL, OpenRLHF and veRL use.
-    whitened = centered * torch.rsqrt(var + 1e-8)
+    whitened = centered * torch.rsqrt(var + 1e-8).to(x.dtype)
     if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+        whitened = torch.where(valid, whitened + mean.to(x.dtype), zero)
+    return whitened
 
 
 @torch.no_grad()
@@ -185,6 +194,138 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = torch.where(valid[:, t], step, torch.zeros_like(step))
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------------
+# outcome advantages of critic-free RL (GRPO, RLOO, REINFORCE++)
+# ----------------------------------------------------------------------------------------------------
+
+OUTCOME_ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++-baseline")
+
+
+def outcome_row_values(
+    scores: torch.Tensor,
+    estimator: str,
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+    groups: torch.Tensor | None = None,
+    n_groups: int = 0,
+) -> torch.Tensor:
+    """Each response's outcome value before it is spread over tokens, in float64.
+
+    Per group, with ``d = r - mean`` and the unbiased ``std``: grpo ``d / (std + eps)`` (0 where
+    ``std + eps == 0``), or ``d`` without ``norm_by_std``; rloo ``d·n/(n-1)``, the score minus the mean of
+    the others; reinforce++-baseline ``d``; reinforce++ the score itself. A group of one follows veRL: mean
+    0 and std 1, and rloo leaves its score unchanged. The statistics run in float64 (B·k numbers), and
+    the scores are shifted by each group's first one before summing, so an all-equal group gives exactly
+    0 and fp32 scores up to 3.4e38 never overflow the variance.
+
+    Args:
+        scores: ``[B, k]``, a group per row; or ``[N]`` with ``groups``, ``[N]`` int64 ids in
+            ``[0, n_groups)`` in any order and of any sizes (veRL's ``index``, as segment sums).
+    Returns:
+        float64, shaped like ``scores``.
+    """
+    s = scores.to(torch.float64)
+    if estimator == "reinforce++" or s.numel() == 0:
+        return s
+    if groups is None:
+        shifted = s - s[:, :1]
+        dev = shifted - shifted.mean(1, keepdim=True)
+        size = torch.full_like(s, s.shape[1])
+        var = dev.square().sum(1, keepdim=True) / max(s.shape[1] - 1, 1)
+        std = var.sqrt().expand_as(s)
+    else:
+        count = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(
+            0, groups, torch.ones_like(s)
+        )
+        positions = torch.arange(s.shape[0], device=s.device)
+        first = torch.full((n_groups,), s.shape[0], device=s.device)
+        first = first.scatter_reduce_(0, groups, positions, "amin")
+        pivot = s[first.clamp_max(s.shape[0] - 1)]  # an id with no response never gathers its pivot
+        shifted = s - pivot[groups]
+        mean_shifted = torch.zeros_like(count).index_add_(0, groups, shifted) / count.clamp_min(1)
+        dev = shifted - mean_shifted[groups]
+        size = count[groups]
+        var = torch.zeros_like(count).index_add_(0, groups, dev.square()) / (count - 1).clamp_min(1)
+        std = var.sqrt()[groups]
+    single = size == 1
+    if estimator == "rloo":
+        return torch.where(single, s, dev * size / (size - 1).clamp_min(1))
+    centered = torch.where(single, s, dev)
+    if estimator == "grpo" and norm_by_std:
+        denom = torch.where(single, torch.ones_like(s), std) + eps
+        return torch.where(denom > 0, centered / torch.where(denom > 0, denom, 1.0), 0.0)
+    return centered
+
+
+def outcome_token_values(
+    row_values: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str,
+    gamma: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Spread each row's value over its valid tokens: ``[N]`` and mask ``[N, T]`` → ``[N, T]`` of ``dtype``
+    (default: the values' dtype), 0 elsewhere.
+
+    reinforce++ places the score at the row's last valid token and discounts it leftward over the valid
+    tokens: ``value · γ^(valid tokens after t)``, computed in float64 (an fp32 γ would carry its rounding
+    into every power). Masked tokens are skipped (the discount carries over them, like GAE's mask-carry);
+    on right-padded rows this equals veRL's loop, which instead restarts the sum at every masked token.
+    The other estimators broadcast the value unchanged.
+    """
+    dtype = dtype or row_values.dtype
+    valid = mask.bool()
+    if estimator == "reinforce++":
+        flags = valid.to(torch.int64)
+        after = flags.flip(-1).cumsum(-1).flip(-1) - flags
+        discount = torch.pow(gamma, after.to(torch.float64))
+        values = (row_values.to(torch.float64)[:, None] * discount).to(dtype)
+    else:
+        values = row_values.to(dtype)[:, None].expand(valid.shape)
+    return torch.where(valid, values, torch.zeros((), dtype=dtype, device=values.device))
+
+
+def whiten_outcome(values: torch.Tensor, mask: torch.Tensor, estimator: str):
+    """``(advantages, returns)`` from the token values: the REINFORCE++ variants whiten them over every
+    valid token of the batch (``masked_whiten``: 0 with fewer than 2); reinforce++ keeps the values as its
+    returns, the others return the advantages themselves (the same tensor, as veRL)."""
+    if estimator == "reinforce++":
+        return masked_whiten(values, mask), values
+    if estimator == "reinforce++-baseline":
+        advantages = masked_whiten(values, mask)
+        return advantages, advantages
+    return values, values
+
+
+@torch.no_grad()
+def group_advantages(
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: str = "grpo",
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+):
+    """Outcome advantages of k responses per prompt, broadcast to every valid response token.
+
+    ``outcome_row_values`` per response, ``outcome_token_values`` over its tokens (in float64, then the
+    compute dtype), and ``whiten_outcome``. Rows of a group are contiguous: response j of prompt i is row
+    ``i*k + j``.
+
+    Args:
+        scores: ``[B, k]``. response_mask: ``[B, k, T]`` or ``[B*k, T]``, 0/1 or bool.
+    Returns:
+        ``(advantages, returns)``, shaped like ``response_mask``, 0 at masked positions. No gradient.
+    """
+    dtype = compute_dtype(scores)
+    batch, k = scores.shape
+    mask = response_mask.reshape(batch * k, response_mask.shape[-1]).bool()
+    rows = outcome_row_values(scores, estimator, eps, norm_by_std).reshape(-1)
+    values = outcome_token_values(rows, mask, estimator, gamma, dtype)
+    shape = response_mask.shape
+    return whiten_outcome(values.view(shape), mask.view(shape), estimator)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,4 +4,5 @@
 #include "../gather_logprobs.cpp"
 #include "../kl_penalty.cpp"
 #include "../gae.cpp"
+#include "../group_advantages.cpp"
 #include "../ranking_loss.cpp"
