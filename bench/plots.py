@@ -1,9 +1,23 @@
-"""PNG plots of the bench rows: per op, time and peak memory against problem size, one line per provider."""
+"""PNG plots of the bench rows: per op, time and peak memory against problem size, one line per provider.
+
+A size label of the form ``"<variant>: <size>"`` (e.g. group_advantages' ``"grpo: B=512,k=8,T=1024"``)
+draws one line per provider and variant, so variants of one op at the same size do not share a line.
+"""
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+
+# Variants of one provider share its colour and differ in marker and line style.
+MARKERS = ("o", "s", "^", "D")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _line_name(row: dict) -> tuple[str, str]:
+    """(provider, variant): the variant is the size label's part before ": ", or "" when it has none."""
+    variant, sep, _ = row["size"].partition(": ")
+    return row["provider"], variant if sep else ""
 
 
 def write_plots(rows: list[dict], out_dir: str) -> list[str]:
@@ -40,18 +54,26 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
                 lines = defaultdict(list)
                 for r in op_rows:
                     if r["dtype"] == dtype and r["mode"] == mode and r["metric"] == metric:
-                        lines[r["provider"]].append((float(r["scale"]), float(r["median"]) * scale))
+                        lines[_line_name(r)].append((float(r["scale"]), float(r["median"]) * scale))
                 what = "time" if metric == "time" else "peak extra memory"
                 ax.set_title(f"{op} {dtype} {mode}: {what}", fontsize=9)
                 if not lines:
                     ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
                     ax.set_axis_off()
                     continue
-                for provider, points in sorted(lines.items()):
+                variants = sorted({variant for _, variant in lines})
+                for (provider, variant), points in sorted(lines.items()):
                     points.sort()
                     # log axes: a measured 0 is drawn at the floor
                     ys = [max(y, 1e-3) for _, y in points]
-                    ax.plot([x for x, _ in points], ys, marker="o", label=provider, color=colours[provider])
+                    ax.plot(
+                        [x for x, _ in points],
+                        ys,
+                        marker=MARKERS[variants.index(variant) % len(MARKERS)],
+                        linestyle=LINESTYLES[variants.index(variant) % len(LINESTYLES)],
+                        label=f"{provider} ({variant})" if variant else provider,
+                        color=colours[provider],
+                    )
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.set_xlabel("problem size (elements)")

@@ -5,9 +5,10 @@
     python bench/run.py --ops gather_logprobs,gae --modes fwd --providers eager,trl,fastrlhf
 
 Ops: gather_logprobs, linear_logprobs, ppo_policy_loss, kl_penalty, gae, compute_advantages,
-ranking_loss (one spec each under ``bench/specs/``). Providers: eager torch; ``torch.compile`` of it where
-it compiles; every fastrlhf backend that runs on the device; peers where installed (TRL, Liger) and the
-veRL / OpenRLHF loops restated here. A provider that cannot run is listed as skipped, with the reason.
+group_advantages, ranking_loss (one spec each under ``bench/specs/``). Providers: eager torch;
+``torch.compile`` of it where it compiles; every fastrlhf backend that runs on the device; peers where
+installed (TRL, Liger) and the veRL / OpenRLHF loops restated here. A provider that cannot run is listed
+as skipped, with the reason.
 
 Measurement: a warm-up call, then the median and p20/p80 of repeats (``torch.utils.benchmark`` on CPU,
 ``triton.testing.do_bench`` on GPU), cycling through several copies of the inputs when one copy would

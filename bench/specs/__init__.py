@@ -4,6 +4,7 @@ from specs import (
     compute_advantages,
     gae,
     gather_logprobs,
+    group_advantages,
     kl_penalty,
     linear_logprobs,
     ppo_policy_loss,
@@ -19,6 +20,7 @@ SPECS = {
         kl_penalty,
         gae,
         compute_advantages,
+        group_advantages,
         ranking_loss,
     )
 }
