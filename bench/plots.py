@@ -45,7 +45,14 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
         providers = sorted({r["provider"] for r in op_rows})
         # one colour per provider across every panel of the figure
         colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(providers)}
-        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.0 * len(panels)), squeeze=False)
+        # With variants, one legend for the figure below the panels (a provider x variant grid), which
+        # per-panel legends of that many lines would cover.
+        variants = sorted({_line_name(r)[1] for r in op_rows})
+        legend_height = 0.2 * len(providers) + 0.2 if variants != [""] else 0.0
+        fig, axes = plt.subplots(
+            len(panels), 2, figsize=(11, 3.0 * len(panels) + legend_height), squeeze=False
+        )
+        legend: dict = {}
         for (dtype, mode), (ax_time, ax_mem) in zip(panels, axes, strict=True):
             for metric, ax, scale, unit in (
                 ("time", ax_time, 1e3, "ms"),
@@ -61,12 +68,11 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
                     ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
                     ax.set_axis_off()
                     continue
-                variants = sorted({variant for _, variant in lines})
                 for (provider, variant), points in sorted(lines.items()):
                     points.sort()
                     # log axes: a measured 0 is drawn at the floor
                     ys = [max(y, 1e-3) for _, y in points]
-                    ax.plot(
+                    (line,) = ax.plot(
                         [x for x, _ in points],
                         ys,
                         marker=MARKERS[variants.index(variant) % len(MARKERS)],
@@ -74,16 +80,31 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
                         label=f"{provider} ({variant})" if variant else provider,
                         color=colours[provider],
                     )
+                    legend.setdefault((variant, provider), line)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.set_xlabel("problem size (elements)")
                 ax.set_ylabel(f"{what} ({unit})")
                 ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=7)
+                if not legend_height:
+                    ax.legend(fontsize=7)
         device = op_rows[0].get("device", "")
         note = "median of repeats; lower is better; a 0 MiB peak is drawn at 1e-3"
         fig.suptitle(f"{op} on {device} ({note})", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1, 0.98))
+        bottom = 0.0
+        if legend_height:
+            # Sorted by variant, then provider: one column per variant, filled top to bottom.
+            entries = [legend[key] for key in sorted(legend)]
+            fig.legend(
+                entries,
+                [line.get_label() for line in entries],
+                loc="lower center",
+                ncol=len(variants),
+                fontsize=7,
+                frameon=False,
+            )
+            bottom = legend_height / fig.get_figheight()
+        fig.tight_layout(rect=(0, bottom, 1, 0.98))
         path = os.path.join(out_dir, f"{op}.png")
         tmp = path + ".tmp.png"
         fig.savefig(tmp, dpi=90)

@@ -359,6 +359,8 @@ def test_outcome_estimators_edge_cases():
     rewards, mask = torch.randn(4, 6), torch.ones(4, 6)
     with pytest.raises(ValueError, match="index has 3 entries; expected 4"):
         compat.compute_grpo_outcome_advantage(rewards, mask, np.arange(3))
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        compat.compute_grpo_outcome_advantage(rewards, mask, np.array([0, 1, 0, 2]), epsilon=-1.0)
     with pytest.raises(ValueError, match="response_mask must hold only 0 and 1"):
         compat.compute_rloo_outcome_advantage(rewards, mask * 3, np.zeros(4))
     with pytest.raises(ValueError, match=r"config.gamma must be in \[0, 1\]"):

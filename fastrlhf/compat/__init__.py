@@ -11,7 +11,9 @@ Each submodule offers the peer's own function names and signatures as thin adapt
 - ``fastrlhf.compat.trl``: ``selective_log_softmax``, ``selective_log_softmax_and_entropy``,
   ``entropy_from_logits``.
 - ``fastrlhf.compat.verl``: ``logprobs_from_logits``, ``compute_gae_advantage_return``, ``kl_penalty``,
-  ``kl_penalty_forward``.
+  ``kl_penalty_forward``, and the outcome estimators ``compute_grpo_outcome_advantage``,
+  ``compute_rloo_outcome_advantage``, ``compute_reinforce_plus_plus_outcome_advantage``,
+  ``compute_reinforce_plus_plus_baseline_outcome_advantage``.
 - ``fastrlhf.compat.openrlhf``: ``log_probs_from_logits``, ``compute_approx_kl``,
   ``get_advantages_and_returns``, ``PairWiseLoss``, ``LogExpLoss``.
 

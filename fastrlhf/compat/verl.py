@@ -37,6 +37,7 @@ from fastrlhf.ops import reference
 from fastrlhf.ops._common import check_discount
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
+    check_finite,
     check_mask,
     check_same_device,
     check_same_shape,
@@ -179,14 +180,19 @@ def compute_reinforce_plus_plus_outcome_advantage(
         ``(advantages, returns)``, ``[B, T]``, 0 at masked positions.
     """
     gamma = check_discount("config.gamma", _config_value(config, "gamma", 1.0))
-    valid = _check_token_inputs(token_level_rewards, response_mask).bool()
+    mask_u8 = _check_token_inputs(token_level_rewards, response_mask)
+    valid = mask_u8.bool()
     dtype = reference.compute_dtype(token_level_rewards)
     with torch.no_grad():
         if valid.numel() == 0:
             empty = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
             return empty, empty.clone()
-        positions = torch.arange(valid.shape[1], device=valid.device)
-        last = torch.where(valid, positions, -1).amax(1)  # -1: a row with no response token
+        length = valid.shape[1]
+        positions = torch.arange(length, device=valid.device)
+        # Each row's last valid position: the first set byte from the right (argmax takes the first
+        # maximum); -1 for a row with none.
+        last = length - 1 - mask_u8.flip(-1).argmax(-1)
+        last = torch.where(valid.gather(1, last[:, None])[:, 0], last, -1)
         runs = valid[:, 0].long() + (valid[:, 1:] & ~valid[:, :-1]).sum(1)
         if bool((runs <= 1).all()):
             elsewhere = (token_level_rewards != 0) & valid & (positions != last[:, None])
@@ -254,6 +260,8 @@ def _grouped_outcome(estimator, token_level_rewards, response_mask, index, epsil
     ``ops.group_advantages`` and permuted back. Unequal sizes: the same arithmetic on segment sums
     (``reference.outcome_row_values``), vectorised torch."""
     mask_u8 = _check_token_inputs(token_level_rewards, response_mask)
+    if not check_finite("epsilon", epsilon) >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
     with torch.no_grad():
         scores = token_level_rewards.sum(-1)
         n = scores.shape[0]
