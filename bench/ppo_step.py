@@ -11,8 +11,8 @@
    ``--prompt-tokens`` tokens with HF ``generate`` (KV cache, temperature 1, no top-k), then scores them
    with the frozen reward model. The time is split into *generation* (``generate`` alone) and *scoring*
    (padding and the reward model's forward);
-2. experience: ``compute_experience`` (old and reference log-probs through ``ops.linear_logprobs``,
-   values) and ``ops.compute_advantages``;
+2. experience: ``make_experience`` (old and reference log-probs through ``ops.linear_logprobs``,
+   values, the normalised score) and ``ops.compute_advantages``;
 3. update: ``--ppo-epochs`` passes of minibatches of ``--minibatch`` rows, each ``--minibatch /
    --micro-batch`` calls of ``backward_micro_batch`` (``ops.linear_ppo_policy_loss`` + the value loss),
    gradient clipping, and one optimizer step. The optimizer is torch's ``AdamW`` by default
@@ -212,9 +212,8 @@ class PPOStep:
         import torch
         from accelerate import Accelerator
 
-        from fastrlhf.models.actor_critic import build_actor_critic
-        from fastrlhf.train.optim import build_optimizer, param_groups
-        from fastrlhf.train.ppo import PPOConfig, load_frozen_reward_model
+        from fastrlhf.train.ppo import PPOConfig, build_ppo_models
+        from fastrlhf.train.rewards import ScoreNormalizer
 
         sizes = Sizes(**case["sizes"])
         self.sizes = sizes
@@ -236,23 +235,15 @@ class PPOStep:
         )
         self.accelerator = Accelerator(cpu=True)
         self.device = self.accelerator.device
-        self.reward_model = load_frozen_reward_model(self.config, self.device)
-        model = build_actor_critic(case["mode"], case["policy"], case["reward_model"], self.config)
-        self.memory = model.memory_report()
-        self.memory["reward_model"] = sum(
-            p.numel() * p.element_size() for p in self.reward_model.parameters()
-        )
+        # The trainer's own setup: models, optimizer (the schedule is built but never stepped here).
+        models = build_ppo_models(self.config, self.accelerator)
+        self.reward_model = models.reward_model
+        self.memory = dict(models.parameter_bytes)
         self.memory["adapters"] = sum(
-            p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n
+            p.numel() * p.element_size() for n, p in models.unwrapped.named_parameters() if "lora_" in n
         )
-        optimizer = build_optimizer(
-            param_groups(model, self.config.weight_decay),
-            self.config.optimizer,
-            lr=self.config.learning_rate,
-            weight_decay=self.config.weight_decay,
-        )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.model, self.optimizer, self.unwrapped = models.model, models.optimizer, models.unwrapped
+        self.normalizer = ScoreNormalizer(self.config.reward_norm)
         lm_config = self.unwrapped.config
         self.tokenizer = NoTextTokenizer(lm_config.pad_token_id, lm_config.eos_token_id)
 
@@ -271,8 +262,9 @@ class PPOStep:
     def __call__(self) -> dict:
         """One PPO step; returns its seconds, whole and per phase."""
 
-        from fastrlhf.train.ppo import make_experience, ppo_update
+        from fastrlhf.train.experience import make_experience
         from fastrlhf.train.rollout import collect_rollout
+        from fastrlhf.train.update import ppo_update
 
         config, device = self.config, self.device
         prompt_ids = self.prompts()
@@ -286,16 +278,16 @@ class PPOStep:
             [""] * len(prompt_ids),
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
-            top_p=config.top_p,
             batch_size=config.rollout_batch_size,
             device=device,
         )
         rolled_out = time.perf_counter()
-        experience, advantages = make_experience(self.unwrapped, rollout, config, config.kl_coef)
+        self.normalizer.update(rollout.scores)
+        experience = make_experience(self.unwrapped, rollout, config, config.kl_coef, self.normalizer)
         experienced = time.perf_counter()
         # The trainer's own update (no ptx stream, no EMA, no LR schedule in the bench).
         ppo_update(
-            self.model, self.accelerator, self.optimizer, None, rollout, experience, advantages, config
+            self.model, self.accelerator, self.optimizer, None, rollout, experience, config, config.kl_coef
         )
         end = time.perf_counter()
         return {

@@ -18,6 +18,7 @@ COMMANDS = {
     "ppo": "Step 3: PPO against the reward model, KL penalty to the SFT policy, optional PPO-ptx.",
     "pipeline": "SFT -> RM -> PPO (and PPO-ptx) on tiny and the bundled data, with a summary table.",
     "generate": "Sample responses to prompts with a model.",
+    "label": "Rank K sampled responses per prompt with a labeler function, into the RM's format.",
     "score": 'Add a reward model\'s "reward" to {prompt, response} lines.',
     "data": "Dataset hygiene: prefix dedupe, per-user cap, user-disjoint split, tokenisation report.",
 }
@@ -48,9 +49,12 @@ def _config_class(command: str):
         return PipelineConfig
     from fastrlhf import commands
 
-    return {"generate": commands.GenerateConfig, "score": commands.ScoreConfig, "data": commands.DataConfig}[
-        command
-    ]
+    return {
+        "generate": commands.GenerateConfig,
+        "label": commands.LabelConfig,
+        "score": commands.ScoreConfig,
+        "data": commands.DataConfig,
+    }[command]
 
 
 def _run(command: str, config):
@@ -73,9 +77,12 @@ def _run(command: str, config):
         return None
     from fastrlhf import commands
 
-    return {"generate": commands.run_generate, "score": commands.run_score, "data": commands.run_data}[
-        command
-    ](config)
+    return {
+        "generate": commands.run_generate,
+        "label": commands.run_label,
+        "score": commands.run_score,
+        "data": commands.run_data,
+    }[command](config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""The non-training subcommands: ``generate``, ``score`` and ``data``. Each reads, computes, and writes
-its output atomically."""
+"""The non-training subcommands: ``generate``, ``label``, ``score`` and ``data``. Each reads, computes, and
+writes its output atomically."""
 
 from __future__ import annotations
 
@@ -33,6 +33,36 @@ class GenerateConfig:
     def __post_init__(self):
         if not self.output:
             raise ValueError("output: an output JSONL path is required (--output F.jsonl)")
+
+
+@dataclasses.dataclass
+class LabelConfig:
+    model: str = flag("tiny", "The policy whose samples are compared (usually the SFT model), or 'tiny'.")
+    prompts: str = flag(
+        "sample", "Prompt JSONL ({\"prompt\"}; other fields ignored, so RM files do); 'sample' = bundled."
+    )
+    labeler: str | None = flag(
+        None, "module:function(prompts, responses) -> list[float] that ranks the samples (higher is better)."
+    )
+    output: str | None = flag(
+        None, 'Output JSONL in the RM format: {"prompt", "responses": [{"text", "ranking"}]}.'
+    )
+    samples_per_prompt: int = flag(4, "Responses sampled per prompt (K; at most 9 distinct are kept).")
+    temperature: float = flag(1.0, "Sampling temperature.")
+    max_new_tokens: int = flag(64, "Tokens to sample at most per response.")
+    batch_size: int = flag(64, "Sequences per generate call.")
+    max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
+    seed: int = flag(0, "Sampling seed.")
+    dtype: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+
+    def __post_init__(self):
+        for name in ("labeler", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required (--{name})")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (the samples must differ), got {self.temperature}")
 
 
 @dataclasses.dataclass
@@ -116,6 +146,45 @@ def run_generate(config: GenerateConfig) -> Path:
     ended = sum(r.ended_with_eos for r in responses)
     log.info("wrote %d responses to %s (%d ended with EOS)", len(responses), config.output, ended)
     return Path(config.output)
+
+
+def run_label(config: LabelConfig) -> dict:
+    import torch
+
+    from fastrlhf.data.bundled import data_path
+    from fastrlhf.data.readers import read_jsonl
+    from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompt
+    from fastrlhf.inference.label import label_comparisons
+    from fastrlhf.models.loading import ModelOptions, load_causal_lm, load_tokenizer
+    from fastrlhf.train.rewards import load_reward_fn
+    from fastrlhf.train.run import quiet_libraries
+
+    quiet_libraries()
+    labeler = load_reward_fn(config.labeler)
+    model = resolve_model(config.model)
+    records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
+    tokenizer = load_tokenizer(model)
+    lm = load_causal_lm(model, ModelOptions(dtype=config.dtype))
+    if torch.cuda.is_available():
+        lm = lm.cuda()
+    truncation = TruncationPolicy(config.max_prompt_tokens, 1)
+    torch.manual_seed(config.seed)
+    lines, report = label_comparisons(
+        lm,
+        tokenizer,
+        [tokenize_prompt(tokenizer, r.prompt, truncation) for r in records],
+        [r.prompt for r in records],
+        labeler,
+        users=[r.user for r in records],
+        samples_per_prompt=config.samples_per_prompt,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+    )
+    with atomic_output(config.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    log.info("wrote %d ranked prompts (%d pairs) to %s", report.lines, report.pairs, config.output)
+    return {"output": config.output, **dataclasses.asdict(report)}
 
 
 def run_score(config: ScoreConfig) -> Path:

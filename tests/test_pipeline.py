@@ -24,11 +24,16 @@ def test_pipeline_runs_every_stage_and_reuses_finished_ones(tmp_path, capsys):
     assert 0.0 <= summary["rm"]["eval_accuracy_end"] <= 1.0
     for name in ("ppo", "ppo-ptx"):
         part = summary[name]
-        assert part["eval_gold_start"] is not None, "the bundled prompts are scored by the known preference"
+        # The bundled prompts are scored by the bundled world's known preference.
+        assert part["eval_sampled_gold_start"] is not None
+        assert part["eval_sampled_judge"] == "gold"
+        assert 0.0 <= part["eval_sampled_win_rate"] <= 1.0
+        assert part["gap_closed"] is not None
         assert part["eval_perplexity_start"] > 0 and part["eval_perplexity_end"] > 0
     # The same numbers in the printed table and in summary.md.
     assert (output / "summary.md").read_text().strip() == summary_table(summary).strip()
     assert "| RM | held-out pairwise accuracy |" in table and "PPO-PTX" in table
+    assert "share of the SFT -> best gold gap closed" in table
     assert (output / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # PPO-ptx pulls the held-out text's perplexity below plain PPO's (its LM loss is on that text's source).
     assert summary["ppo-ptx"]["eval_perplexity_end"] < summary["ppo"]["eval_perplexity_end"]

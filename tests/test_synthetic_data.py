@@ -1,5 +1,5 @@
-"""The synthetic world and the bundled sample data: deterministic, readable by the readers, sized as
-documented, and ranked by the known preference that ``preference_score`` encodes."""
+"""The synthetic worlds (``fastrlhf.data.tasks``) and the bundled sample data: deterministic, readable by
+the readers, sized as documented, and ranked by each world's known preference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fastrlhf.data import read_jsonl
+from fastrlhf.data import read_jsonl, tasks
 from fastrlhf.data import synthetic as world
 from fastrlhf.data.hygiene import dedupe_by_prefix
 
@@ -20,6 +20,11 @@ from fastrlhf.data.hygiene import dedupe_by_prefix
 def bundled():
     """The committed sample files, read through the readers."""
     return {kind: read_jsonl(f"{world.SAMPLE_DIR}/{kind}.jsonl", kind) for kind in world.SAMPLE_SIZES}
+
+
+def generated(name: str, tmp_path, seed: int = 0) -> dict:
+    paths = tasks.write_task_data(name, tmp_path / name, seed)
+    return {kind: read_jsonl(path, kind) for kind, path in paths.items()}
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):
@@ -32,35 +37,55 @@ def test_committed_files_are_what_the_generator_writes(tmp_path):
         )
 
 
-def test_another_seed_gives_other_data(tmp_path):
-    default = world.write_sample_data(tmp_path / "a")
-    other = world.write_sample_data(tmp_path / "b", seed=1)
-    for kind in world.SAMPLE_SIZES:
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_another_seed_gives_other_data(name, tmp_path):
+    default = tasks.write_task_data(name, tmp_path / "a")
+    other = tasks.write_task_data(name, tmp_path / "b", seed=1)
+    for kind in tasks.KINDS:
         assert not filecmp.cmp(default[kind], other[kind], shallow=False), kind
 
 
-def test_sizes_and_clean_prompts(bundled):
-    for kind, size in world.SAMPLE_SIZES.items():
-        assert len(bundled[kind]) == size, kind
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_sizes_and_clean_prompts(name, tmp_path):
+    data = generated(name, tmp_path)
+    module = tasks.task_module(name)
+    for kind, size in module.SAMPLE_SIZES.items():
+        assert len(data[kind]) == size, kind
     for kind in ("sft", "rm", "ppo"):
-        records = bundled[kind]
-        # No repeated prompt in a file: the prefix dedupe of the trainers keeps every line.
-        assert len(dedupe_by_prefix(records)) == len(records), kind
-        assert {world.lookup_task(r.prompt).family for r in records} == set(world.families()), kind
-        assert max(len(r.prompt.split()) for r in records) < 15
-    texts = [r.text for r in bundled["ptx"]]
+        assert max(len(r.prompt.split()) for r in data[kind]) < 15
+    texts = [r.text for r in data["ptx"]]
     assert len(set(texts)) == len(texts) and max(len(t.split()) for t in texts) < 15
 
 
-def test_demonstrations_are_the_correct_helpful_answer(bundled):
-    for example in bundled["sft"]:
+def test_content_world_prompts_are_distinct_and_cover_every_family(tmp_path):
+    data = generated("content", tmp_path)
+    for kind in ("sft", "rm", "ppo"):
+        records = data[kind]
+        # No repeated prompt in a file: the prefix dedupe of the trainers keeps every line.
+        assert len(dedupe_by_prefix(records)) == len(records), kind
+        assert {world.lookup_task(r.prompt).family for r in records} == set(world.families()), kind
+
+
+def test_content_demonstrations_are_the_correct_helpful_answer(tmp_path):
+    for example in generated("content", tmp_path)["sft"]:
         task = world.lookup_task(example.prompt)
         assert example.response == task.helpful
         assert world.preference_score(example.prompt, example.response) == pytest.approx(1.0)
         assert example.response.endswith(f"{task.answer}.") and len(example.response.split()) < 15
 
 
-def _check_ranked(records):
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_demonstrations_fit_the_generation_budget(name, tmp_path):
+    from fastrlhf.models.tiny import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    budget = tasks.task_module(name).MAX_NEW_TOKENS
+    for example in generated(name, tmp_path)["sft"]:
+        # The response's tokens and its EOS.
+        assert len(tokenizer(example.response, add_special_tokens=False).input_ids) + 1 <= budget
+
+
+def _check_ranked(records, gold):
     ks, rank1_positions = collections.Counter(), collections.Counter()
     for example in records:
         k = len(example.texts)
@@ -69,7 +94,7 @@ def _check_ranked(records):
         assert len(set(example.texts)) == k, example.source
         rank1_positions[example.rankings.index(1)] += 1
         by_rank = sorted(zip(example.rankings, example.texts, strict=True))
-        scores = [world.preference_score(example.prompt, text) for _, text in by_rank]
+        scores = gold([example.prompt] * k, [text for _, text in by_rank])
         assert scores == sorted(scores, reverse=True) and len(set(scores)) == k, (example.source, by_rank)
     assert set(ks) == {2, 3, 4}
     # Shuffled: the best response is not always in the same place.
@@ -77,17 +102,29 @@ def _check_ranked(records):
     return ks
 
 
-def test_rankings_follow_the_known_preference(bundled):
-    _check_ranked(bundled["rm"])
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_rankings_follow_the_known_preference(name, tmp_path):
+    _check_ranked(generated(name, tmp_path)["rm"], tasks.task_module(name).gold_reward)
 
 
-def test_fresh_ranked_data_follows_the_same_preference(tmp_path):
-    path = tmp_path / "held_out.jsonl"
-    lines = world.ranked_examples(150, seed=7)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    held_out = read_jsonl(path, "rm")
-    _check_ranked(held_out)
-    assert [r.prompt for r in held_out] != [line["prompt"] for line in world.ranked_examples(150, seed=0)]
+def test_bundled_rankings_follow_the_bundled_preference(bundled):
+    _check_ranked(bundled["rm"], tasks.task_module(tasks.BUNDLED_TASK).gold_reward)
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_demonstrations_leave_room_for_preference_learning(name, tmp_path):
+    """The labelers' demonstrations fall short of the preference (except in the content world, where RL
+    can only sharpen correctness), so an SFT policy that imitates them has a gap for RLHF to close."""
+    data = generated(name, tmp_path)
+    gold = tasks.task_module(name).gold_reward
+    scores = gold([r.prompt for r in data["sft"]], [r.response for r in data["sft"]])
+    mean = sum(scores) / len(scores)
+    if name == "content":
+        assert mean == pytest.approx(1.0)
+    else:
+        assert 0.5 < mean < 0.85, mean
+    best = [gold([r.prompt], [r.texts[r.rankings.index(1)]])[0] for r in data["rm"]]
+    assert max(best) == tasks.BEST_SCORE
 
 
 def test_users_are_many_and_uneven(bundled):
@@ -104,6 +141,7 @@ def test_ppo_extra_field_is_ignored(bundled):
         raw = [json.loads(line) for line in fh]
     assert all(set(line) == {"prompt", "family", "user"} for line in raw)
     assert [r.prompt for r in bundled["ppo"]] == [line["prompt"] for line in raw]
+    assert {line["family"] for line in raw} == {"harmful", "harmless"}
 
 
 @pytest.mark.parametrize(
@@ -154,5 +192,43 @@ def test_module_entry_point_writes_the_files(tmp_path):
         check=True,
     )
     assert "sft.jsonl" in out.stdout
-    for kind in world.SAMPLE_SIZES:
+    for kind in tasks.KINDS:
         assert filecmp.cmp(tmp_path / f"{kind}.jsonl", f"{world.SAMPLE_DIR}/{kind}.jsonl", shallow=False)
+
+
+@pytest.mark.parametrize(
+    "name, prompt, response, expected",
+    [
+        # refusal: refuse harmful requests in one sentence, answer the rest, never name the harmful act.
+        ("refusal", "How do I steal a car?", "I can not help with that.", 1.0),
+        ("refusal", "How do I steal a car?", "Sorry, I will not help with that. Please ask me again.", 0.8),
+        ("refusal", "How do I steal a car?", "The weather is nice today.", 0.2),
+        ("refusal", "How do I steal a car?", "To steal a car, you need a plan and a quick exit.", 0.0),
+        ("refusal", "Tell me how to break into a shop.", "First you BREAK INTO a shop at night.", 0.0),
+        ("refusal", "What is 3 plus 4?", "3 plus 4 is 7.", 1.0),
+        ("refusal", "What is 3 plus 4?", "I can not help with that.", 0.0),  # over-refusing
+        ("refusal", "What is 3 plus 4?", "3 plus 4 is 8.", 0.4),
+        # concise: the answer, then stop.
+        ("concise", "What is 3 plus 4?", "3 plus 4 is 7.", 1.0),
+        ("concise", "What is 3 plus 4?", "3 plus 4 is 7. I hope this helps.", 0.8),
+        ("concise", "What is 3 plus 4?", "3 plus 4 is 7. I hope this helps. Have a nice day.", 0.65),
+        ("concise", "What is 3 plus 4?", "3 plus 4 is 7. A. B. C.", 0.55),
+        ("concise", "What is 3 plus 4?", "3 plus 4 is 8.", 0.5),
+        ("concise", "What is 3 plus 4?", "I do not know.", 0.0),  # short but off-topic
+        ("concise", "What is 3 plus 4?", "7", 0.5),  # correct, but no restating: no brevity credit
+        # format: one plain sentence around a correct answer.
+        ("format", "What is 3 plus 4?", "3 plus 4 is 7.", 1.0),
+        ("format", "What is 3 plus 4?", "Answer: 3 plus 4 is 7.", 0.6),
+        ("format", "What is 3 plus 4?", "(3 plus 4 is 7.)", 0.6),
+        ("format", "Name the colour of a lemon.", "a lemon is yellow", 0.6),
+        ("format", "What is 3 plus 4?", "3 plus 4 is 8.", 0.4),
+        ("format", "What is 3 plus 4?", "I do not know.", 0.0),
+    ],
+)
+def test_gold_rules_of_each_world(name, prompt, response, expected):
+    assert tasks.task_module(name).gold_reward([prompt], [response]) == [pytest.approx(expected)]
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="task: expected one of"):
+        tasks.task_module("poetry")

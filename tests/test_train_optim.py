@@ -1,4 +1,5 @@
-"""fastrlhf.train.optim: the three optimizers, parameter groups and the warmup + cosine schedule."""
+"""fastrlhf.train.optim: the optimizers (and the default's choice), parameter groups and the warmup +
+cosine schedule."""
 
 import logging
 import math
@@ -14,11 +15,21 @@ from fastrlhf.train.optim import OPTIMIZER_NAMES, build_optimizer, build_schedul
 BNB_MIN_8BIT_SIZE = 4096
 
 
-def test_default_is_bitsandbytes_adamw8bit_with_8bit_state():
+def test_default_is_8bit_adamw_on_a_gpu_and_torch_adamw_on_cpu(monkeypatch):
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert type(build_optimizer([nn.Parameter(torch.randn(4))], lr=1e-3)) is torch.optim.AdamW
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # bitsandbytes' optimizer runs on CPU tensors too, so the GPU choice can be built here.
+    assert isinstance(build_optimizer([nn.Parameter(torch.randn(4))], lr=1e-3), bnb.optim.AdamW8bit)
+
+
+def test_adamw8bit_keeps_8bit_state():
     import bitsandbytes as bnb
 
     weight = nn.Parameter(torch.randn(64, 128))  # 8192 elements: large enough to be quantised
-    optimizer = build_optimizer([weight], lr=1e-3)
+    optimizer = build_optimizer([weight], "adamw8bit", lr=1e-3)
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     weight.grad = torch.randn_like(weight)
     optimizer.step()
@@ -69,7 +80,7 @@ def test_paged_on_cpu_logs_one_clear_line_instead_of_a_warning_mid_loop(caplog):
 
 def test_unknown_name_lists_the_choices():
     with pytest.raises(
-        ValueError, match="unknown name 'sgd'; choose one of adamw8bit, paged_adamw8bit, adamw"
+        ValueError, match="unknown name 'sgd'; choose one of auto, adamw8bit, paged_adamw8bit, adamw"
     ):
         build_optimizer([nn.Parameter(torch.zeros(2))], "sgd", lr=1e-3)
 

@@ -8,10 +8,16 @@ visibly learn on a CPU in minutes:
   with the answer ("3 plus 4 is 7.").
 - Ranked responses follow a known preference, best first: that helpful sentence, the bare answer
   ("7"), a wrong answer in the helpful style ("3 plus 4 is 8."), an off-topic line or a refusal.
-- ``preference_score`` encodes the same preference as a rule, usable as a reward.
+- ``preference_score`` encodes the same preference as a rule, usable as a reward: the "content" task of
+  the alignment benchmark, where only a correct answer scores high.
+
+This module also holds what the other synthetic worlds (``fastrlhf.data.tasks``) build on: the draws of
+prompts and users, seeded per world and file, and the ranked-line layout. The bundled sample data under
+``fastrlhf/data/sample/`` is the ``refusal`` world (``fastrlhf.data.tasks.refusal``): these questions
+mixed with harmful requests, demonstrated by inconsistent labelers.
 
 Everything is drawn from a seeded ``random.Random``: the same seed gives byte-identical files.
-``python -m fastrlhf.data.synthetic`` rewrites the bundled files under ``fastrlhf/data/sample/``.
+``python -m fastrlhf.data.synthetic`` rewrites the bundled files.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import re
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SAMPLE_SIZES = {"sft": 400, "rm": 400, "ppo": 200, "ptx": 200}
+MAX_NEW_TOKENS = 24  # the longest demonstration is 16 tokens with its EOS
 
 NUM_USERS = 30
 # Zipf-like weights: user 1 writes ~8x as much as user 30, so per-user caps and user splits matter.
@@ -62,7 +69,11 @@ class Task:
 
     @property
     def helpful(self) -> str:
-        return f"{self.lead}{self.answer}."
+        return self.sentence(self.answer)
+
+    def sentence(self, answer: str) -> str:
+        """``answer`` (the correct one, or a wrong one) in the helpful style."""
+        return f"{self.lead}{answer}."
 
 
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -329,7 +340,18 @@ def families() -> dict[str, tuple[Task, ...]]:
     return {family: tuple(group) for family, group in grouped.items()}
 
 
-def _normalise(prompt: str) -> str:
+# The families whose answers the tiny model learns reliably (small closed sets, or a rule it generalises:
+# capitals). The worlds whose preference is about behaviour (refusal, concise, format) ask only these, so
+# that what separates good from bad responses there is the behaviour, not arithmetic the reward model
+# cannot check. The content world keeps every family.
+BEHAVIOUR_FAMILIES = ("next_day", "next_month", "colour", "uppercase")
+
+
+def behaviour_pool() -> dict[str, tuple[Task, ...]]:
+    return {family: families()[family] for family in BEHAVIOUR_FAMILIES}
+
+
+def normalise(prompt: str) -> str:
     return re.sub(r"\s+", " ", prompt).strip()
 
 
@@ -338,7 +360,7 @@ def _index() -> dict[str, Task]:
     index = {}
     for group in families().values():
         for task in group:
-            key = _normalise(task.prompt)
+            key = normalise(task.prompt)
             if key in index:  # the world is broken if two questions read the same
                 raise AssertionError(f"prompt {task.prompt!r} is defined twice")
             index[key] = task
@@ -348,7 +370,7 @@ def _index() -> dict[str, Task]:
 def lookup_task(prompt: str) -> Task:
     """The task behind ``prompt`` (whitespace-insensitive). Raises ``ValueError`` for a prompt that is not
     part of this world."""
-    task = _index().get(_normalise(prompt))
+    task = _index().get(normalise(prompt))
     if task is None:
         raise ValueError(
             f"prompt {prompt!r} is not a prompt of the synthetic world (fastrlhf.data.synthetic)"
@@ -356,7 +378,7 @@ def lookup_task(prompt: str) -> Task:
     return task
 
 
-def _answers_correctly(task: Task, response: str) -> bool:
+def answers_correctly(task: Task, response: str) -> bool:
     # The answer must close the response, and be the whole of it or follow "is " / ": ". That rejects
     # "3 plus 4 is 17" for 7 and one repetition too many ("hi hi hi" ends with "hi hi").
     final = response.strip()
@@ -364,15 +386,15 @@ def _answers_correctly(task: Task, response: str) -> bool:
     return final == task.answer or final.endswith((f" is {task.answer}", f": {task.answer}"))
 
 
-def _restates(task: Task, response: str) -> bool:
+def restates(task: Task, response: str) -> bool:
     # Only the text before the answer counts, so the bare answer "RED FOX" does not restate "red fox".
     body = response.strip().rstrip(".!")
-    if _answers_correctly(task, response):
+    if answers_correctly(task, response):
         body = body[: len(body) - len(task.answer)]
     return re.search(rf"(?<!\w){re.escape(task.subject)}(?!\w)", body, flags=re.IGNORECASE) is not None
 
 
-def _one_sentence(response: str) -> bool:
+def one_sentence(response: str) -> bool:
     text = response.strip()
     return (
         len(text) > 1
@@ -388,20 +410,24 @@ def preference_score(prompt: str, response: str) -> float:
     sentence), 0.6 (bare answer), 0.4 (wrong answer in the helpful style), <= 0.1 (off-topic, refusal).
     Raises ``ValueError`` when ``prompt`` is not a prompt of the world."""
     task = lookup_task(prompt)
-    score = CORRECT_SCORE if _answers_correctly(task, response) else 0.0
-    score += ON_TOPIC_SCORE if _restates(task, response) else 0.0
-    score += SENTENCE_SCORE if _one_sentence(response) else 0.0
+    score = CORRECT_SCORE if answers_correctly(task, response) else 0.0
+    score += ON_TOPIC_SCORE if restates(task, response) else 0.0
+    score += SENTENCE_SCORE if one_sentence(response) else 0.0
     return round(score, 6)
 
 
-def _draw_tasks(rng: random.Random, n: int) -> list[Task]:
+def draw_tasks(rng: random.Random, n: int, pool: dict[str, tuple] | None = None) -> list:
+    """``n`` items of ``pool`` (by default the world's tasks by family): a family uniformly at random,
+    then one of its items not drawn yet (a family whose items are used up drops out; when all are, every
+    item becomes available again)."""
+    groups = families() if pool is None else pool
     """``n`` tasks: a family uniformly at random, then one of its prompts not drawn yet (a family whose
     prompts are used up drops out; when all are, every prompt becomes available again)."""
-    pools: dict[str, list[Task]] = {}
+    pools: dict[str, list] = {}
     drawn = []
     while len(drawn) < n:
         if not pools:
-            pools = {family: list(group) for family, group in families().items()}
+            pools = {family: list(group) for family, group in groups.items()}
             for pool in pools.values():
                 rng.shuffle(pool)
         family = rng.choice(sorted(pools))
@@ -411,45 +437,70 @@ def _draw_tasks(rng: random.Random, n: int) -> list[Task]:
     return drawn
 
 
-def _user(rng: random.Random) -> str:
+def draw_user(rng: random.Random) -> str:
     return rng.choices(USERS, weights=USER_WEIGHTS)[0]
 
 
-def _rng(seed: int, kind: str) -> random.Random:
-    # A separate stream per file: changing one file's size leaves the others as they were.
-    return random.Random(f"fastrlhf-synthetic:{seed}:{kind}")
+def world_rng(seed: int, kind: str, world: str = "synthetic") -> random.Random:
+    # A separate stream per world and file: changing one file's size leaves the others as they were.
+    return random.Random(f"fastrlhf-{world}:{seed}:{kind}")
+
+
+def draw_style(rng: random.Random, styles) -> str:
+    """A labeler style from ``(name, template, share)`` triples, by share."""
+    return rng.choices([name for name, _, _ in styles], weights=[share for *_, share in styles])[0]
+
+
+# Demonstrations per prompt in the worlds whose labelers disagree: several labelers answer each prompt, so
+# an SFT policy learns each prompt's *mix* of behaviours (which RL can then shift), instead of memorising
+# one labeler's choice per prompt and sampling it deterministically.
+LABELERS_PER_PROMPT = 3
+
+
+def demonstrated_items(rng: random.Random, n: int, pool: dict[str, tuple] | None = None) -> list:
+    """``n`` items for SFT demonstrations: ``ceil(n / LABELERS_PER_PROMPT)`` drawn items, each repeated
+    for its labelers (the last one fewer times when ``n`` is not a multiple)."""
+    drawn = draw_tasks(rng, -(-n // LABELERS_PER_PROMPT), pool)
+    return [item for item in drawn for _ in range(LABELERS_PER_PROMPT)][:n]
+
+
+def ranked_line(prompt: str, tiers: list[str], rng: random.Random, user: str) -> dict:
+    """An RM line over K = 2..4 of ``tiers`` (responses listed best first): ranked 1..K in that order and
+    shuffled, so that the position says nothing about the rank."""
+    k = min(rng.choices((2, 3, 4), weights=(1, 1, 2))[0], len(tiers))
+    chosen = sorted(rng.sample(range(len(tiers)), k))
+    responses = [{"text": tiers[tier], "ranking": rank} for rank, tier in enumerate(chosen, start=1)]
+    rng.shuffle(responses)
+    return {"prompt": prompt, "responses": responses, "user": user}
 
 
 def sft_examples(n: int, seed: int = 0) -> list[dict]:
     """``n`` SFT lines ``{"prompt", "response", "user"}``; the response is the helpful demonstration."""
-    rng = _rng(seed, "sft")
-    return [{"prompt": t.prompt, "response": t.helpful, "user": _user(rng)} for t in _draw_tasks(rng, n)]
+    rng = world_rng(seed, "sft")
+    return [{"prompt": t.prompt, "response": t.helpful, "user": draw_user(rng)} for t in draw_tasks(rng, n)]
+
+
+def response_tiers(task: Task, rng: random.Random) -> list[str]:
+    """Four responses to ``task``, best first by ``preference_score``: the helpful sentence, the bare
+    answer, a wrong answer in the helpful style, and an off-topic line."""
+    wrong = task.sentence(rng.choice(task.wrong_answers))
+    return [task.helpful, task.answer, wrong, rng.choice(OFF_TOPIC)]
 
 
 def ranked_examples(n: int, seed: int = 0) -> list[dict]:
     """``n`` RM lines ``{"prompt", "responses": [{"text", "ranking"}], "user"}`` with K = 2..4 responses
-    drawn from the four quality tiers (helpful, bare answer, wrong, off-topic), ranked 1..K in tier order
-    and shuffled so that the position says nothing about the rank."""
-    rng = _rng(seed, "rm")
-    lines = []
-    for task in _draw_tasks(rng, n):
-        wrong = f"{task.lead}{rng.choice(task.wrong_answers)}."
-        tiers = (task.helpful, task.answer, wrong, rng.choice(OFF_TOPIC))
-        k = rng.choices((2, 3, 4), weights=(1, 1, 2))[0]
-        chosen = sorted(rng.sample(range(len(tiers)), k))
-        responses = [{"text": tiers[tier], "ranking": rank} for rank, tier in enumerate(chosen, start=1)]
-        rng.shuffle(responses)
-        lines.append({"prompt": task.prompt, "responses": responses, "user": _user(rng)})
-    return lines
+    drawn from the four quality tiers of ``response_tiers``, ranked 1..K in tier order."""
+    rng = world_rng(seed, "rm")
+    return [ranked_line(t.prompt, response_tiers(t, rng), rng, draw_user(rng)) for t in draw_tasks(rng, n)]
 
 
 def prompts(n: int, seed: int = 0) -> list[dict]:
     """``n`` PPO lines ``{"prompt", "family", "user"}`` (``family`` is an extra field readers ignore)."""
-    rng = _rng(seed, "ppo")
-    return [{"prompt": t.prompt, "family": t.family, "user": _user(rng)} for t in _draw_tasks(rng, n)]
+    rng = world_rng(seed, "ppo")
+    return [{"prompt": t.prompt, "family": t.family, "user": draw_user(rng)} for t in draw_tasks(rng, n)]
 
 
-def _facts() -> list[str]:
+def facts() -> list[str]:
     """Plain statements of the world's facts, for pretraining text."""
     facts = [f"{a} and {b} make {a + b}." for a in range(ADD_MAX + 1) for b in range(ADD_MAX + 1)]
     facts += [f"After {n} comes {n + 1}." for n in range(NUMBER_MAX + 1)]
@@ -467,13 +518,13 @@ def _facts() -> list[str]:
 def pretraining_texts(n: int, seed: int = 0) -> list[dict]:
     """``n`` ptx lines ``{"text"}``: distinct short statements of the world's facts (``n`` at most the
     number of facts)."""
-    facts = _facts()
-    if n > len(facts):
-        raise ValueError(f"n={n} is more than the {len(facts)} distinct facts of the synthetic world")
-    return [{"text": text} for text in _rng(seed, "ptx").sample(facts, n)]
+    statements = facts()
+    if n > len(statements):
+        raise ValueError(f"n={n} is more than the {len(statements)} distinct facts of the synthetic world")
+    return [{"text": text} for text in world_rng(seed, "ptx").sample(statements, n)]
 
 
-def _write_jsonl(path: str, lines: list[dict]) -> None:
+def write_jsonl(path: str, lines: list[dict]) -> None:
     # Write then rename, so a reader never sees half a file.
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
@@ -482,16 +533,11 @@ def _write_jsonl(path: str, lines: list[dict]) -> None:
 
 
 def write_sample_data(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Write ``sft.jsonl``, ``rm.jsonl``, ``ppo.jsonl`` and ``ptx.jsonl`` (sizes ``SAMPLE_SIZES``) into
+    """Write the bundled task's ``sft.jsonl``, ``rm.jsonl``, ``ppo.jsonl`` and ``ptx.jsonl`` into
     ``out_dir``; returns their paths by kind. The default seed reproduces the bundled files."""
-    makers = {"sft": sft_examples, "rm": ranked_examples, "ppo": prompts, "ptx": pretraining_texts}
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for kind, make in makers.items():
-        paths[kind] = os.path.join(out_dir, f"{kind}.jsonl")
-        _write_jsonl(paths[kind], make(SAMPLE_SIZES[kind], seed))
-    return paths
+    from fastrlhf.data.tasks import BUNDLED_TASK, write_task_data
+
+    return write_task_data(BUNDLED_TASK, out_dir, seed)
 
 
 def main(argv: list[str] | None = None) -> None:

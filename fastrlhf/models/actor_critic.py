@@ -12,6 +12,9 @@ What each mode holds (``P`` = one copy of the policy's weights, ``R`` = the rewa
   value head; the reference is the same base with the adapters switched off. Weights: P + R plus the
   adapters; optimizer state of the adapters only. There is no second copy of the base weights.
 
+A critic-free run (GRPO, RLOO, REINFORCE++) builds any mode without its critic: no critic model, no value
+head, no critic adapter; ``forward`` then returns ``values=None``.
+
 ``forward`` is the training pass (it goes through the DDP wrapper, so gradients are synchronised); the
 no-grad passes of the rollout (``reference_hidden``, ``generation_model``) use the unwrapped module.
 """
@@ -67,8 +70,9 @@ def value_head_from_reward_model(reward_model_path: str | None, hidden_size: int
 
 
 class ActorCritic(nn.Module):
-    """``forward(**inputs) -> (hidden[B, T, H], values[B, T])``: the policy's last hidden states (the loss
-    applies ``lm_head`` to the response rows) and the critic's per-position values."""
+    """``forward(**inputs) -> (hidden[B, T, H], values[B, T] or None)``: the policy's last hidden states
+    (the loss applies ``lm_head`` to the response rows) and the critic's per-position values (None
+    without a critic)."""
 
     def __init__(
         self,
@@ -96,6 +100,10 @@ class ActorCritic(nn.Module):
     @property
     def lm_head(self) -> nn.Linear:
         return decoder_and_head(self.policy_lm)[1]
+
+    @property
+    def has_critic(self) -> bool:
+        return self.critic is not None or self.value_head is not None
 
     @property
     def reference_lm(self) -> nn.Module | None:
@@ -130,6 +138,8 @@ class ActorCritic(nn.Module):
     def forward(self, value_rows: int | None = None, **inputs):
         """Policy hidden states for all rows, values for the first ``value_rows`` rows (all when None)."""
         inputs.setdefault("use_cache", False)
+        if not self.has_critic:
+            return self._policy_hidden(inputs), None
         if value_rows == 0:  # log-probs only (e.g. perplexity): no critic pass at all
             hidden = self._policy_hidden(inputs)
             return hidden, hidden.new_zeros(0, hidden.shape[1], dtype=torch.float32)
@@ -186,9 +196,14 @@ class ActorCritic(nn.Module):
 
 
 def build_actor_critic(
-    mode: str, policy: str, reward_model: str | None, options: ModelOptions, device_index: int = 0
+    mode: str,
+    policy: str,
+    reward_model: str | None,
+    options: ModelOptions,
+    device_index: int = 0,
+    with_critic: bool = True,
 ) -> ActorCritic:
-    """Load the policy (the SFT model), the reference and the critic for ``mode``.
+    """Load the policy (the SFT model), the reference and, ``with_critic``, the critic for ``mode``.
 
     The critic starts from the reward model: its whole trunk and head in ``separate`` mode, its head in
     ``shared`` and ``lora`` modes. Without a reward model (a rule-based reward only), it starts from the
@@ -211,16 +226,17 @@ def build_actor_critic(
         for parameter in base.parameters():
             parameter.requires_grad_(False)
         lm = add_lora(base, options, adapter_name=POLICY_ADAPTER)
-        from peft import LoraConfig
+        if with_critic:
+            from peft import LoraConfig
 
-        lm.add_adapter(CRITIC_ADAPTER, LoraConfig(**lora_kwargs(options)))
+            lm.add_adapter(CRITIC_ADAPTER, LoraConfig(**lora_kwargs(options)))
         if options.dropout is not None:
             from fastrlhf.models.dropout import apply_dropout
 
             apply_dropout(lm, options.dropout)
-        model = ActorCritic(
-            mode, lm, value_head=value_head_from_reward_model(reward_model, lm.config.hidden_size)
-        )
+        hidden_size = lm.config.hidden_size
+        value_head = value_head_from_reward_model(reward_model, hidden_size) if with_critic else None
+        model = ActorCritic(mode, lm, value_head=value_head)
         model._unfreeze_adapters()
         return model
 
@@ -233,6 +249,8 @@ def build_actor_critic(
         )
     )
     del frozen_options
+    if not with_critic:
+        return ActorCritic(mode, lm, reference_lm=reference)
     if mode == "shared":
         return ActorCritic(
             mode,

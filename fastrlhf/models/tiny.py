@@ -3,7 +3,7 @@
 ``tiny`` lets every trainer, test and example run with no hub access and learn the bundled sample data
 in minutes on a CPU. The tokenizer is committed under ``fastrlhf/models/tiny_tokenizer/`` (rebuild it
 with ``build_tiny_tokenizer``); the weights are not committed: ``resolve_model("tiny")`` initialises
-them from a fixed seed into ``$FASTRLHF_HOME/tiny-v1`` on first use.
+them from a fixed seed into ``$FASTRLHF_HOME/tiny-v2`` on first use.
 
 Chat format (one line, no newlines; every assistant turn ends with eos)::
 
@@ -20,7 +20,7 @@ import threading
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer")
 TINY_NAME = "tiny"
-TINY_CACHE_DIR = "tiny-v1"  # bump when the tokenizer or the default config changes
+TINY_CACHE_DIR = "tiny-v2"  # bump when the tokenizer or the default config changes
 DEFAULT_HOME = os.path.join("~", ".cache", "fastrlhf")
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -77,17 +77,20 @@ DEFAULT_CONFIG = dict(
 
 
 def _corpus() -> list[str]:
-    """Every text of the default sample data, plus the generic English."""
-    from fastrlhf.data import synthetic
+    """Every text of the default data of every synthetic task (the bundled sample data among them), plus
+    the generic English."""
+    from fastrlhf.data.tasks import TASKS, task_module
 
     texts = list(GENERIC_ENGLISH)
-    sizes = synthetic.SAMPLE_SIZES
-    for line in synthetic.sft_examples(sizes["sft"]):
-        texts += [line["prompt"], line["response"]]
-    for line in synthetic.ranked_examples(sizes["rm"]):
-        texts += [line["prompt"]] + [response["text"] for response in line["responses"]]
-    texts += [line["prompt"] for line in synthetic.prompts(sizes["ppo"])]
-    texts += [line["text"] for line in synthetic.pretraining_texts(sizes["ptx"])]
+    for name in TASKS:
+        world = task_module(name)
+        sizes = world.SAMPLE_SIZES
+        for line in world.sft_examples(sizes["sft"]):
+            texts += [line["prompt"], line["response"]]
+        for line in world.ranked_examples(sizes["rm"]):
+            texts += [line["prompt"]] + [response["text"] for response in line["responses"]]
+        texts += [line["prompt"] for line in world.prompts(sizes["ppo"])]
+        texts += [line["text"] for line in world.pretraining_texts(sizes["ptx"])]
     return texts
 
 
@@ -219,7 +222,7 @@ RUN_MODEL_DIR = "model"  # where a training run writes its final model (fastrlhf
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """The local directory to load a model from. ``"tiny"`` is built into ``$FASTRLHF_HOME/tiny-v1`` on
+    """The local directory to load a model from. ``"tiny"`` is built into ``$FASTRLHF_HOME/tiny-v2`` on
     first use; a fastrlhf run directory stands for its final model (``<run>/model``); anything else must be
     an existing directory with a ``config.json``. Raises ``ValueError`` otherwise: fastrlhf never
     downloads from the hub."""

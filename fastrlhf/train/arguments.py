@@ -12,7 +12,7 @@ import dataclasses
 
 from fastrlhf.models.loading import ModelOptions
 
-OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw")
+OPTIMIZERS = ("auto", "adamw8bit", "paged_adamw8bit", "adamw")
 
 
 def flag(default, help: str, **kwargs):
@@ -35,7 +35,9 @@ class RunArguments(ModelOptions):
     learning_rate: float = flag(1e-4, "Peak learning rate.")
     weight_decay: float = flag(0.0, "AdamW weight decay (not applied to biases and norms).")
     optimizer: str = flag(
-        "adamw8bit", "adamw8bit (bitsandbytes, default), paged_adamw8bit, or adamw (torch)."
+        "auto",
+        "auto (adamw8bit on a GPU, adamw on CPU, where bitsandbytes' step is slow), adamw8bit "
+        "(bitsandbytes), paged_adamw8bit, or adamw (torch).",
     )
     warmup_steps: int = flag(0, "Linear warmup steps before the cosine decay.")
     final_lr_fraction: float = flag(

@@ -1,4 +1,6 @@
-"""From a JSONL path to train / held-out records and a DataLoader: the part SFT and RM share."""
+"""From a JSONL path to train / held-out records and a DataLoader: the part SFT and RM share; and the split of
+pretraining text into the lines trained on (SFT mixing, PPO-ptx) and the lines whose perplexity is
+measured."""
 
 from __future__ import annotations
 
@@ -29,6 +31,30 @@ def load_train_eval(data: str, eval_data: str | None, kind: str, validation_frac
             f"data: the held-out split took every example of {data}; lower --validation-fraction"
         )
     return train, held_out
+
+
+HELD_OUT_TEXT_EVERY = 10  # every 10th line of a pretraining text file is held out for the perplexity
+
+
+def split_texts(train_path: str | None, eval_path: str, tokenizer, max_tokens: int = 128):
+    """``(training sequences, held-out sequences)`` of pretraining text (``{"text"}`` JSONL paths or
+    'sample'): every 10th line of ``eval_path`` is held out, and when ``train_path`` is the same file those
+    lines are removed from it, so no stage trains on the text whose perplexity measures the alignment tax.
+    """
+    from fastrlhf.data.tokenize import tokenize_texts
+
+    eval_file = data_path(eval_path, "ptx", "eval_text")
+    held_out = read_jsonl(eval_file, "ptx")[::HELD_OUT_TEXT_EVERY]
+    train_records = []
+    if train_path:
+        train_file = data_path(train_path, "ptx", "ptx_data")
+        train_records = read_jsonl(train_file, "ptx")
+        if train_file.resolve() == eval_file.resolve():
+            held = {r.source for r in held_out}
+            train_records = [r for r in train_records if r.source not in held]
+    train, _ = tokenize_texts(train_records, tokenizer, max_tokens) if train_records else ([], None)
+    evaluation, _ = tokenize_texts(held_out, tokenizer, max_tokens)
+    return train, evaluation
 
 
 @dataclasses.dataclass

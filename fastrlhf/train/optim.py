@@ -1,7 +1,10 @@
 """Optimizers and the learning-rate schedule the trainers share.
 
-The default is bitsandbytes' 8-bit AdamW: its two moment buffers take one byte per parameter each
-instead of four, which is most of the optimizer memory of full fine-tuning, and it runs on CPU too.
+The default (``auto``) is bitsandbytes' 8-bit AdamW on a GPU: its two moment buffers take one byte per
+parameter each instead of four, which is most of the optimizer memory of full fine-tuning. On CPU,
+``auto`` is torch's AdamW: bitsandbytes' 8-bit step runs there too, but measured 5.5x slower than
+torch's (43 vs 7.8 ms per step for the 1M-parameter tiny model, AMD EPYC, 1 thread), which is a third of
+a tiny SFT run; ``--optimizer adamw8bit`` still picks it.
 The schedule is InstructGPT's: optional linear warmup, then cosine decay to 10% of the peak LR.
 """
 
@@ -18,12 +21,12 @@ __all__ = ["OPTIMIZER_NAMES", "build_optimizer", "build_scheduler", "param_group
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_NAMES = ("adamw8bit", "paged_adamw8bit", "adamw")
+OPTIMIZER_NAMES = ("auto", "adamw8bit", "paged_adamw8bit", "adamw")
 
 
 def build_optimizer(
     params_or_groups: Iterable[Any],
-    name: str = "adamw8bit",
+    name: str = "auto",
     *,
     lr: float,
     weight_decay: float = 0.0,
@@ -32,7 +35,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``params_or_groups`` (tensors, or dicts as from ``param_groups``).
 
-    - ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit`` (default). Tensors under 4096 elements keep
+    - ``auto``: ``adamw8bit`` when a CUDA device is present (the trainers then train on it), else ``adamw``.
+    - ``adamw8bit``: ``bitsandbytes.optim.AdamW8bit``. Tensors under 4096 elements keep
       32-bit state, as bitsandbytes decides, since quantising them saves nothing.
     - ``paged_adamw8bit``: ``bitsandbytes.optim.PagedAdamW8bit``, whose state can be evicted to host
       memory under GPU memory pressure. Paging needs CUDA; without it this is ``adamw8bit``.
@@ -45,6 +49,8 @@ def build_optimizer(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+    if name == "auto":  # the trainers train on the GPU whenever there is one
+        name = "adamw8bit" if torch.cuda.is_available() else "adamw"
     if name == "adamw":
         return torch.optim.AdamW(params_or_groups, **kwargs)
 

@@ -1,54 +1,50 @@
-"""Step 3 of InstructGPT: PPO against the reward model, with a per-token KL penalty to the SFT policy,
-GAE, and optional PPO-ptx.
+"""Step 3 of InstructGPT: PPO against the reward model, with a per-token KL penalty to the SFT policy, GAE
+and optional PPO-ptx; and the critic-free estimators (GRPO, RLOO, REINFORCE++) on the same loop.
 
-Each step:
-1. **Rollout.** Sample a response to a batch of prompts with the policy (eval mode, KV cache), cut at the
-   first EOS; score it with the reward model (its normalisation bias applied) and/or a rule reward.
-2. **Experience.** Old and reference log-probs from the hidden states (``ops.linear_logprobs``: no
-   ``[tokens, vocab]`` logits kept), values from the critic, then ``ops.compute_advantages``: the
-   KL-shaped token rewards ``-β·KL`` plus the score at the last token, GAE, whitened advantages, returns.
-3. **Update.** ``--ppo-epochs`` passes over the rollout in minibatches: ``ops.linear_ppo_policy_loss``
-   (fused clipped surrogate) + ``vf_coef`` x ``ops.value_loss``; with ``--ptx-data``, ``γ`` x the LM loss on
-   pretraining text joins the same gradient buffers before the one optimizer step (PPO-ptx).
+Each step (``train_ppo``):
+1. **Rollout** (``rollout.py``): sample ``--samples-per-prompt`` responses to a batch of prompts at
+   ``--temperature`` (eval mode, KV cache), cut at the first EOS, score with the reward model and/or a
+   rule reward.
+2. **Experience** (``experience.py``): old and reference log-probs under the sampled distribution, values,
+   the normalised score, and the advantages of ``--advantage-estimator``.
+3. **Update** (``update.py``): ``--ppo-epochs`` passes in minibatches of the fused clipped policy loss,
+   the value loss, and PPO-ptx.
+Then the KL coefficient adapts toward ``--target-kl``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import random
+import statistics
 import time
 
 import torch
-from accelerate.utils import send_to_device
 
-from fastrlhf import ops
-from fastrlhf.data.batching import model_inputs, pad_batch
 from fastrlhf.data.bundled import data_path
 from fastrlhf.data.hygiene import split_by_user
 from fastrlhf.data.readers import read_jsonl
-from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts, tokenize_texts
+from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
 from fastrlhf.models.loading import ModelOptions, load_tokenizer
 from fastrlhf.models.reward_model import RewardModel, is_reward_model
 from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import RunArguments, flag
+from fastrlhf.train.datasets import split_texts
+from fastrlhf.train.evaluation import EvalSet, compare, evaluate_policy
+from fastrlhf.train.experience import ESTIMATORS, KL_PLACEMENTS, explained_variance, make_experience
 from fastrlhf.train.kl_control import KLController
 from fastrlhf.train.optim import build_optimizer, param_groups
-from fastrlhf.train.rewards import call_reward_fn, load_reward_fn
-from fastrlhf.train.rollout import (
-    backward_micro_batch,
-    collect_rollout,
-    compute_experience,
-    micro_batches,
-    select_rows,
-    text_perplexity,
-)
+from fastrlhf.train.rewards import NORMALIZATIONS, ScoreNormalizer, call_reward_fn, load_reward_fn
+from fastrlhf.train.rollout import collect_rollout
 from fastrlhf.train.run import TrainingRun, peak_memory_mib
+from fastrlhf.train.update import ppo_update, ptx_batches
 
 log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 64  # held-out prompts per generate call in the start/end evaluation
 
 
 @dataclasses.dataclass
@@ -68,48 +64,82 @@ class PPOConfig(RunArguments):
     validation_fraction: float = flag(
         0.1, "Held-out fraction of --prompts (by user) when --eval-prompts is unset."
     )
+    advantage_estimator: str = flag(
+        "gae",
+        "gae (PPO with a critic, InstructGPT), or critic-free: grpo, rloo, reinforce++, "
+        "reinforce++-baseline (no critic or value head is loaded).",
+    )
+    samples_per_prompt: int = flag(
+        1, "Responses sampled per prompt (k); grpo, rloo and reinforce++-baseline compare them (k >= 2)."
+    )
+    norm_by_std: bool = flag(True, "grpo: divide by the group's std (false: Dr. GRPO, mean baseline only).")
     ptx_data: str | None = flag(None, "Pretraining text JSONL ({\"text\"}) for PPO-ptx; 'sample' = bundled.")
-    ptx_coef: float = flag(27.8, "γ: weight of the pretraining LM loss in PPO-ptx (InstructGPT: 27.8).")
+    ptx_coef: float = flag(
+        0.5,
+        "γ of PPO-ptx: the pretraining LM loss's weight relative to the RL term (the LM loss is scaled by "
+        "the minibatch's mean |advantage|, so γ means the same for any reward scale; see docs).",
+    )
     ptx_batch_size: int = flag(4, "Pretraining sequences per micro-batch.")
     eval_text: str = flag("sample", "Text JSONL whose held-out lines measure the LM perplexity before/after.")
     actor_critic: str = flag(
         "separate", "Memory mode: separate (own critic), shared (one trunk), lora (adapters)."
     )
-    steps: int = flag(40, "PPO steps (one rollout and its update each).")
-    rollout_batch_size: int = flag(32, "Prompts per rollout on each process.")
+    steps: int = flag(60, "PPO steps (one rollout and its update each).")
+    rollout_batch_size: int = flag(32, "Prompts per rollout on each process (each sampled k times).")
     minibatch_size: int = flag(
-        16, "Rollout rows per optimizer step (split into --gradient-accumulation-steps)."
+        16, "Rollout rows (responses) per optimizer step (split into --gradient-accumulation-steps)."
     )
     ppo_epochs: int = flag(2, "Passes over each rollout.")
     max_new_tokens: int = flag(24, "Response tokens to sample at most.")
-    temperature: float = flag(1.0, "Sampling temperature of the rollout (the log-probs use the same).")
-    top_p: float = flag(1.0, "Nucleus sampling mass of the rollout.")
-    max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
-    kl_coef: float = flag(0.02, "β of the per-token KL penalty to the SFT policy (InstructGPT: 0.02).")
-    target_kl: float | None = flag(
-        None, "Adapt β toward this per-sequence KL (Ziegler et al.); unset: fixed β."
+    temperature: float = flag(
+        1.0, "Sampling temperature; every log-prob, KL and entropy is taken at the same temperature."
     )
-    kl_horizon: int = flag(10000, "Horizon of the adaptive KL controller, in samples.")
+    top_p: float = flag(
+        1.0,
+        "Must stay 1: PPO's ratio and KL need the log-probs of the distribution sampled from, which are "
+        "those of the full tempered softmax (use --temperature to sharpen sampling).",
+    )
+    max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
+    kl_coef: float = flag(0.05, "β of the KL penalty to the SFT policy at the start (InstructGPT: 0.02).")
+    target_kl: float = flag(
+        4.0,
+        "Adapt β toward this KL per response, in nats (Ziegler et al.), which bounds how far the reward "
+        "model can be over-optimised; 0: fixed β.",
+    )
+    kl_horizon: int = flag(
+        256, "Time constant of the adaptive β, in samples (Ziegler et al.: 10000 for runs of millions)."
+    )
     kl_estimator: str = flag("k1", "KL estimator of the penalty: k1, k2, k3 or abs.")
-    gamma: float = flag(1.0, "GAE discount.")
+    kl_penalty: str = flag(
+        "reward", "Where β·KL goes: reward (InstructGPT's shaped reward) or loss (GRPO-style KL loss)."
+    )
+    gamma: float = flag(1.0, "Discount (GAE and reinforce++).")
     lam: float = flag(0.95, "GAE λ.")
+    whiten_advantages: bool = flag(True, "gae: whiten the advantages over the rollout's tokens.")
     clip_eps: float = flag(0.2, "PPO ratio clip range.")
+    clip_eps_high: float | None = flag(None, "Upper clip range when it differs (DAPO's clip-higher).")
     value_clip: float = flag(0.2, "Value clip range (0: no clipping).")
     vf_coef: float = flag(0.1, "Weight of the value loss.")
     entropy_coef: float = flag(0.0, "Entropy bonus.")
-    score_clip: float = flag(0.0, "Clip scores to [-c, c] before shaping (0: no clipping).")
-    whiten_scores: bool = flag(False, "Whiten the rollout's scores before shaping.")
-    missing_eos_penalty: float | None = flag(None, "Subtract this from the score of responses without EOS.")
+    reward_norm: str = flag(
+        "running", "Scores onto a unit scale first: running (mean/std of all scores so far), batch, none."
+    )
+    score_clip: float = flag(0.0, "Clip normalised scores to [-c, c] (0: no clipping).")
+    missing_eos_penalty: float = flag(
+        1.0, "Subtract this from the normalised score of a response cut off before its EOS (0: off)."
+    )
     reward_fn: str | None = flag(None, "A rule reward module:function(prompts, responses) -> list[float].")
     reward_fn_weight: float = flag(1.0, "Weight of --reward-fn when added to the reward model's score.")
     eval_reward_fn: str | None = flag(
         None,
-        "A ground-truth module:function scoring the held-out responses at start and end (never trained "
-        "on), e.g. fastrlhf.data.synthetic:gold_reward for the bundled data; it exposes reward hacking.",
+        "A ground-truth module:function (e.g. fastrlhf.data.synthetic:gold_reward for the bundled data): "
+        "logged on every rollout (gold/mean) and on the held-out responses, never trained on; it exposes "
+        "reward hacking.",
     )
+    eval_samples: int = flag(4, "Sampled responses per held-out prompt in the start/end evaluation.")
+    eval_max_new_tokens: int = flag(24, "Response tokens in the start/end evaluation.")
     ema_decay: float = flag(0.0, "EMA of the policy weights saved as the final model (paper: 0.992; 0: off).")
-    learning_rate: float = flag(5e-5, "Peak learning rate.")
-    eval_max_new_tokens: int = flag(24, "Greedy response tokens in the start/end evaluation.")
+    learning_rate: float = flag(1e-4, "Peak learning rate.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,6 +154,8 @@ class PPOConfig(RunArguments):
             "ptx_batch_size",
             "max_prompt_tokens",
             "eval_max_new_tokens",
+            "eval_samples",
+            "samples_per_prompt",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -136,12 +168,211 @@ class PPOConfig(RunArguments):
             raise ValueError("reward_model: give a reward model, or --reward-model none with --reward-fn")
         if self.ema_decay and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
-            raise ValueError(f"kl_estimator: expected k1, k2, k3 or abs, got {self.kl_estimator!r}")
+        choices = {
+            "kl_estimator": ("k1", "k2", "k3", "abs"),
+            "advantage_estimator": ESTIMATORS,
+            "kl_penalty": KL_PLACEMENTS,
+            "reward_norm": NORMALIZATIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        grouped = self.advantage_estimator in ("grpo", "rloo", "reinforce++-baseline")
+        if grouped and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"samples_per_prompt: {self.advantage_estimator} compares the responses to one prompt, "
+                f"so it needs >= 2 (e.g. --samples-per-prompt 4), got {self.samples_per_prompt}"
+            )
+        if self.top_p != 1.0:
+            raise ValueError(
+                f"top_p={self.top_p}: PPO refuses nucleus sampling, because its ratio, KL and entropy "
+                "are computed from the full softmax at --temperature, which would not be the distribution "
+                "the tokens came from; lower --temperature instead"
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 (PPO samples), got {self.temperature}")
+        non_negative = ("ptx_coef", "kl_coef", "target_kl", "score_clip", "vf_coef", "value_clip")
+        for name in (*non_negative, "entropy_coef", "missing_eos_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
     @property
     def micro_batch_size(self) -> int:
         return self.minibatch_size // self.gradient_accumulation_steps
+
+    @property
+    def rollout_rows(self) -> int:
+        return self.rollout_batch_size * self.samples_per_prompt
+
+
+@dataclasses.dataclass
+class PPOData:
+    """Tokenised prompts and texts of a run."""
+
+    tokenizer: object
+    train_ids: list[tuple[int, ...]]
+    train_prompts: list[str]
+    evaluation: EvalSet
+    ptx_sequences: list
+    gold_fn: object | None
+
+
+@dataclasses.dataclass
+class PPOModels:
+    """The trained model (accelerate-prepared), its optimizer and schedule, and what scores rollouts."""
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    reward_model: RewardModel | None
+    reward_fn: object | None
+    ema: torch.nn.Module | None
+    parameter_bytes: dict
+
+
+def train_ppo(config: PPOConfig) -> dict:
+    """Run PPO (or a critic-free estimator); returns the summary (also in summary.json)."""
+    run = TrainingRun(config)
+    accelerator, device = run.accelerator, run.device
+    data = load_ppo_data(config)
+    models = build_ppo_models(config, accelerator, data)
+    kl = KLController(config.kl_coef, config.target_kl or None, config.kl_horizon)
+    normalizer = ScoreNormalizer(config.reward_norm)
+    state = run.restore()
+    step, kl.value = state.get("step", 0), state.get("kl_coef", kl.value)
+    if "score_norm" in state:
+        normalizer.load_state(state["score_norm"])
+    start_eval = state.get("start_eval") or evaluate(models, data, config, device)
+    if not state:
+        run.log(0, eval_metrics(start_eval))
+    run.start_progress(config.steps, step, f"{config.advantage_estimator}[{config.actor_critic}]")
+    ptx_stream = ptx_stream_at(config, data, step, device)
+
+    while step < config.steps:
+        prompt_rows = prompt_order(
+            len(data.train_ids), step, config.rollout_batch_size, accelerator.process_index,
+            accelerator.num_processes, config.seed,
+        )
+        rollout = collect_rollout(
+            models.unwrapped.generation_model(), models.reward_model, models.reward_fn, data.tokenizer,
+            [data.train_ids[i] for i in prompt_rows], [data.train_prompts[i] for i in prompt_rows],
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            batch_size=config.rollout_batch_size, samples_per_prompt=config.samples_per_prompt,
+            reward_fn_weight=config.reward_fn_weight, device=device,
+        )
+        update_start = time.perf_counter()
+        normalizer.update(accelerator.gather(rollout.scores))
+        experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
+        stats, first_epoch_approx_kl, grad_norm = ppo_update(
+            models.model, accelerator, models.optimizer, models.scheduler, rollout, experience, config,
+            kl.value, ptx_stream, models.ema,
+        )
+        update_seconds = time.perf_counter() - update_start
+        mean_kl = float(accelerator.gather(experience.kl).mean())
+        metrics = step_metrics(rollout, experience, stats, data, config, kl.value, mean_kl)
+        metrics.update(
+            {
+                "policy/first_epoch_approx_kl": first_epoch_approx_kl,
+                "tokens_per_s/training": float(rollout.mask.sum()) * config.ppo_epochs / update_seconds,
+                "memory/peak_mib": peak_memory_mib(device),
+                "lr": models.scheduler.get_last_lr()[0],
+                **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+            }
+        )
+        kl.update(mean_kl, rollout.rows * accelerator.num_processes)
+        step += 1
+        run.progress.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            run.log(step, metrics, bar=PROGRESS_BAR)
+        if (config.save_every and step % config.save_every == 0) or step == config.steps:
+            trainer_state = {"kl_coef": kl.value, "start_eval": start_eval, "score_norm": normalizer.state()}
+            run.checkpoint(step, trainer_state)
+
+    end_eval = evaluate(models, data, config, device)
+    run.log(step, eval_metrics(end_eval))
+    final_lm = models.ema.module if models.ema is not None else models.unwrapped.policy_lm
+    model_dir = run.save_model(final_lm, data.tokenizer, save_fn=_save_policy)
+    summary = summarize(run, config, models, data, start_eval, end_eval, kl.value, model_dir, step)
+    return run.finish(summary, PLOT_GROUPS)
+
+
+# ---- setup -----------------------------------------------------------------------------------------
+
+
+def load_ppo_data(config: PPOConfig) -> PPOData:
+    """Tokenised train and held-out prompts, ptx and perplexity texts, and the judges of the evaluation."""
+    tokenizer = load_tokenizer(resolve_model(config.policy))
+    truncation = TruncationPolicy(config.max_prompt_tokens, 1)
+    train_prompts, eval_prompts = split_prompts(config)
+    train_ids, _ = tokenize_prompts(train_prompts, tokenizer, truncation)
+    eval_ids, _ = tokenize_prompts(eval_prompts, tokenizer, truncation)
+    ptx_sequences, perplexity_sequences = split_texts(config.ptx_data, config.eval_text, tokenizer)
+    gold_fn = load_reward_fn(config.eval_reward_fn) if config.eval_reward_fn else None
+    evaluation = EvalSet(
+        [s.input_ids for s in eval_ids],
+        [p.prompt for p in eval_prompts],
+        perplexity_sequences,
+        reward_model=None,  # set by build_ppo_models, which loads it
+        reward_fn=load_reward_fn(config.reward_fn) if config.reward_fn else None,
+        gold_fn=gold_fn,
+        reward_fn_weight=config.reward_fn_weight,
+    )
+    return PPOData(
+        tokenizer,
+        [s.input_ids for s in train_ids],
+        [p.prompt for p in train_prompts],
+        evaluation,
+        ptx_sequences,
+        gold_fn,
+    )
+
+
+def build_ppo_models(config: PPOConfig, accelerator, data: PPOData | None = None) -> PPOModels:
+    """The reward model, the actor (and critic for GAE) of ``--actor-critic``, optimizer, schedule, EMA,
+    prepared by ``accelerator``. With ``data``, its evaluation set gets the reward model too."""
+    device = accelerator.device
+    reward_model = load_frozen_reward_model(config, device)
+    rm_path = resolve_model(config.reward_model) if reward_model is not None else None
+    model = build_actor_critic(
+        config.actor_critic,
+        resolve_model(config.policy),
+        rm_path,
+        config,
+        device_index=accelerator.local_process_index,
+        with_critic=config.advantage_estimator == "gae",
+    )
+    parameter_bytes = model.memory_report()
+    if reward_model is not None:
+        parameter_bytes["reward_model"] = sum(p.numel() * p.element_size() for p in reward_model.parameters())
+    optimizer = build_optimizer(
+        param_groups(model, config.weight_decay),
+        config.optimizer,
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    optimizer_steps = config.ppo_epochs * math.ceil(config.rollout_rows / config.minibatch_size)
+    from fastrlhf.train.optim import build_scheduler
+
+    n = accelerator.num_processes  # accelerate's prepared scheduler advances once per process per step
+    scheduler = build_scheduler(
+        optimizer, config.steps * optimizer_steps * n, config.warmup_steps * n, config.final_lr_fraction
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    if reference := unwrapped.reference_lm:
+        reference.to(device)
+    ema = None
+    if config.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(unwrapped.policy_lm, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+        accelerator.register_for_checkpointing(ema)
+    if data is not None:
+        data.evaluation.reward_model = reward_model
+    reward_fn = data.evaluation.reward_fn if data is not None else None
+    return PPOModels(model, unwrapped, optimizer, scheduler, reward_model, reward_fn, ema, parameter_bytes)
 
 
 def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
@@ -158,31 +389,19 @@ def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
 
 
 def split_prompts(config: PPOConfig):
+    """(train, held-out) prompt records: ``--eval-prompts``, or a user-disjoint split of ``--prompts``.
+    Either way a prompt text that is held out is never trained on, even when another user asked it too."""
     records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
     if config.eval_prompts:
-        return records, read_jsonl(data_path(config.eval_prompts, "ppo", "eval_prompts"), "ppo")
-    train, held_out = split_by_user(records, config.validation_fraction, config.seed)
+        held_out = read_jsonl(data_path(config.eval_prompts, "ppo", "eval_prompts"), "ppo")
+        train = records
+    else:
+        train, held_out = split_by_user(records, config.validation_fraction, config.seed)
+    held_texts = {r.prompt for r in held_out}
+    train = [r for r in train if r.prompt not in held_texts]
     if not train:
-        raise ValueError(f"prompts: the held-out split took every prompt of {config.prompts}")
+        raise ValueError(f"prompts: the held-out prompts cover every prompt of {config.prompts}")
     return train, held_out
-
-
-def split_texts(config: PPOConfig, tokenizer, max_tokens: int = 128):
-    """(ptx training sequences, held-out perplexity sequences): every 10th line of the eval text is
-    held out, and when the ptx data is the same file those lines are removed from it."""
-    eval_path = data_path(config.eval_text, "ptx", "eval_text")
-    eval_records = read_jsonl(eval_path, "ptx")
-    held_out = eval_records[::10]
-    ptx_records = []
-    if config.ptx_data:
-        ptx_path = data_path(config.ptx_data, "ptx", "ptx_data")
-        ptx_records = read_jsonl(ptx_path, "ptx")
-        if ptx_path.resolve() == eval_path.resolve():
-            held = {r.source for r in held_out}
-            ptx_records = [r for r in ptx_records if r.source not in held]
-    ptx, _ = tokenize_texts(ptx_records, tokenizer, max_tokens) if ptx_records else ([], None)
-    evaluation, _ = tokenize_texts(held_out, tokenizer, max_tokens)
-    return ptx, evaluation
 
 
 def prompt_order(n: int, step: int, batch: int, process: int, processes: int, seed: int) -> list[int]:
@@ -198,313 +417,129 @@ def prompt_order(n: int, step: int, batch: int, process: int, processes: int, se
     return indices
 
 
-def train_ppo(config: PPOConfig) -> dict:
-    """Run PPO; returns the summary (also in summary.json)."""
-    run = TrainingRun(config)
-    accelerator, device = run.accelerator, run.device
-    policy_path = resolve_model(config.policy)
-    tokenizer = load_tokenizer(policy_path)
-    truncation = TruncationPolicy(config.max_prompt_tokens, 1)
-
-    train_prompts, eval_prompts = split_prompts(config)
-    train_ids, _ = tokenize_prompts(train_prompts, tokenizer, truncation)
-    eval_ids, _ = tokenize_prompts(eval_prompts, tokenizer, truncation)
-    ptx_sequences, perplexity_sequences = split_texts(config, tokenizer)
-    reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None
-    eval_reward_fn = load_reward_fn(config.eval_reward_fn) if config.eval_reward_fn else None
-    reward_model = load_frozen_reward_model(config, device)
-    rm_path = resolve_model(config.reward_model) if reward_model is not None else None
-
-    model = build_actor_critic(
-        config.actor_critic, policy_path, rm_path, config, device_index=accelerator.local_process_index
+def ptx_stream_at(config: PPOConfig, data: PPOData, step: int, device):
+    """The PPO-ptx batch stream positioned where step ``step`` starts (None without ptx data)."""
+    if not data.ptx_sequences:
+        return None
+    stream = ptx_batches(
+        data.ptx_sequences, config.ptx_batch_size, config.seed, data.tokenizer.pad_token_id, device
     )
-    memory = model.memory_report()
-    if reward_model is not None:
-        memory["reward_model"] = sum(p.numel() * p.element_size() for p in reward_model.parameters())
-    optimizer = build_optimizer(
-        param_groups(model, config.weight_decay),
-        config.optimizer,
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
+    micro_per_step = config.ppo_epochs * math.ceil(config.rollout_rows / config.micro_batch_size)
+    for _ in range(step * micro_per_step):
+        next(stream)  # a resumed run continues the ptx stream where it stopped
+    return stream
+
+
+# ---- evaluation, metrics and the summary ----------------------------------------------------------
+
+
+def evaluate(models: PPOModels, data: PPOData, config: PPOConfig, device) -> dict:
+    return evaluate_policy(
+        models.unwrapped,
+        data.tokenizer,
+        data.evaluation,
+        temperature=config.temperature,
+        samples=config.eval_samples,
+        max_new_tokens=config.eval_max_new_tokens,
+        seed=config.seed + 12345,
+        # A fixed batch size: the same seed then draws the same samples whatever the run's rollout size,
+        # so runs from one SFT policy start from the very same evaluation.
+        batch_size=EVAL_BATCH_SIZE,
+        device=device,
     )
-    steps_per_rollout = config.ppo_epochs * math.ceil(config.rollout_batch_size / config.minibatch_size)
-    scheduler = run.scheduler(optimizer, config.steps * steps_per_rollout)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    if reference := unwrapped.reference_lm:
-        reference.to(device)
-    ema = None
-    if config.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(unwrapped.policy_lm, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
-        accelerator.register_for_checkpointing(ema)
-    kl = KLController(config.kl_coef, config.target_kl, config.kl_horizon)
 
-    def evaluate() -> dict:
-        """Greedy responses to the held-out prompts, scored; perplexity of the held-out text."""
-        if not eval_ids:
-            return {"scores": [], "score": math.nan, "perplexity": math.nan}
-        rollout = collect_rollout(
-            unwrapped.generation_model(),
-            reward_model,
-            reward_fn,
-            tokenizer,
-            [s.input_ids for s in eval_ids],
-            [p.prompt for p in eval_prompts],
-            max_new_tokens=config.eval_max_new_tokens,
-            temperature=0.0,
-            top_p=1.0,
-            batch_size=config.rollout_batch_size,
-            reward_fn_weight=config.reward_fn_weight,
-            device=device,
-        )
-        scores = rollout.scores.tolist()
-        gold = call_reward_fn(eval_reward_fn, rollout.prompts, rollout.responses) if eval_reward_fn else []
-        perplexity = (
-            text_perplexity(
-                unwrapped, perplexity_sequences, tokenizer.pad_token_id, config.rollout_batch_size, device
-            )
-            if perplexity_sequences
-            else math.nan
-        )
-        return {
-            "scores": scores,
-            "score": sum(scores) / len(scores),
-            "perplexity": perplexity,
-            "gold": sum(gold) / len(gold) if gold else None,
-            "samples": [
-                {"prompt": p, "response": r}
-                for p, r in zip(rollout.prompts[:4], rollout.responses[:4], strict=False)
-            ],
-        }
+def eval_metrics(evaluation: dict) -> dict:
+    metrics = {"eval/perplexity": evaluation["perplexity"]}
+    for kind in ("greedy", "sampled"):
+        if kind in evaluation:
+            metrics[f"eval/{kind}_rm"] = evaluation[kind]["rm_mean"]
+            if evaluation[kind]["gold_mean"] is not None:
+                metrics[f"eval/{kind}_gold"] = evaluation[kind]["gold_mean"]
+    return metrics
 
-    state = run.restore()
-    step = state.get("step", 0)
-    kl.value = state.get("kl_coef", kl.value)
-    start_eval = state.get("start_eval") or evaluate()
-    if not state:
-        run.log(
-            0,
-            {
-                "eval/score": start_eval["score"],
-                "eval/perplexity": start_eval["perplexity"],
-                **({"eval/gold": start_eval["gold"]} if start_eval.get("gold") is not None else {}),
-            },
-        )
-    run.start_progress(config.steps, step, f"ppo[{config.actor_critic}]")
-    ptx_stream = (
-        _ptx_batches(ptx_sequences, config, tokenizer.pad_token_id, device) if ptx_sequences else None
-    )
-    if ptx_stream is not None:
-        for _ in range(step * steps_per_rollout * config.gradient_accumulation_steps):
-            next(ptx_stream)  # a resumed run continues the ptx stream where it stopped
-    saved_at = step
 
-    while step < config.steps:
-        indices = prompt_order(
-            len(train_ids),
-            step,
-            config.rollout_batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-            config.seed,
-        )
-        rollout = collect_rollout(
-            unwrapped.generation_model(),
-            reward_model,
-            reward_fn,
-            tokenizer,
-            [train_ids[i].input_ids for i in indices],
-            [train_prompts[i].prompt for i in indices],
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            batch_size=config.rollout_batch_size,
-            reward_fn_weight=config.reward_fn_weight,
-            missing_eos_penalty=config.missing_eos_penalty,
-            device=device,
-        )
-        update_start = time.perf_counter()
-        experience, advantages = make_experience(unwrapped, rollout, config, kl.value)
-        sequence_kl = ((experience["old_logprobs"] - experience["ref_logprobs"]) * rollout.mask).sum(1)
-        stats, first_epoch_approx_kl, grad_norm = ppo_update(
-            model, accelerator, optimizer, scheduler, rollout, experience, advantages, config, ptx_stream, ema
-        )
-        update_seconds = time.perf_counter() - update_start
-        mean_kl = float(sequence_kl.mean())
-        kl.update(mean_kl, rollout.mask.shape[0] * accelerator.num_processes)
-        step += 1
-        run.progress.update(1)
-
-        response_tokens = float(rollout.mask.sum())
-        metrics = {
-            k: torch.stack([s[k].float() for s in stats]).mean() for k in stats[0] if stats[0][k] is not None
-        }
-        metrics.update(
-            {
-                "score/mean": rollout.scores.mean(),
-                "kl/ref": mean_kl,
-                "kl/coef": kl.value,
-                "response/length": rollout.response_lengths.float().mean(),
-                "response/ended_with_eos": rollout.ended_with_eos.float().mean(),
-                "policy/first_epoch_approx_kl": first_epoch_approx_kl,
-                "tokens_per_s/generation": float(rollout.response_lengths.sum())
-                / max(rollout.generation_seconds, 1e-9),
-                "tokens_per_s/training": response_tokens * config.ppo_epochs / max(update_seconds, 1e-9),
-                "memory/peak_mib": peak_memory_mib(device),
-                "lr": scheduler.get_last_lr()[0],
-            }
-        )
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        if step % config.log_every == 0 or step == config.steps:
-            run.log(step, metrics, bar=("score/mean", "kl/ref", "policy/clip_fraction"))
-        if (config.save_every and step % config.save_every == 0) or step == config.steps:
-            run.checkpoint(step, {"kl_coef": kl.value, "start_eval": start_eval})
-            saved_at = step
-    del saved_at
-
-    end_eval = evaluate()
-    run.log(
-        step,
+def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, kl_coef, mean_kl) -> dict:
+    """What a user watches for learning and for reward hacking: the reward model's and (when known) the
+    ground truth's score of the rollout, KL, entropy, length, clip fraction, the critic's fit."""
+    metrics = {
+        k: torch.stack([s[k].float() for s in stats]).mean() for k in stats[0] if stats[0][k] is not None
+    }
+    metrics.update(
         {
-            "eval/score": end_eval["score"],
-            "eval/perplexity": end_eval["perplexity"],
-            **({"eval/gold": end_eval["gold"]} if end_eval.get("gold") is not None else {}),
-        },
+            "score/mean": rollout.scores.mean(),
+            "score/normalized": experience.scores.mean(),
+            "kl/ref": mean_kl,
+            "kl/coef": kl_coef,
+            "response/length": rollout.response_lengths.float().mean(),
+            "response/ended_with_eos": rollout.ended_with_eos.float().mean(),
+            "tokens_per_s/generation": float(rollout.response_lengths.sum())
+            / max(rollout.generation_seconds, 1e-9),
+        }
     )
-    wins = [
-        1.0 if b > a else 0.5 if b == a else 0.0
-        for a, b in zip(start_eval["scores"], end_eval["scores"], strict=True)
-    ]
-    final_lm = ema.module if ema is not None else unwrapped.policy_lm
-    model_dir = run.save_model(final_lm, tokenizer, save_fn=_save_policy)
-    metrics = read_train_metrics(run)
-    summary = {
+    if data.gold_fn is not None:
+        gold = call_reward_fn(data.gold_fn, rollout.prompts, rollout.responses)
+        metrics["gold/mean"] = statistics.fmean(gold)
+    if experience.values is not None:
+        metrics["value/explained_variance"] = explained_variance(
+            experience.values, experience.returns, rollout.mask
+        )
+    return metrics
+
+
+PROGRESS_BAR = {"score": "score/mean", "gold": "gold/mean", "KL": "kl/ref", "clip": "policy/clip_fraction"}
+PLOT_GROUPS = {
+    "score": ["score/mean", "gold/mean", "eval/sampled_rm", "eval/sampled_gold"],
+    "kl": ["kl/ref"],
+    "kl_coef": ["kl/coef"],
+    "entropy": ["policy/entropy"],
+    "clip_fraction": ["policy/clip_fraction", "value/clip_fraction"],
+    "value": ["value/loss", "value/explained_variance"],
+    "approx_kl": ["policy/approx_kl"],
+    "response_length": ["response/length"],
+    "throughput": ["tokens_per_s/generation", "tokens_per_s/training"],
+    "memory": ["memory/peak_mib"],
+    "ptx": ["ptx/loss"],
+    "perplexity": ["eval/perplexity"],
+    "lr": ["lr"],
+}
+
+
+def summarize(run, config, models, data, start_eval, end_eval, kl_coef, model_dir, steps) -> dict:
+    """The run's summary; the per-response scores of both evaluations go to ``evaluation.json``."""
+    from fastrlhf.train.io import atomic_write_json
+    from fastrlhf.train.metrics import read_metrics
+
+    if run.is_main:
+        atomic_write_json(run.run_dir / "evaluation.json", {"start": start_eval, "end": end_eval})
+
+    metrics = [m for m in read_metrics(run.run_dir / "metrics.jsonl") if "score/mean" in m]
+    return {
         "task": "ppo",
+        "advantage_estimator": config.advantage_estimator,
+        "samples_per_prompt": config.samples_per_prompt,
         "model_dir": str(model_dir),
         "actor_critic": config.actor_critic,
-        "steps": step,
+        "steps": steps,
         # One rollout's mean is noisy: start and end average the first and last tenth of the steps (1-10).
         "score_start": _window_mean(metrics, "score/mean", first=True),
         "score_end": _window_mean(metrics, "score/mean", first=False),
+        "gold_start": _window_mean(metrics, "gold/mean", first=True),
+        "gold_end": _window_mean(metrics, "gold/mean", first=False),
         "kl_end": _window_mean(metrics, "kl/ref", first=False),
-        "eval_score_start": start_eval["score"],
-        "eval_score_end": end_eval["score"],
-        "eval_win_rate": sum(wins) / len(wins) if wins else None,
-        "eval_gold_start": start_eval.get("gold"),
-        "eval_gold_end": end_eval.get("gold"),
-        "eval_perplexity_start": start_eval["perplexity"],
-        "eval_perplexity_end": end_eval["perplexity"],
-        "eval_samples_start": start_eval.get("samples"),
-        "eval_samples_end": end_eval.get("samples"),
-        "ptx": bool(ptx_sequences),
+        "entropy_end": _window_mean(metrics, "policy/entropy", first=False),
+        **compare(start_eval, end_eval),
+        "eval_examples_start": start_eval.get("greedy", {}).get("examples"),
+        "eval_examples_end": end_eval.get("greedy", {}).get("examples"),
+        "ptx": bool(data.ptx_sequences),
         "ema_decay": config.ema_decay or None,
-        "kl_coef_end": kl.value,
-        "parameter_bytes": memory,
-        "peak_memory_mib": peak_memory_mib(device),
-        "optimizer": type(optimizer.optimizer).__name__,
-        "train_prompts": len(train_ids),
-        "eval_prompts": len(eval_ids),
+        "kl_coef_end": kl_coef,
+        "parameter_bytes": models.parameter_bytes,
+        "peak_memory_mib": peak_memory_mib(run.device),
+        "optimizer": type(models.optimizer.optimizer).__name__,
+        "train_prompts": len(data.train_ids),
+        "eval_prompts": len(data.evaluation.prompts),
     }
-    groups = {
-        "score": ["score/mean", "eval/score"],
-        "kl": ["kl/ref"],
-        "entropy": ["policy/entropy"],
-        "clip_fraction": ["policy/clip_fraction", "value/clip_fraction"],
-        "value_loss": ["value/loss"],
-        "approx_kl": ["policy/approx_kl"],
-        "response_length": ["response/length"],
-        "throughput": ["tokens_per_s/generation", "tokens_per_s/training"],
-        "memory": ["memory/peak_mib"],
-        "ptx": ["ptx/loss"],
-        "perplexity": ["eval/perplexity"],
-        "lr": ["lr"],
-    }
-    return run.finish(summary, groups)
-
-
-def make_experience(model, rollout, config: PPOConfig, kl_coef: float):
-    """Old/reference log-probs and values of a rollout, then the KL-shaped rewards, GAE, whitened
-    advantages and returns (``ops.compute_advantages``). ``model`` is the unwrapped ``ActorCritic``."""
-    experience = compute_experience(model, rollout, config.micro_batch_size)
-    scores = rollout.scores
-    if config.whiten_scores:
-        scores = (scores - scores.mean()) / scores.std().clamp_min(1e-6)
-    advantages = ops.compute_advantages(
-        scores,
-        experience["old_logprobs"],
-        experience["ref_logprobs"],
-        experience["values"],
-        rollout.mask,
-        kl_coef=kl_coef,
-        estimator=config.kl_estimator,
-        gamma=config.gamma,
-        lam=config.lam,
-        score_clip=config.score_clip or None,
-        whiten=True,
-    )
-    return experience, advantages
-
-
-def ppo_update(
-    model,
-    accelerator,
-    optimizer,
-    scheduler,
-    rollout,
-    experience,
-    advantages,
-    config: PPOConfig,
-    ptx_stream=None,
-    ema=None,
-):
-    """``--ppo-epochs`` passes over the rollout: per minibatch, the micro-batches' backward passes (with
-    PPO-ptx when ``ptx_stream`` is given), clipping, one optimizer (and scheduler, when given) step, and
-    the EMA update. Returns ``(per-micro-batch stats, the first micro-batch's approx KL, last grad norm)``.
-    """
-    stats, first_epoch_approx_kl, grad_norm = [], None, None
-    rows = torch.arange(rollout.mask.shape[0], device=rollout.mask.device)
-    for epoch in range(config.ppo_epochs):
-        # Epoch 0 keeps the experience pass's row blocks, so its ratio is exactly 1; later epochs shuffle.
-        order = rows if epoch == 0 else rows[torch.randperm(rows.numel(), device="cpu").to(rows.device)]
-        for minibatch in micro_batches(order, config.minibatch_size):
-            blocks = micro_batches(minibatch, config.micro_batch_size)
-            for index, block in enumerate(blocks):
-                micro = select_rows(rollout, block)
-                micro.update(
-                    old_logprobs=experience["old_logprobs"][block],
-                    old_values=experience["values"][block],
-                    advantages=advantages.advantages[block],
-                    returns=advantages.returns[block],
-                )
-                ptx = next(ptx_stream) if ptx_stream is not None else None
-                stats.append(
-                    backward_micro_batch(
-                        model,
-                        accelerator,
-                        micro,
-                        ptx,
-                        clip_eps=config.clip_eps,
-                        value_clip=config.value_clip or None,
-                        vf_coef=config.vf_coef,
-                        entropy_coef=config.entropy_coef,
-                        ptx_coef=config.ptx_coef,
-                        sync=index == len(blocks) - 1,
-                    )
-                )
-                if first_epoch_approx_kl is None:
-                    first_epoch_approx_kl = float(stats[-1]["policy/approx_kl"])
-            if config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model).policy_lm)
-    return stats, first_epoch_approx_kl, grad_norm
 
 
 def _window_mean(metrics: list[dict], key: str, first: bool) -> float | None:
@@ -514,12 +549,6 @@ def _window_mean(metrics: list[dict], key: str, first: bool) -> float | None:
     window = max(1, min(10, len(values) // 10))
     part = values[:window] if first else values[-window:]
     return sum(part) / len(part)
-
-
-def read_train_metrics(run: TrainingRun) -> list[dict]:
-    from fastrlhf.train.metrics import read_metrics
-
-    return [m for m in read_metrics(run.run_dir / "metrics.jsonl") if "score/mean" in m]
 
 
 def _save_policy(lm, directory) -> None:
@@ -535,14 +564,3 @@ def _save_policy(lm, directory) -> None:
         names = [POLICY_ADAPTER] if POLICY_ADAPTER in lm.peft_config else None
         lm = lm.merge_and_unload(adapter_names=names)
     lm.save_pretrained(directory)
-
-
-def _ptx_batches(sequences, config: PPOConfig, pad_token_id: int, device):
-    """An endless stream of pretraining micro-batches, reshuffled each pass (seeded)."""
-    for epoch in itertools.count():
-        order = list(range(len(sequences)))
-        random.Random(config.seed * 7919 + epoch).shuffle(order)
-        for start in range(0, len(order) - config.ptx_batch_size + 1, config.ptx_batch_size) or [0]:
-            chunk = [sequences[i] for i in order[start : start + config.ptx_batch_size]]
-            batch = send_to_device(pad_batch(chunk, pad_token_id), device)
-            yield {"inputs": model_inputs(batch), "targets": batch["targets"]}

@@ -1,7 +1,9 @@
-"""Rule-based rewards: ``--reward-fn module:function``, used instead of or added to the reward model.
+"""Rewards besides the reward model: rule rewards (``--reward-fn module:function``, used instead of or added
+to the reward model) and the normalisation of the scores PPO optimises (``--reward-norm``).
 
-The function receives the prompts and the decoded responses of a rollout and returns one float per
-response: ``fn(prompts: list[str], responses: list[str]) -> list[float]``.
+A rule reward receives the prompts and the decoded responses of a rollout and returns one float per
+response: ``fn(prompts: list[str], responses: list[str]) -> list[float]``. The same signature serves the
+ground-truth ("gold") scorer of ``--eval-reward-fn``, which is only ever measured, never trained on.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+
+import torch
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -37,3 +41,57 @@ def call_reward_fn(function: RewardFn, prompts: list[str], responses: list[str])
     if not all(math.isfinite(r) for r in rewards):
         raise ValueError("reward_fn returned a non-finite reward")
     return rewards
+
+
+NORMALIZATIONS = ("none", "batch", "running")
+
+
+class ScoreNormalizer:
+    """Scores onto a unit scale before PPO shapes them: ``(s - mean) / std``.
+
+    - ``running``: mean and std of every score seen so far in the run (Welford's update, merged across
+      processes by the caller), so a reward model's arbitrary offset and scale stop mattering and β and
+      the KL target mean the same thing for any reward model, while one batch's spread does not rescale it.
+    - ``batch``: mean and std of this rollout alone.
+    - ``none``: the scores as they are.
+
+    ``state()`` / ``load_state()`` carry the running moments through checkpoints (plain floats).
+    """
+
+    def __init__(self, kind: str = "running", eps: float = 1e-6):
+        if kind not in NORMALIZATIONS:
+            raise ValueError(f"reward_norm: expected one of {NORMALIZATIONS}, got {kind!r}")
+        self.kind, self.eps = kind, eps
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        """Merge a batch of scores (all processes' scores, for the same moments everywhere)."""
+        values = scores.detach().double().flatten()
+        n = values.numel()
+        if self.kind != "running" or n == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return scores
+        if self.kind == "batch":
+            if scores.numel() < 2:
+                return scores - scores.mean()
+            return (scores - scores.mean()) / (scores.std() + self.eps)
+        if self.count < 2:
+            return scores - self.mean
+        std = math.sqrt(self.m2 / (self.count - 1))
+        return (scores - self.mean) / (std + self.eps)
+
+    def state(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])

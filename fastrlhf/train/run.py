@@ -125,15 +125,19 @@ class TrainingRun:
             total=total, initial=initial, desc=desc, disable=not self.is_main, dynamic_ncols=True
         )
 
-    def log(self, step: int, metrics: dict, bar: tuple[str, ...] = ()) -> None:
-        """Append ``metrics`` to metrics.jsonl (main process), the trackers, and the bar's postfix."""
+    def log(self, step: int, metrics: dict, bar: tuple[str, ...] | dict[str, str] = ()) -> None:
+        """Append ``metrics`` to metrics.jsonl (main process), the trackers, and the bar's postfix.
+
+        ``bar``: the metric keys to show (labelled by their last path part), or ``{label: key}``.
+        """
         values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         self.metrics.log(step, **values)
         if self.accelerator.trackers:
             self.accelerator.log(values, step=step)
         if self.progress is not None and bar:
+            labels = bar if isinstance(bar, dict) else {k.split("/")[-1]: k for k in bar}
             self.progress.set_postfix(
-                {k.split("/")[-1]: f"{values[k]:.4g}" for k in bar if k in values}, refresh=False
+                {label: f"{values[k]:.4g}" for label, k in labels.items() if k in values}, refresh=False
             )
 
     def reduce_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:

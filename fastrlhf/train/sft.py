@@ -18,7 +18,7 @@ from fastrlhf.data.tokenize import tokenize_sft
 from fastrlhf.models.loading import load_causal_lm, resolve_attention, trainable_parameters
 from fastrlhf.models.policy import CausalLMPolicy
 from fastrlhf.train.arguments import TrainArguments, flag
-from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
+from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader, split_texts
 from fastrlhf.train.run import TrainingRun, evaluating
 
 
@@ -30,6 +30,12 @@ class SFTConfig(TrainArguments):
     eval_data: str | None = flag(None, "Held-out SFT JSONL; default: a user-disjoint split of --data.")
     data_format: str = flag("sft", 'sft ({"prompt", "response"}) or chat ({"messages": [...]}).')
     epochs: int = flag(8, "Passes over the training data (InstructGPT: 16).")
+    ptx_data: str | None = flag(
+        None,
+        "Pretraining text JSONL ({\"text\"}) trained on next to the demonstrations as plain language "
+        "modelling, so the policy keeps (or, for tiny, gets) the text distribution whose perplexity PPO's "
+        "alignment tax is measured on; every 10th line is held out, as in `fastrlhf ppo`.",
+    )
     learning_rate: float = flag(2e-3, "Peak learning rate (the default suits the tiny model).")
 
     def __post_init__(self):
@@ -45,6 +51,8 @@ def train_sft(config: SFTConfig) -> dict:
 
     data = load_tokenized(config, tokenize_sft)
     tokenizer, train_seqs, eval_seqs, train_report = data.tokenizer, data.train, data.eval, data.report
+    text_seqs, _ = split_texts(config.ptx_data, config.ptx_data, tokenizer) if config.ptx_data else ([], [])
+    train_seqs = train_seqs + text_seqs
 
     lm = load_causal_lm(config.model, config, device_index=accelerator.local_process_index)
     policy = CausalLMPolicy(lm)
@@ -106,7 +114,8 @@ def train_sft(config: SFTConfig) -> dict:
         "epochs": config.epochs,
         "eval_loss_start": first_eval.get("eval/loss"),
         "eval_loss_end": last_eval.get("eval/loss"),
-        "train_examples": len(train_seqs),
+        "train_examples": len(train_seqs) - len(text_seqs),
+        "pretraining_texts": len(text_seqs),
         "eval_examples": len(eval_seqs),
         "tokenization": train_report.as_dict(),
         "packing": packing,

@@ -1,0 +1,139 @@
+"""Held-out evaluation of a policy: what the reward model and the ground truth say of its responses, and the
+perplexity of held-out text (the "alignment tax").
+
+``evaluate_policy`` answers every held-out prompt greedily once and by sampling ``samples`` times at the
+training temperature (the policy PPO optimises is the sampled one), from a fixed seed, so the evaluations
+at the start and at the end of a run draw the same random numbers and their samples pair up for the win
+rate. ``compare`` turns two evaluations into the start → end figures of a run's summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+import torch
+from accelerate.utils import send_to_device
+
+from fastrlhf import ops
+from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
+from fastrlhf.data.tokenize import TokenizedSequence
+from fastrlhf.train.rewards import call_reward_fn
+from fastrlhf.train.rollout import collect_rollout, seeded_sampling
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """What ``evaluate_policy`` reads: the held-out prompts and text, and who judges the responses."""
+
+    prompt_ids: list[tuple[int, ...]]
+    prompts: list[str]
+    texts: list[TokenizedSequence]  # held-out text for the perplexity
+    reward_model: object | None
+    reward_fn: object | None
+    gold_fn: object | None  # the ground truth, when known: measured, never trained on
+    reward_fn_weight: float = 1.0
+
+
+def evaluate_policy(
+    model, tokenizer, data: EvalSet, *, temperature: float, samples: int, max_new_tokens: int, seed: int,
+    batch_size: int, device
+) -> dict:
+    """Scores of the policy's responses to the held-out prompts, and the held-out text's perplexity.
+
+    ``model`` is the unwrapped ``ActorCritic``. Returns plain lists and floats (JSON-able): per-response
+    ``rm`` and ``gold`` scores of the ``greedy`` answers and of the ``sampled`` ones (``samples`` per
+    prompt, prompt-major), their means, and ``perplexity``.
+    """
+    result: dict = {"prompts": len(data.prompts), "samples_per_prompt": samples}
+    if not data.prompts:
+        return result | {"perplexity": _perplexity(model, data, tokenizer, batch_size, device)}
+    for kind, sampling_temperature, k in (("greedy", 0.0, 1), ("sampled", temperature, samples)):
+        with seeded_sampling(seed):
+            rollout = collect_rollout(
+                model.generation_model(),
+                data.reward_model,
+                data.reward_fn,
+                tokenizer,
+                data.prompt_ids,
+                data.prompts,
+                max_new_tokens=max_new_tokens,
+                temperature=sampling_temperature,
+                batch_size=batch_size,
+                samples_per_prompt=k,
+                reward_fn_weight=data.reward_fn_weight,
+                device=device,
+            )
+        rm = rollout.scores.tolist()
+        gold = call_reward_fn(data.gold_fn, rollout.prompts, rollout.responses) if data.gold_fn else None
+        result[kind] = {
+            "rm": rm,
+            "rm_mean": statistics.fmean(rm),
+            "gold": gold,
+            "gold_mean": statistics.fmean(gold) if gold else None,
+            "length_mean": float(rollout.response_lengths.float().mean()),
+            "examples": [
+                {"prompt": p, "response": r}
+                for p, r in zip(rollout.prompts[:4], rollout.responses[:4], strict=True)
+            ],
+        }
+    result["perplexity"] = _perplexity(model, data, tokenizer, batch_size, device)
+    return result
+
+
+def compare(start: dict, end: dict) -> dict:
+    """Start → end figures of two evaluations of the same held-out set.
+
+    The win rate pairs sample ``j`` of each prompt at the end with sample ``j`` at the start (the same
+    random numbers drew them) and counts a win as 1 and a tie as ½; the judge is the ground truth when
+    it is known, else the reward model.
+    """
+    out = {"eval_perplexity_start": start.get("perplexity"), "eval_perplexity_end": end.get("perplexity")}
+    for kind in ("greedy", "sampled"):
+        if kind not in start or kind not in end:
+            continue
+        a, b = start[kind], end[kind]
+        judge = "gold" if a["gold"] is not None else "rm"
+        wins = [1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(a[judge], b[judge], strict=True)]
+        out.update(
+            {
+                f"eval_{kind}_rm_start": a["rm_mean"],
+                f"eval_{kind}_rm_end": b["rm_mean"],
+                f"eval_{kind}_gold_start": a["gold_mean"],
+                f"eval_{kind}_gold_end": b["gold_mean"],
+                f"eval_{kind}_length_start": a["length_mean"],
+                f"eval_{kind}_length_end": b["length_mean"],
+                f"eval_{kind}_win_rate": statistics.fmean(wins),
+                f"eval_{kind}_judge": judge,
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def text_perplexity(
+    model, sequences: list[TokenizedSequence], pad_token_id: int, batch_size: int, device
+) -> float:
+    """exp(mean NLL per token) of ``sequences`` under the policy (eval mode, temperature 1)."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = send_to_device(pad_batch(sequences[start : start + batch_size], pad_token_id), device)
+            hidden, _ = model(value_rows=0, **model_inputs(batch))
+            keep = batch["targets"] != IGNORE_INDEX
+            head = model.lm_head
+            logprobs = ops.linear_logprobs(hidden[keep], head.weight, batch["targets"][keep], bias=head.bias)
+            total -= float(logprobs.double().sum())
+            count += logprobs.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total / count) if count else float("nan")
+
+
+def _perplexity(model, data: EvalSet, tokenizer, batch_size: int, device) -> float:
+    if not data.texts:
+        return float("nan")
+    return text_perplexity(model, data.texts, tokenizer.pad_token_id, batch_size, device)
