@@ -68,7 +68,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 
-MODES = ("separate", "shared", "lora")
+# An actor/critic memory mode, or one of them with a critic-free estimator (GRPO over k = CRITIC_FREE_K
+# samples of a quarter of the prompts: the same rollout rows, no critic or value head).
+MODES = ("separate", "shared", "lora", "separate-grpo", "shared-grpo", "lora-grpo")
+CRITIC_FREE_K = 4
+
+
+def mode_parts(mode: str) -> tuple[str, str, int]:
+    """``(actor_critic, advantage_estimator, samples_per_prompt)`` of a bench mode."""
+    actor_critic, _, estimator = mode.partition("-")
+    return actor_critic, estimator or "gae", CRITIC_FREE_K if estimator else 1
 # bench name -> FASTRLHF_BACKEND value of the child process
 BACKENDS = {"fused": "auto", "torch": "torch"}
 PHASES = ("generation", "scoring", "experience", "update")
@@ -219,19 +228,22 @@ class PPOStep:
         self.sizes = sizes
         torch.manual_seed(case["seed"])
         self.prompt_generator = torch.Generator().manual_seed(case["seed"] + 1)
+        actor_critic, estimator, k = mode_parts(case["mode"])
         self.config = PPOConfig(
             output="unused: the bench writes no run directory",
             policy=case["policy"],
             reward_model=case["reward_model"],
-            actor_critic=case["mode"],
-            rollout_batch_size=sizes.prompts,
+            actor_critic=actor_critic,
+            advantage_estimator=estimator,
+            samples_per_prompt=k,
+            rollout_batch_size=max(1, sizes.prompts // k),
             minibatch_size=sizes.minibatch,
             gradient_accumulation_steps=sizes.minibatch // sizes.micro_batch,
             ppo_epochs=sizes.ppo_epochs,
             max_new_tokens=sizes.new_tokens,
             max_prompt_tokens=sizes.prompt_tokens,
             optimizer=case["optimizer"],
-            lora_r=case["lora_r"] if case["mode"] == "lora" else 0,
+            lora_r=case["lora_r"] if actor_critic == "lora" else 0,
         )
         self.accelerator = Accelerator(cpu=True)
         self.device = self.accelerator.device
@@ -254,7 +266,7 @@ class PPOStep:
         ids = torch.randint(
             6,
             self.sizes.vocab,
-            (self.sizes.prompts, self.sizes.prompt_tokens),
+            (self.config.rollout_batch_size, self.sizes.prompt_tokens),
             generator=self.prompt_generator,
         )
         return [tuple(row) for row in ids.tolist()]
@@ -279,6 +291,7 @@ class PPOStep:
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             batch_size=config.rollout_batch_size,
+            samples_per_prompt=config.samples_per_prompt,
             device=device,
         )
         rolled_out = time.perf_counter()
@@ -592,7 +605,11 @@ def parse_args():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--modes", default=",".join(MODES), help="comma list of separate, shared, lora")
+    parser.add_argument(
+        "--modes",
+        default="separate,shared,lora",
+        help=f"comma list of {', '.join(MODES)} (-grpo: critic-free, k={CRITIC_FREE_K})",
+    )
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma list of fused, torch")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one measured step: a smoke run")
     size_help = {

@@ -52,7 +52,9 @@ def build_optimizer(
     if name == "auto":  # the trainers train on the GPU whenever there is one
         name = "adamw8bit" if torch.cuda.is_available() else "adamw"
     if name == "adamw":
-        return torch.optim.AdamW(params_or_groups, **kwargs)
+        # foreach: one fused loop over all tensors; torch defaults to it only on CUDA, and on CPU the
+        # per-tensor loop it falls back to was 15% of a tiny SFT step.
+        return torch.optim.AdamW(params_or_groups, foreach=True, **kwargs)
 
     bnb_optim = _import_bnb_optim(name)
     if name == "adamw8bit":

@@ -269,18 +269,15 @@ def train_ppo(config: PPOConfig) -> dict:
             models.model, accelerator, models.optimizer, models.scheduler, rollout, experience, config,
             kl.value, ptx_stream, models.ema,
         )
-        update_seconds = time.perf_counter() - update_start
         mean_kl = float(accelerator.gather(experience.kl).mean())
-        metrics = step_metrics(rollout, experience, stats, data, config, kl.value, mean_kl)
-        metrics.update(
-            {
-                "policy/first_epoch_approx_kl": first_epoch_approx_kl,
-                "tokens_per_s/training": float(rollout.mask.sum()) * config.ppo_epochs / update_seconds,
-                "memory/peak_mib": peak_memory_mib(device),
-                "lr": models.scheduler.get_last_lr()[0],
-                **({"grad_norm": grad_norm} if grad_norm is not None else {}),
-            }
-        )
+        metrics = step_metrics(rollout, experience, stats, data, config, kl.value, mean_kl) | {
+            "policy/first_epoch_approx_kl": first_epoch_approx_kl,
+            "tokens_per_s/training": float(rollout.mask.sum()) * config.ppo_epochs
+            / (time.perf_counter() - update_start),
+            "memory/peak_mib": peak_memory_mib(device),
+            "lr": models.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+        }
         kl.update(mean_kl, rollout.rows * accelerator.num_processes)
         step += 1
         run.progress.update(1)

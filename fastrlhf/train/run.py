@@ -128,9 +128,12 @@ class TrainingRun:
     def log(self, step: int, metrics: dict, bar: tuple[str, ...] | dict[str, str] = ()) -> None:
         """Append ``metrics`` to metrics.jsonl (main process), the trackers, and the bar's postfix.
 
-        ``bar``: the metric keys to show (labelled by their last path part), or ``{label: key}``.
+        ``bar``: the metric keys to show (labelled by their last path part), or ``{label: key}``. A None
+        value is a metric this step did not measure, and is left out.
         """
-        values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        values = {
+            k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items() if v is not None
+        }
         self.metrics.log(step, **values)
         if self.accelerator.trackers:
             self.accelerator.log(values, step=step)
