@@ -252,8 +252,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
             )
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def plot_frontier(rows: list[dict], path: Path) -> None:
-    """Gold score of each training rollout against its KL to the SFT policy, per task and method."""
+    """Gold score of the training rollouts against their KL to the SFT policy, one line per run (a dot
+    where it ended), per task and method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,12 +274,14 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         for row in (r for r in rows if r["task"] == task):
             run_dir = Path(json.loads(row["flags"])["run_dir"])
             steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "gold/mean" in m]
-            kl = [m["kl/ref"] for m in steps]
-            gold = [m["gold/mean"] for m in steps]
-            window = max(1, len(steps) // 10)  # a moving average: one rollout's mean is noisy
-            smooth = [statistics.fmean(gold[max(0, i - window + 1) : i + 1]) for i in range(len(gold))]
+            # Moving averages of both axes: one rollout's mean gold score and KL are noisy.
+            window = max(1, len(steps) // 6)
+            kl = _moving_average([m["kl/ref"] for m in steps], window)
+            gold = _moving_average([m["gold/mean"] for m in steps], window)
             label = row["method"] if row["seed"] == min(r["seed"] for r in rows) else None
-            ax.plot(kl, smooth, color=colours[row["method"]], alpha=0.7, label=label)
+            colour = colours[row["method"]]
+            ax.plot(kl, gold, color=colour, alpha=0.6, linewidth=1.2, label=label)
+            ax.plot(kl[-1:], gold[-1:], "o", color=colour, markersize=5)  # where the run ended
         ax.set_title(task)
         ax.set_xlabel("KL to the SFT policy (nats / response)")
         ax.set_ylabel("gold score of the rollouts")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from fastrlhf.data import PromptExample
-from fastrlhf.data.hygiene import cap_per_user, clean, dedupe_by_prefix, split_by_user
+from fastrlhf.data.hygiene import cap_per_user, clean, dedupe_by_prefix, split_by_user, split_users_by_share
 
 
 def prompts(*texts, user=None):
@@ -43,6 +45,38 @@ def test_split_by_user_is_disjoint_deterministic_and_near_the_fraction():
     assert 0.18 < len(validation_users) / 400 < 0.32
     assert split_by_user(records, 0.25, seed=3) == (train, validation)
     assert split_by_user(records, 0.25, seed=4) != (train, validation)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_users_by_share_holds_out_at_least_the_share_in_whole_users(fraction, seed):
+    rng = random.Random(seed)
+    # Users of very unequal size, as in real data, plus records without a user.
+    records = [PromptExample(f"u{u}-{i}", f"user{u}") for u in range(30) for i in range(rng.randint(1, 20))]
+    records += [PromptExample(f"anon-{i}") for i in range(7)]
+    train, validation = split_users_by_share(records, fraction, seed)
+    assert sorted(train + validation, key=lambda r: r.prompt) == sorted(records, key=lambda r: r.prompt)
+    assert not {r.user for r in train if r.user} & {r.user for r in validation if r.user}
+    held_users = {r.user or r.prompt for r in validation}
+    sizes = {key: sum((r.user or r.prompt) == key for r in records) for key in held_users}
+    # At least the share, and no more than the last user taken can add.
+    assert len(validation) >= fraction * len(records)
+    assert len(validation) - max(sizes.values()) < fraction * len(records)
+    assert split_users_by_share(records, fraction, seed) == (train, validation)
+    # Train order is preserved (the trainer's prompt order depends on it).
+    assert train == [r for r in records if r in train]
+
+
+def test_split_users_by_share_leaves_a_user_to_train_on():
+    records = prompts("a", "b", "c", user="alice")
+    assert split_users_by_share(records, 0.5) == (records, [])
+    train, validation = split_users_by_share(prompts("a", user="alice") + prompts("b", user="bob"), 0.9)
+    assert len(train) == 1 and len(validation) == 1
+
+
+def test_split_users_by_share_rejects_a_bad_fraction():
+    with pytest.raises(ValueError, match="validation_fraction"):
+        split_users_by_share(prompts("a"), 1.0)
 
 
 def test_clean_reports_each_step():

@@ -24,7 +24,7 @@ import time
 import torch
 
 from fastrlhf.data.bundled import data_path
-from fastrlhf.data.hygiene import split_by_user
+from fastrlhf.data.hygiene import split_users_by_share
 from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
@@ -62,7 +62,7 @@ class PPOConfig(RunArguments):
         None, "Held-out prompts for the start/end comparison; default: a user split."
     )
     validation_fraction: float = flag(
-        0.1, "Held-out fraction of --prompts (by user) when --eval-prompts is unset."
+        0.2, "Held-out share of --prompts (whole users, at least this share) when --eval-prompts is unset."
     )
     advantage_estimator: str = flag(
         "gae",
@@ -386,14 +386,15 @@ def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
 
 
 def split_prompts(config: PPOConfig):
-    """(train, held-out) prompt records: ``--eval-prompts``, or a user-disjoint split of ``--prompts``.
+    """(train, held-out) prompt records: ``--eval-prompts``, or a user-disjoint split of ``--prompts`` holding
+    out at least ``--validation-fraction`` of them.
     Either way a prompt text that is held out is never trained on, even when another user asked it too."""
     records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
     if config.eval_prompts:
         held_out = read_jsonl(data_path(config.eval_prompts, "ppo", "eval_prompts"), "ppo")
         train = records
     else:
-        train, held_out = split_by_user(records, config.validation_fraction, config.seed)
+        train, held_out = split_users_by_share(records, config.validation_fraction, config.seed)
     held_texts = {r.prompt for r in held_out}
     train = [r for r in train if r.prompt not in held_texts]
     if not train:
