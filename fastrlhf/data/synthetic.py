@@ -500,6 +500,25 @@ def prompts(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": t.prompt, "family": t.family, "user": draw_user(rng)} for t in draw_tasks(rng, n)]
 
 
+def behaviour_ranked_examples(world: str, response_tiers, n: int, seed: int = 0) -> list[dict]:
+    """``ranked_examples`` of a world over ``behaviour_pool()`` whose ranked tiers come from
+    ``response_tiers(task, rng)``: the shared body of the behaviour worlds (``tasks.concise``, ...)."""
+    rng = world_rng(seed, "rm", world)
+    return [
+        ranked_line(t.prompt, response_tiers(t, rng), rng, draw_user(rng))
+        for t in draw_tasks(rng, n, behaviour_pool())
+    ]
+
+
+def behaviour_prompts(world: str, n: int, seed: int = 0) -> list[dict]:
+    """``prompts`` of a world over ``behaviour_pool()``: ``{"prompt", "family", "user"}`` lines."""
+    rng = world_rng(seed, "ppo", world)
+    return [
+        {"prompt": t.prompt, "family": t.family, "user": draw_user(rng)}
+        for t in draw_tasks(rng, n, behaviour_pool())
+    ]
+
+
 def facts() -> list[str]:
     """Plain statements of the world's facts, for pretraining text."""
     facts = [f"{a} and {b} make {a + b}." for a in range(ADD_MAX + 1) for b in range(ADD_MAX + 1)]

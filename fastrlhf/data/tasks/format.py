@@ -86,19 +86,11 @@ def response_tiers(task: synthetic.Task, rng) -> list[str]:
 
 
 def ranked_examples(n: int, seed: int = 0) -> list[dict]:
-    rng = synthetic.world_rng(seed, "rm", WORLD)
-    return [
-        synthetic.ranked_line(t.prompt, response_tiers(t, rng), rng, synthetic.draw_user(rng))
-        for t in synthetic.draw_tasks(rng, n, synthetic.behaviour_pool())
-    ]
+    return synthetic.behaviour_ranked_examples(WORLD, response_tiers, n, seed)
 
 
 def prompts(n: int, seed: int = 0) -> list[dict]:
-    rng = synthetic.world_rng(seed, "ppo", WORLD)
-    return [
-        {"prompt": t.prompt, "family": t.family, "user": synthetic.draw_user(rng)}
-        for t in synthetic.draw_tasks(rng, n, synthetic.behaviour_pool())
-    ]
+    return synthetic.behaviour_prompts(WORLD, n, seed)
 
 
 def pretraining_texts(n: int, seed: int = 0) -> list[dict]:
