@@ -85,6 +85,9 @@ def _run(command: str, config):
     }[command](config)
 
 
+EXIT_DIVERGED = 3  # the loss or gradients stayed non-finite (--max-nonfinite-steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -96,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from fastrlhf.train.config import parse_config
+    from fastrlhf.train.guards import NonFiniteError
+    from fastrlhf.train.signals import RunInterrupted
 
     try:
         config = parse_config(_config_class(command), rest, prog=f"fastrlhf {command}")
         result = _run(command, config)
+    except RunInterrupted as stop:  # SIGTERM/SIGINT: a checkpoint was written first
+        print(f"fastrlhf {command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except NonFiniteError as error:  # diverged: no NaN weights were saved
+        print(f"fastrlhf {command}: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
     except ValueError as error:  # bad input: data lines, paths, flag values (DataError is a ValueError)
         if os.environ.get("FASTRLHF_DEBUG"):
             raise

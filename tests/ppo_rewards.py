@@ -11,3 +11,8 @@ def digit_fraction(prompts: list[str], responses: list[str]) -> list[float]:
 
 def constant(prompts: list[str], responses: list[str]) -> list[float]:
     return [0.0 for _ in responses]
+
+
+def nan_for_the_first(prompts: list[str], responses: list[str]) -> list[float]:
+    """A broken rule reward: NaN for the first response of every batch."""
+    return [float("nan")] + [0.0] * (len(responses) - 1)

@@ -145,3 +145,97 @@ def test_missing_and_empty_files(tmp_path):
         read_jsonl(write_lines(tmp_path, ["", "  "]), "sft")
     with pytest.raises(ValueError, match="kind="):
         read_jsonl(write_lines(tmp_path, [{"prompt": "p"}]), "dpo")
+
+
+def test_non_utf8_bytes_and_overlong_lines_are_reported_at_their_line(tmp_path, monkeypatch):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError) as info:
+        read_jsonl(path, "ppo")
+    assert str(info.value) == f"{path}:2: not UTF-8 (byte 0xe9 at column 16)"
+
+    monkeypatch.setenv("FASTRLHF_MAX_LINE_MIB", str(100 / 2**20))  # 100 bytes
+    long_line = json.dumps({"prompt": "x" * 200})
+    path.write_text('{"prompt": "short"}\n' * 2 + long_line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r":3: line longer than 100 bytes"):
+        read_jsonl(path, "ppo")
+    path.write_text('{"prompt": "short"}\n' * 2, encoding="utf-8")
+    assert len(read_jsonl(path, "ppo")) == 2, "lines under the cap read as before"
+    monkeypatch.setenv("FASTRLHF_MAX_LINE_MIB", "lots")
+    with pytest.raises(ValueError, match="FASTRLHF_MAX_LINE_MIB"):
+        read_jsonl(path, "ppo")
+
+
+# ---- fuzzing: whatever the bytes, a reader returns records or a DataError at a line --------------------
+
+KINDS = ("sft", "rm", "pairs", "ppo", "ptx", "chat")
+FUZZ_EXAMPLES = 60  # per test; FUZZ_EXAMPLES x kinds x 2 tests inputs in all
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8)
+    keys = st.sampled_from(
+        [
+            "prompt",
+            "response",
+            "responses",
+            "text",
+            "ranking",
+            "chosen",
+            "rejected",
+            "messages",
+            "role",
+            "content",
+            "user",
+        ]
+    ) | st.text(max_size=4)
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5),
+        max_leaves=12,
+    )
+
+
+def _check_read(path, kind):
+    try:
+        records = read_jsonl(path, kind)
+    except DataError as error:
+        assert error.path == str(path)
+        where = f"{path}:{error.line}: " if error.line is not None else f"{path}: "
+        assert str(error).startswith(where), str(error)
+        return
+    assert records, "a reader that returns must return records"
+
+
+def test_fuzzed_bytes_give_records_or_a_line_error(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(data=st.binary(max_size=300), kind=st.sampled_from(KINDS))
+    def read_bytes(data, kind):
+        path = tmp_path / "fuzz.jsonl"
+        path.write_bytes(data)
+        _check_read(path, kind)
+
+    read_bytes()
+
+
+def test_fuzzed_json_shapes_give_records_or_a_line_error(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(lines=st.lists(_json_values(), min_size=1, max_size=4), kind=st.sampled_from(KINDS))
+    def read_shapes(lines, kind):
+        path = tmp_path / "fuzz.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        _check_read(path, kind)
+
+    read_shapes()

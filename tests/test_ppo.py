@@ -165,6 +165,72 @@ def _one_rollout(model, rows: int = 2, temperature: float = 1.0):
     return rollout, experience, micro
 
 
+def _saved_reward_model(directory):
+    """A tiny reward model with a non-zero head bias and normalisation bias, saved as `fastrlhf rm` does."""
+    from fastrlhf.models.reward_model import RewardModel
+
+    rm = RewardModel.from_pretrained("tiny")
+    with torch.no_grad():
+        rm.head.proj.bias.fill_(0.3)
+    rm.set_normalization_bias(-1.1)
+    rm.save_pretrained(directory)
+    return rm
+
+
+@pytest.mark.parametrize("mode", ["separate", "shared", "lora"])
+def test_rescaled_critic_gives_the_affine_image_of_its_values(mode, tmp_path):
+    from fastrlhf.models.actor_critic import build_actor_critic
+    from fastrlhf.models.loading import ModelOptions
+
+    _saved_reward_model(tmp_path / "rm")
+    model = build_actor_critic(mode, "tiny", str(tmp_path / "rm"), ModelOptions(**ADAPTERS[mode])).eval()
+    inputs = {"input_ids": torch.randint(6, model.config.vocab_size, (3, 13))}
+    with torch.no_grad():
+        before = model(**inputs)[1].double()
+    shift, divisor = float(torch.randn(())) * 3, float(torch.rand(())) * 4 + 0.1
+    model.rescale_values(shift, divisor)
+    with torch.no_grad():
+        after = model(**inputs)[1].double()
+    torch.testing.assert_close(after, (before - shift) / divisor, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divisor"):
+        model.rescale_values(0.0, 0.0)
+
+
+def test_calibrated_critic_values_the_last_token_at_the_normalised_score(tmp_path):
+    """In separate mode the critic is the reward model, so after calibration its value at a response's
+    last token is exactly the normalised score that the returns are built from."""
+    from fastrlhf.data.batching import model_inputs
+    from fastrlhf.models.actor_critic import build_actor_critic
+    from fastrlhf.models.loading import ModelOptions
+    from fastrlhf.train.ppo import calibrate_critic
+    from fastrlhf.train.rewards import ScoreNormalizer
+
+    rm = _saved_reward_model(tmp_path / "rm").eval()
+    model = build_actor_critic("separate", "tiny", str(tmp_path / "rm"), ModelOptions()).eval()
+    rollout, _, _ = _one_rollout(model, rows=4)
+    inputs = model_inputs(rollout.batch)
+    last = rollout.batch["attention_mask"].sum(1) - 1
+    with torch.no_grad():
+        scores = rm(**inputs)  # at each row's last real token
+    normalizer = ScoreNormalizer("running")
+    normalizer.update(scores)
+    calibrate_critic(model, normalizer, scores)
+    with torch.no_grad():
+        values = model(**inputs)[1]
+    at_last = values[torch.arange(4), last].double()
+    mean, std = scores.double().mean(), scores.double().std()
+    expected = (scores.double() - mean) / (std + normalizer.eps)
+    torch.testing.assert_close(at_last, expected, rtol=1e-5, atol=1e-5)
+    # A constant reward has no spread to scale by: the values are only shifted.
+    shifted = build_actor_critic("separate", "tiny", str(tmp_path / "rm"), ModelOptions()).eval()
+    flat = ScoreNormalizer("running")
+    flat.update(torch.full((4,), 2.0))
+    calibrate_critic(shifted, flat, torch.full((4,), 2.0))
+    with torch.no_grad():
+        raw = rm.head(rm.hidden_states(**inputs)) + rm.normalization_bias
+        torch.testing.assert_close(shifted(**inputs)[1].double(), raw.double() - 2.0, atol=1e-5, rtol=1e-5)
+
+
 def test_ptx_gradient_is_ppo_plus_gamma_times_mean_abs_advantage_times_lm(tmp_path):
     """PPO-ptx: the accumulated gradient equals the PPO gradient plus γ·mean|A| times the LM gradient."""
     from accelerate import Accelerator

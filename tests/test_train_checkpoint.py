@@ -161,9 +161,18 @@ def test_no_checkpoint_and_incomplete_checkpoint(accelerator, tmp_path):
 
 def test_non_json_trainer_state_fails_before_writing(accelerator, tmp_path):
     model, optimizer, scheduler = prepared_training(accelerator)
-    with pytest.raises(ValueError):
-        save_checkpoint(accelerator, tmp_path, step=1, trainer_state={"loss": float("nan")})
+    with pytest.raises(TypeError, match="trainer_state"):
+        save_checkpoint(accelerator, tmp_path, step=1, trainer_state={"sampler": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_numbers_in_the_trainer_state_are_saved_as_null(accelerator, tmp_path):
+    """A NaN evaluation (a diverged model, an empty held-out set) must not make the checkpoint fail."""
+    model, optimizer, scheduler = prepared_training(accelerator)
+    state = {"first_eval": {"perplexity": float("nan"), "loss": float("inf")}, "kl_coef": 0.05}
+    directory = save_checkpoint(accelerator, tmp_path, step=3, trainer_state=state)
+    loaded = load_checkpoint(accelerator, directory)
+    assert loaded["first_eval"] == {"perplexity": None, "loss": None} and loaded["kl_coef"] == 0.05
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

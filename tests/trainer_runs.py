@@ -55,8 +55,8 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
 
     original = TrainingRun.checkpoint
 
-    def checkpoint_then_crash(self, step, state):
-        original(self, step, state)
+    def checkpoint_then_crash(self, step, state, *args, **kwargs):
+        original(self, step, state, *args, **kwargs)
         if step == at_step:
             raise KeyboardInterrupt("simulated interruption")
 

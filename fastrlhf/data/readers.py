@@ -11,6 +11,9 @@
 
 An optional ``"user"`` field (any JSON scalar) feeds the dataset hygiene (per-user caps and splits).
 Every problem raises ``DataError`` naming the file, the line and what is wrong; blank lines are skipped.
+Files are read line by line as bytes: a byte that is not UTF-8 is reported at its line and column, and a
+line longer than ``FASTRLHF_MAX_LINE_MIB`` (an environment setting, default 64 MiB, read by every
+command's reader) is refused at its line without being read whole.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 
 from fastrlhf.data.records import ChatExample, PromptExample, RankedExample, SFTExample, TextExample
 
+MAX_LINE_MIB_DEFAULT = 64
 MIN_RESPONSES, MAX_RESPONSES = 2, 9  # InstructGPT ranked K = 4..9 responses; K = 2 is a plain pair
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -42,9 +46,21 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list:
     if not os.path.isfile(path):
         raise DataError(path, None, "no such file")
     parse = PARSERS[kind]
+    limit = max_line_bytes()
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for number, raw in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for number, data in enumerate(iter(lambda: fh.readline(limit + 1), b""), start=1):
+            if len(data) > limit and not data.endswith(b"\n"):
+                raise DataError(
+                    path, number, f"line longer than {limit} bytes (raise FASTRLHF_MAX_LINE_MIB to allow it)"
+                )
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(data[: exc.start].decode("utf-8", "replace")) + 1
+                raise DataError(
+                    path, number, f"not UTF-8 (byte 0x{data[exc.start]:02x} at column {column})"
+                ) from None
             if not raw.strip():
                 continue
             try:
@@ -57,6 +73,18 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list:
     if not records:
         raise DataError(path, None, f"no {kind} records (the file is empty)")
     return records
+
+
+def max_line_bytes() -> int:
+    """The longest line a reader accepts, from ``FASTRLHF_MAX_LINE_MIB`` (MiB, default 64)."""
+    setting = os.environ.get("FASTRLHF_MAX_LINE_MIB", str(MAX_LINE_MIB_DEFAULT))
+    try:
+        mib = float(setting)
+    except ValueError:
+        raise ValueError(f"FASTRLHF_MAX_LINE_MIB: expected a number of MiB, got {setting!r}") from None
+    if not mib > 0:
+        raise ValueError(f"FASTRLHF_MAX_LINE_MIB must be > 0, got {setting!r}")
+    return int(mib * 2**20)
 
 
 class _Line:

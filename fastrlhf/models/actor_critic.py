@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 
 import torch
@@ -62,7 +63,8 @@ def value_head_from_reward_model(reward_model_path: str | None, hidden_size: int
     if tensors["weight"].shape == head.proj.weight.shape:
         with torch.no_grad():
             head.proj.weight.copy_(tensors["weight"])
-            # The normalisation bias puts values on the scale of the normalised scores PPO sees.
+            # The values start as the reward model's scores; train_ppo maps them onto the normalised
+            # scores' scale at the first rollout (ActorCritic.rescale_values).
             head.proj.bias.copy_(tensors["bias"] + tensors["normalization_bias"])
     else:
         log.info("value head: reward model hidden size differs from the policy's; starting a fresh head")
@@ -156,6 +158,28 @@ class ActorCritic(nn.Module):
         return hidden, self.critic.head(
             self.critic.hidden_states(**value_inputs)
         ) + self.critic.normalization_bias
+
+    @torch.no_grad()
+    def rescale_values(self, shift: float, divisor: float) -> None:
+        """Map the critic's output ``v`` to ``(v - shift) / divisor`` by rewriting its head's weight and
+        bias (the trunk is untouched), so every later value is exactly that affine image.
+
+        The critic starts from the reward model, whose head gives raw scores; PPO's returns are in the
+        units of the normalised scores (``ScoreNormalizer``). Left on the raw scale, the values sit several
+        units off their targets, and the value clip lets them move only ``--value-clip`` per rollout, so
+        the critic spends the first tens of steps worse than a constant (explained variance -10 to -1),
+        and the advantages it gives are noise. Mapping the head through the score normalisation once, at
+        the first rollout, puts the values on the returns' scale from the start.
+        """
+        if not self.has_critic:
+            raise ValueError("rescale_values: this actor-critic has no critic (a critic-free estimator)")
+        if not (math.isfinite(shift) and math.isfinite(divisor) and divisor > 0):
+            raise ValueError(f"rescale_values: need a finite shift and divisor > 0, got {shift}, {divisor}")
+        head = (self.critic.head if self.critic is not None else self.value_head).proj
+        # Besides the head's own bias, a separate critic adds the reward model's normalisation bias.
+        offset = float(self.critic.normalization_bias) if self.critic is not None else 0.0
+        head.weight.div_(divisor)
+        head.bias.copy_((head.bias.double() + offset - shift).div(divisor).sub(offset).to(head.bias.dtype))
 
     # ---- the rollout's no-grad passes --------------------------------------------------------------
 

@@ -44,6 +44,11 @@ class RunArguments(ModelOptions):
         0.1, "The cosine decay ends at this fraction of the peak LR (the paper: 0.1)."
     )
     max_grad_norm: float = flag(1.0, "Clip the gradient norm to this; 0 disables clipping.")
+    max_nonfinite_steps: int = flag(
+        5,
+        "An optimizer step whose loss or gradient norm is NaN/inf is skipped; this many in a row stop "
+        "the run (it has diverged).",
+    )
     save_every: int = flag(
         0, "Write a resumable checkpoint every N steps (0: at each epoch end; PPO: at the end)."
     )
@@ -60,7 +65,9 @@ class RunArguments(ModelOptions):
         super().__post_init__()
         if not self.output:
             raise ValueError("output: a run directory is required (--output DIR)")
-        _check_at_least(self, 1, ("gradient_accumulation_steps", "keep_checkpoints", "log_every"))
+        _check_at_least(
+            self, 1, ("gradient_accumulation_steps", "keep_checkpoints", "log_every", "max_nonfinite_steps")
+        )
         _check_at_least(self, 0, ("warmup_steps", "save_every", "max_grad_norm", "weight_decay"))
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")

@@ -19,7 +19,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_model, save_model
+
 from fastrlhf.train.io import atomic_write_text, fsync_dir
+from fastrlhf.train.metrics import jsonable
 
 __all__ = [
     "TRAINER_STATE_NAME",
@@ -42,6 +45,7 @@ def save_checkpoint(
     step: int,
     trainer_state: dict[str, Any],
     keep_last: int = 2,
+    modules: dict[str, Any] | None = None,
 ) -> Path:
     """Save a resumable checkpoint for optimizer step ``step``; returns its directory.
 
@@ -49,6 +53,10 @@ def save_checkpoint(
     must be JSON-serialisable; ``step`` is stored in it. Afterwards only the ``keep_last`` newest
     checkpoints remain. Checkpoints with a step above ``step`` are deleted too: they belong to a run
     that was resumed from an earlier point, and ``latest_checkpoint`` must not return to them.
+
+    ``modules``: ``{file name: nn.Module}`` saved besides accelerate's state as safetensors (an EMA of
+    the weights), restored by ``load_checkpoint_modules``; unlike accelerate's custom objects (pickles,
+    loaded with ``weights_only=False``), resuming them runs no code.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -60,8 +68,10 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step:08d}"
     tmp = run_dir / f"{_TMP_PREFIX}{step:08d}.tmp"
-    # Serialise first: a trainer state that is not JSON must fail before anything is written.
-    state_text = json.dumps({**trainer_state, "step": step}, indent=2, allow_nan=False) + "\n"
+    # Serialise first: a trainer state that is not JSON must fail before anything is written. A NaN
+    # metric kept in the state (an evaluation on a diverged model) is stored as null, not refused.
+    state = jsonable({**trainer_state, "step": step}, "trainer_state")
+    state_text = json.dumps(state, indent=2, allow_nan=False) + "\n"
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -72,6 +82,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, module in (modules or {}).items():
+            save_model(module, str(tmp / name))
         atomic_write_text(tmp / TRAINER_STATE_NAME, state_text)
         _fsync_tree(tmp)
         _move_into_place(tmp, final)
@@ -79,6 +91,15 @@ def save_checkpoint(
         log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint_modules(path: str | os.PathLike, modules: dict[str, Any]) -> None:
+    """Load the ``{file name: nn.Module}`` that ``save_checkpoint(modules=...)`` wrote into ``path``."""
+    for name, module in modules.items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} holds no {name}: was it saved by a run with the same flags?")
+        load_model(module, str(file))
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, Any]:

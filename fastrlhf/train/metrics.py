@@ -131,7 +131,7 @@ def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
 
     Tensors and numpy scalars become numbers, paths become strings, and NaN/infinity become null.
     """
-    return atomic_write_json(Path(run_dir) / SUMMARY_FILE_NAME, _jsonable(summary, "summary"))
+    return atomic_write_json(Path(run_dir) / SUMMARY_FILE_NAME, jsonable(summary, "summary"))
 
 
 def _to_number(what: str, value: Any) -> int | float:
@@ -145,11 +145,13 @@ def _to_number(what: str, value: Any) -> int | float:
     raise TypeError(f"{what}: expected a number, got {type(value).__name__}")
 
 
-def _jsonable(obj: Any, where: str) -> Any:
+def jsonable(obj: Any, where: str) -> Any:
+    """``obj`` as plain JSON values: tensors and numpy scalars as numbers, paths as strings, NaN and
+    infinities as null (``where`` names the value in errors)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {str(k): jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, str | bool | int):
         return obj
     if isinstance(obj, os.PathLike):

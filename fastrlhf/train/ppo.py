@@ -40,6 +40,7 @@ from fastrlhf.train.optim import build_optimizer, param_groups
 from fastrlhf.train.rewards import NORMALIZATIONS, ScoreNormalizer, call_reward_fn, load_reward_fn
 from fastrlhf.train.rollout import collect_rollout
 from fastrlhf.train.run import TrainingRun, peak_memory_mib
+from fastrlhf.train.signals import StopOnSignals
 from fastrlhf.train.update import ppo_update, ptx_batches
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class PPOConfig(RunArguments):
         "separate", "Memory mode: separate (own critic), shared (one trunk), lora (adapters)."
     )
     steps: int = flag(60, "PPO steps (one rollout and its update each).")
+    save_every: int = flag(
+        20, "Write a resumable checkpoint every N PPO steps, and at the end (0: at the end only)."
+    )
     rollout_batch_size: int = flag(32, "Prompts per rollout on each process (each sampled k times).")
     minibatch_size: int = flag(
         16, "Rollout rows (responses) per optimizer step (split into --gradient-accumulation-steps)."
@@ -120,6 +124,11 @@ class PPOConfig(RunArguments):
     clip_eps_high: float | None = flag(None, "Upper clip range when it differs (DAPO's clip-higher).")
     value_clip: float = flag(0.2, "Value clip range (0: no clipping).")
     vf_coef: float = flag(0.1, "Weight of the value loss.")
+    calibrate_critic: bool = flag(
+        True,
+        "At the first rollout, map the critic's head (started from the reward model, raw scores) through "
+        "the score normalisation, so the values start on the returns' scale (false: leave it raw).",
+    )
     entropy_coef: float = flag(0.0, "Entropy bonus.")
     reward_norm: str = flag(
         "running", "Scores onto a unit scale first: running (mean/std of all scores so far), batch, none."
@@ -234,13 +243,13 @@ class PPOModels:
 
 def train_ppo(config: PPOConfig) -> dict:
     """Run PPO (or a critic-free estimator); returns the summary (also in summary.json)."""
+    data = load_ppo_data(config)  # all inputs read and checked before the run directory is touched
     run = TrainingRun(config)
     accelerator, device = run.accelerator, run.device
-    data = load_ppo_data(config)
     models = build_ppo_models(config, accelerator, data)
     kl = KLController(config.kl_coef, config.target_kl or None, config.kl_horizon)
     normalizer = ScoreNormalizer(config.reward_norm)
-    state = run.restore()
+    state = run.restore(modules=checkpointed_modules(models))
     step, kl.value = state.get("step", 0), state.get("kl_coef", kl.value)
     if "score_norm" in state:
         normalizer.load_state(state["score_norm"])
@@ -250,42 +259,50 @@ def train_ppo(config: PPOConfig) -> dict:
     run.start_progress(config.steps, step, f"{config.advantage_estimator}[{config.actor_critic}]")
     ptx_stream = ptx_stream_at(config, data, step, device)
 
-    while step < config.steps:
-        prompt_rows = prompt_order(
-            len(data.train_ids), step, config.rollout_batch_size, accelerator.process_index,
-            accelerator.num_processes, config.seed,
-        )
-        rollout = collect_rollout(
-            models.unwrapped.generation_model(), models.reward_model, models.reward_fn, data.tokenizer,
-            [data.train_ids[i] for i in prompt_rows], [data.train_prompts[i] for i in prompt_rows],
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            batch_size=config.rollout_batch_size, samples_per_prompt=config.samples_per_prompt,
-            reward_fn_weight=config.reward_fn_weight, device=device,
-        )
-        update_start = time.perf_counter()
-        normalizer.update(accelerator.gather(rollout.scores))
-        experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
-        stats, first_epoch_approx_kl, grad_norm = ppo_update(
-            models.model, accelerator, models.optimizer, models.scheduler, rollout, experience, config,
-            kl.value, ptx_stream, models.ema,
-        )
-        mean_kl = float(accelerator.gather(experience.kl).mean())
-        metrics = step_metrics(rollout, experience, stats, data, config, kl.value, mean_kl) | {
-            "policy/first_epoch_approx_kl": first_epoch_approx_kl,
-            "tokens_per_s/training": float(rollout.mask.sum()) * config.ppo_epochs
-            / (time.perf_counter() - update_start),
-            "memory/peak_mib": peak_memory_mib(device),
-            "lr": models.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-        }
-        kl.update(mean_kl, rollout.rows * accelerator.num_processes)
-        step += 1
-        run.progress.update(1)
-        if step % config.log_every == 0 or step == config.steps:
-            run.log(step, metrics, bar=PROGRESS_BAR)
-        if (config.save_every and step % config.save_every == 0) or step == config.steps:
-            trainer_state = {"kl_coef": kl.value, "start_eval": start_eval, "score_norm": normalizer.state()}
-            run.checkpoint(step, trainer_state)
+    with StopOnSignals() as stop:
+        while step < config.steps:
+            prompt_rows = prompt_order(
+                len(data.train_ids), step, config.rollout_batch_size, accelerator.process_index,
+                accelerator.num_processes, config.seed,
+            )
+            rollout = collect_rollout(
+                models.unwrapped.generation_model(), models.reward_model, models.reward_fn, data.tokenizer,
+                [data.train_ids[i] for i in prompt_rows], [data.train_prompts[i] for i in prompt_rows],
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                batch_size=config.rollout_batch_size, samples_per_prompt=config.samples_per_prompt,
+                reward_fn_weight=config.reward_fn_weight, device=device,
+            )
+            update_start = time.perf_counter()
+            normalizer.update(accelerator.gather(rollout.scores))
+            if step == 0 and config.calibrate_critic and models.unwrapped.has_critic:
+                calibrate_critic(models.unwrapped, normalizer, accelerator.gather(rollout.scores))
+            experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
+            stats, first_epoch_approx_kl, grad_norm = ppo_update(
+                models.model, accelerator, models.optimizer, models.scheduler, rollout, experience, config,
+                kl.value, ptx_stream, models.ema, run.guard, step + 1,
+            )
+            mean_kl = float(accelerator.gather(experience.kl).mean())
+            metrics = step_metrics(rollout, experience, stats, data, config, kl.value, mean_kl) | {
+                "policy/first_epoch_approx_kl": first_epoch_approx_kl,
+                "tokens_per_s/training": float(rollout.mask.sum()) * config.ppo_epochs
+                / (time.perf_counter() - update_start),
+                "memory/peak_mib": peak_memory_mib(device),
+                "lr": models.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "skipped_nonfinite_steps": run.guard.skipped,
+            }
+            kl.update(mean_kl, rollout.rows * accelerator.num_processes)
+            step += 1
+            run.progress.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                run.log(step, metrics, bar=PROGRESS_BAR)
+            stopping = run.stop_requested(stop)
+            if (config.save_every and step % config.save_every == 0) or step == config.steps or stopping:
+                trainer_state = {"kl_coef": kl.value, "start_eval": start_eval}
+                trainer_state["score_norm"] = normalizer.state()
+                run.checkpoint(step, trainer_state, models.unwrapped, checkpointed_modules(models))
+            if stopping:
+                run.interrupted(stop, step)
 
     end_eval = evaluate(models, data, config, device)
     run.log(step, eval_metrics(end_eval))
@@ -305,6 +322,12 @@ def load_ppo_data(config: PPOConfig) -> PPOData:
     train_prompts, eval_prompts = split_prompts(config)
     train_ids, _ = tokenize_prompts(train_prompts, tokenizer, truncation)
     eval_ids, _ = tokenize_prompts(eval_prompts, tokenizer, truncation)
+    if not eval_prompts:
+        log.warning(
+            "no held-out prompts (--validation-fraction %g held none out): the start/end evaluation of "
+            "responses is skipped; pass --eval-prompts or a larger --validation-fraction to measure it",
+            config.validation_fraction,
+        )
     ptx_sequences, perplexity_sequences = split_texts(config.ptx_data, config.eval_text, tokenizer)
     gold_fn = load_reward_fn(config.eval_reward_fn) if config.eval_reward_fn else None
     evaluation = EvalSet(
@@ -365,11 +388,15 @@ def build_ppo_models(config: PPOConfig, accelerator, data: PPOData | None = None
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(unwrapped.policy_lm, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
-        accelerator.register_for_checkpointing(ema)
     if data is not None:
         data.evaluation.reward_model = reward_model
     reward_fn = data.evaluation.reward_fn if data is not None else None
     return PPOModels(model, unwrapped, optimizer, scheduler, reward_model, reward_fn, ema, parameter_bytes)
+
+
+def checkpointed_modules(models: PPOModels) -> dict:
+    """What a PPO checkpoint holds besides accelerate's state: the EMA of the policy, as safetensors."""
+    return {"ema.safetensors": models.ema} if models.ema is not None else {}
 
 
 def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
@@ -383,6 +410,17 @@ def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
     )
     reward_model.eval().requires_grad_(False)
     return reward_model.to(device)
+
+
+def calibrate_critic(model, normalizer: ScoreNormalizer, scores: torch.Tensor) -> None:
+    """Put the critic's values on the scale of the normalised scores (``ActorCritic.rescale_values``),
+    with the normaliser's moments after the first rollout's ``scores`` (``[N]``, all processes'). Scores
+    without spread (a constant reward) give no scale: then the values are only shifted."""
+    shift, divisor = normalizer.affine(scores)
+    if scores.numel() < 2 or float(scores.double().std()) == 0.0:
+        divisor = 1.0
+    model.rescale_values(shift, divisor)
+    log.info("critic calibrated to the normalised scores: values (v - %.4g) / %.4g", shift, divisor)
 
 
 def split_prompts(config: PPOConfig):
@@ -506,10 +544,11 @@ PLOT_GROUPS = {
 def summarize(run, config, models, data, start_eval, end_eval, kl_coef, model_dir, steps) -> dict:
     """The run's summary; the per-response scores of both evaluations go to ``evaluation.json``."""
     from fastrlhf.train.io import atomic_write_json
-    from fastrlhf.train.metrics import read_metrics
+    from fastrlhf.train.metrics import jsonable, read_metrics
 
     if run.is_main:
-        atomic_write_json(run.run_dir / "evaluation.json", {"start": start_eval, "end": end_eval})
+        evaluations = jsonable({"start": start_eval, "end": end_eval}, "evaluation")
+        atomic_write_json(run.run_dir / "evaluation.json", evaluations)
 
     metrics = [m for m in read_metrics(run.run_dir / "metrics.jsonl") if "score/mean" in m]
     return {

@@ -38,8 +38,12 @@ def call_reward_fn(function: RewardFn, prompts: list[str], responses: list[str])
     if len(values) != len(responses):
         raise ValueError(f"reward_fn returned {len(values)} values for {len(responses)} responses")
     rewards = [float(v) for v in values]
-    if not all(math.isfinite(r) for r in rewards):
-        raise ValueError("reward_fn returned a non-finite reward")
+    bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+    if bad:
+        raise ValueError(
+            f"reward_fn returned a non-finite reward ({rewards[bad[0]]}) for {len(bad)} of {len(rewards)} "
+            f"responses, first to prompt {prompts[bad[0]]!r} with response {responses[bad[0]][:200]!r}"
+        )
     return rewards
 
 
@@ -78,17 +82,24 @@ class ScoreNormalizer:
         self.m2 += batch_m2 + delta * delta * self.count * n / total
         self.count = total
 
+    def affine(self, scores: torch.Tensor) -> tuple[float, float]:
+        """``(shift, divisor)``: the normalised scores are ``(scores - shift) / divisor``. ``scores``
+        (``[N]``) matter only to ``batch``, which takes its moments from them."""
+        if self.kind == "none":
+            return 0.0, 1.0
+        if self.kind == "batch":
+            if scores.numel() < 2:
+                return float(scores.mean()), 1.0
+            return float(scores.mean()), float(scores.std()) + self.eps
+        if self.count < 2:
+            return self.mean, 1.0
+        return self.mean, math.sqrt(self.m2 / (self.count - 1)) + self.eps
+
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
             return scores
-        if self.kind == "batch":
-            if scores.numel() < 2:
-                return scores - scores.mean()
-            return (scores - scores.mean()) / (scores.std() + self.eps)
-        if self.count < 2:
-            return scores - self.mean
-        std = math.sqrt(self.m2 / (self.count - 1))
-        return (scores - self.mean) / (std + self.eps)
+        shift, divisor = self.affine(scores)
+        return (scores - shift) / divisor
 
     def state(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}

@@ -11,6 +11,7 @@ After training the normalisation bias is set so that demonstrations score 0 on a
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from accelerate.utils import send_to_device
@@ -25,6 +26,7 @@ from fastrlhf.models.loading import resolve_attention, trainable_parameters
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
+from fastrlhf.train.guards import NonFiniteError
 from fastrlhf.train.run import TrainingRun, evaluating
 
 
@@ -173,6 +175,12 @@ def train_rm(config: RMConfig) -> dict:
     if not scores:
         raise ValueError("sft_data: no demonstrations to set the reward normalisation bias from")
     bias = -sum(scores) / len(scores)
+    if not math.isfinite(bias):
+        bad = sum(not math.isfinite(x) for x in scores)
+        raise NonFiniteError(
+            f"the reward model scores {bad} of {len(scores)} demonstrations as NaN/inf, so its "
+            "normalisation bias is not finite; the model is not saved (lower --learning-rate)"
+        )
     unwrapped.set_normalization_bias(bias)
     model_dir = run.save_model(
         reward_model, tokenizer, save_fn=lambda model, path: model.save_pretrained(path)

@@ -93,16 +93,32 @@ def collect_rollout(
 def score_rollout(
     reward_model, reward_fn, batch: dict, prompts, responses, reward_fn_weight: float
 ) -> torch.Tensor:
-    """``[B]`` float32: the reward model's score at each sequence's last token, plus the rule reward."""
+    """``[B]`` float32: the reward model's score at each sequence's last token, plus the rule reward.
+
+    A non-finite score is an error naming the prompt and response: normalised into the returns, one NaN
+    would turn every advantage of the rollout into NaN."""
     device = batch["input_ids"].device
     scores = torch.zeros(batch["input_ids"].shape[0], device=device)
     if reward_model is not None:
-        scores += reward_model(**model_inputs(batch)).float()
+        model_scores = reward_model(**model_inputs(batch)).float()
+        _check_finite_scores(model_scores, "the reward model", prompts, responses)
+        scores += model_scores
     if reward_fn is not None:
         scores += reward_fn_weight * torch.tensor(
             call_reward_fn(reward_fn, prompts, responses), device=device
         )
+        _check_finite_scores(scores, "the weighted rule reward", prompts, responses)
     return scores
+
+
+def _check_finite_scores(scores: torch.Tensor, source: str, prompts, responses) -> None:
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        row = bad[0]
+        raise ValueError(
+            f"{source} gave a non-finite score ({float(scores[row])}) to {len(bad)} of {scores.numel()} "
+            f"responses, first to prompt {prompts[row]!r} with response {responses[row][:200]!r}"
+        )
 
 
 @contextlib.contextmanager

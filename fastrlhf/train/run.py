@@ -21,11 +21,19 @@ import torch
 
 from fastrlhf.models.tiny import RUN_MODEL_DIR
 from fastrlhf.train.arguments import RunArguments
-from fastrlhf.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrlhf.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_checkpoint_modules,
+    save_checkpoint,
+)
 from fastrlhf.train.config import save_resolved_config
+from fastrlhf.train.guards import NonFiniteGuard, check_finite_parameters, clip_and_check
 from fastrlhf.train.io import fsync_dir
+from fastrlhf.train.lock import RunDirectoryLock
 from fastrlhf.train.metrics import MetricsLogger, write_summary
 from fastrlhf.train.plots import plot_metrics
+from fastrlhf.train.signals import RunInterrupted, StopOnSignals
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,8 @@ class TrainingRun:
             cpu=not torch.cuda.is_available(),
         )
         set_seed(args.seed)
+        # Taken before anything in the directory is read or written: a second run fails here, at once.
+        self.lock = RunDirectoryLock(self.run_dir) if self.is_main else None
         self.resume_from = self._check_run_dir()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +81,7 @@ class TrainingRun:
         self.start_time = time.perf_counter()
         self.metrics: MetricsLogger | None = None
         self.progress = None
+        self.guard = NonFiniteGuard(self.accelerator, args.max_nonfinite_steps)
 
     @property
     def is_main(self) -> bool:
@@ -95,26 +106,51 @@ class TrainingRun:
 
     # ---- state -----------------------------------------------------------------------------------
 
-    def restore(self) -> dict:
-        """Load the checkpoint chosen at start (``--resume``); returns its trainer state, or {} when fresh."""
+    def restore(self, modules: dict | None = None) -> dict:
+        """Load the checkpoint chosen at start (``--resume``); returns its trainer state, or {} when fresh.
+        ``modules``: ``{file name: nn.Module}`` that ``checkpoint(modules=...)`` saves as safetensors."""
         if self.resume_from is None:
             state = {}
         else:
             state = load_checkpoint(self.accelerator, self.resume_from)
+            load_checkpoint_modules(self.resume_from, modules or {})
+            self.guard.load_state(state.get("nonfinite", {}))
             log.info("resumed from %s at step %d", self.resume_from, state.get("step", 0))
         self.metrics = MetricsLogger(
             self.run_dir, enabled=self.is_main, resume_from_step=state.get("step") if state else None
         )
         return state
 
-    def checkpoint(self, step: int, trainer_state: dict) -> None:
+    def checkpoint(self, step: int, trainer_state: dict, model=None, modules: dict | None = None) -> None:
+        """Write a resumable checkpoint; ``model``, when given, is checked for non-finite weights first;
+        ``modules`` (``{file name: nn.Module}``, e.g. an EMA) are saved as safetensors."""
+        if model is not None:
+            check_finite_parameters(model, f"checkpoint at step {step}")
         save_checkpoint(
             self.accelerator,
             self.run_dir,
             step,
-            {"step": step, **trainer_state},
+            {"step": step, **trainer_state, "nonfinite": self.guard.state()},
             keep_last=self.args.keep_checkpoints,
+            modules=modules,
         )
+
+    def stop_requested(self, stop: StopOnSignals) -> bool:
+        """Whether a signal asked the run to stop, on any process (all processes agree, so they stop at
+        the same step and write the same checkpoint together)."""
+        flag = torch.tensor([0.0 if stop.signum is None else float(stop.signum)], device=self.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        if float(flag) and stop.signum is None:
+            stop.signum = int(flag)
+        return bool(float(flag))
+
+    def interrupted(self, stop: StopOnSignals, step: int):
+        """Raise ``RunInterrupted`` once the checkpoint of ``step`` is on disk."""
+        self.accelerator.wait_for_everyone()
+        if self.progress is not None:
+            self.progress.close()
+        raise RunInterrupted(stop.signum, step, latest_checkpoint(self.run_dir))
 
     # ---- logging ---------------------------------------------------------------------------------
 
@@ -185,6 +221,7 @@ class TrainingRun:
         last_eval = dict(state.get("last_eval") or first_eval)
         self.start_progress(total_steps, step, desc)
         window, items, window_start = [], 0.0, time.perf_counter()
+        losses: list[torch.Tensor] = []  # the micro-batch losses of the optimizer step in progress
         evaluated_at = saved_at = step
 
         def checkpoint(epoch_now: int, batches_now: int) -> None:
@@ -198,64 +235,78 @@ class TrainingRun:
                     "first_eval": first_eval,
                     "last_eval": last_eval,
                 },
+                model=accelerator.unwrap_model(model),
             )
 
-        while epoch < args.epochs and step < total_steps:
-            if hasattr(train_sampler, "set_epoch"):
-                train_sampler.set_epoch(epoch)
-            # A resumed epoch skips the batches it already trained on (the sampler order is per-epoch seeded).
-            loader = (
-                accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-            )
-            for batch in loader:
-                with accelerator.accumulate(model):
-                    loss, stats = loss_fn(batch)
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                batches_done += 1
-                items += float(stats.pop("items", 0))
-                window.append({"loss": loss.detach(), **stats})
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                self.progress.update(1)
-                if step % args.log_every == 0:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics = {
-                        f"train/{k}": torch.stack([w[k] for w in window]).float().mean() for k in window[0]
-                    }
-                    metrics.update(
-                        {
-                            "lr": scheduler.get_last_lr()[0],
-                            "epoch": epoch + batches_done / max(len(train_loader), 1),
-                            "train/items_per_s": items * accelerator.num_processes / elapsed,
+        with StopOnSignals() as stop:
+            while epoch < args.epochs and step < total_steps:
+                if hasattr(train_sampler, "set_epoch"):
+                    train_sampler.set_epoch(epoch)
+                # A resumed epoch skips the batches it already trained on (the sampler order is seeded
+                # per epoch).
+                loader = train_loader
+                if batches_done:
+                    loader = accelerator.skip_first_batches(train_loader, batches_done)
+                for batch in loader:
+                    with accelerator.accumulate(model):
+                        loss, stats = loss_fn(batch)
+                        accelerator.backward(loss)
+                        losses.append(loss.detach())
+                        grad_norm = None
+                        if accelerator.sync_gradients:
+                            finite, grad_norm = clip_and_check(
+                                accelerator, model, args.max_grad_norm, self.guard, step + 1, losses
+                            )
+                            losses = []
+                            if finite:
+                                optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    batches_done += 1
+                    items += float(stats.pop("items", 0))
+                    window.append({"loss": loss.detach(), **stats})
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    self.progress.update(1)
+                    if step % args.log_every == 0:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        metrics = {
+                            f"train/{k}": torch.stack([w[k] for w in window]).float().mean()
+                            for k in window[0]
                         }
-                    )
-                    if grad_norm is not None:
-                        metrics["train/grad_norm"] = grad_norm
-                    self.log(step, metrics, bar)
-                    window, items, window_start = [], 0.0, time.perf_counter()
-                if args.eval_every and step % args.eval_every == 0:
-                    last_eval, evaluated_at = evaluate(), step
-                    self.log(step, last_eval, bar)
-                if args.save_every and step % args.save_every == 0:
-                    checkpoint(epoch, batches_done)
-                if step >= total_steps:
-                    break
-            else:
-                epoch, batches_done = epoch + 1, 0
-                if not args.eval_every:
-                    last_eval, evaluated_at = evaluate(), step
-                    self.log(step, last_eval, bar)
-                if not args.save_every:
-                    checkpoint(epoch, 0)
-                continue
-            break  # --max-steps reached inside an epoch
+                        metrics.update(
+                            {
+                                "lr": scheduler.get_last_lr()[0],
+                                "epoch": epoch + batches_done / max(len(train_loader), 1),
+                                "train/items_per_s": items * accelerator.num_processes / elapsed,
+                            }
+                        )
+                        if grad_norm is not None:
+                            metrics["train/grad_norm"] = grad_norm
+                        metrics["train/skipped_nonfinite_steps"] = self.guard.skipped
+                        self.log(step, metrics, bar)
+                        window, items, window_start = [], 0.0, time.perf_counter()
+                    if args.eval_every and step % args.eval_every == 0:
+                        last_eval, evaluated_at = evaluate(), step
+                        self.log(step, last_eval, bar)
+                    if args.save_every and step % args.save_every == 0:
+                        checkpoint(epoch, batches_done)
+                    if self.stop_requested(stop):
+                        if saved_at != step:
+                            checkpoint(epoch, batches_done)
+                        self.interrupted(stop, step)
+                    if step >= total_steps:
+                        break
+                else:
+                    epoch, batches_done = epoch + 1, 0
+                    if not args.eval_every:
+                        last_eval, evaluated_at = evaluate(), step
+                        self.log(step, last_eval, bar)
+                    if not args.save_every:
+                        checkpoint(epoch, 0)
+                    continue
+                break  # --max-steps reached inside an epoch
 
         # --max-steps (or the last step landing inside an epoch) skips the epoch-end bookkeeping above.
         if evaluated_at != step:
@@ -323,6 +374,7 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             unwrapped = self.accelerator.unwrap_model(model)
+            check_finite_parameters(unwrapped, "the final model")
             tmp = self.run_dir / f".{FINAL_MODEL_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             (save_fn or save_causal_lm)(unwrapped, tmp)
@@ -350,6 +402,8 @@ class TrainingRun:
             write_summary(self.run_dir, summary)
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir, plot_groups)
         self.accelerator.end_training()
+        if self.lock is not None:
+            self.lock.release()
         return summary
 
 

@@ -26,6 +26,7 @@ from accelerate.utils import send_to_device
 
 from fastrlhf import ops
 from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
+from fastrlhf.train.guards import NonFiniteGuard, clip_and_check
 from fastrlhf.train.rollout import Rollout, micro_batches, select_rows
 
 if TYPE_CHECKING:
@@ -44,10 +45,14 @@ def ppo_update(
     kl_coef: float,
     ptx_stream=None,
     ema=None,
+    guard: NonFiniteGuard | None = None,
+    step: int = 0,
 ) -> tuple[list[dict], float | None, float | None]:
     """``--ppo-epochs`` passes over the rollout: per minibatch, the micro-batches' backward passes (with
     PPO-ptx when ``ptx_stream`` is given), clipping, one optimizer (and scheduler, when given) step, and
-    the EMA update. Returns ``(per-micro-batch stats, the first micro-batch's approx KL, last grad norm)``.
+    the EMA update. With a ``guard``, a minibatch whose loss or gradient norm is not finite is not stepped
+    (its gradients are dropped). ``step``: the PPO step, for the guard's messages. Returns ``(per-micro-
+    batch stats, the first micro-batch's approx KL, last grad norm)``.
     """
     stats, first_epoch_approx_kl, grad_norm = [], None, None
     rows = torch.arange(rollout.rows, device=rollout.mask.device)
@@ -63,13 +68,17 @@ def ppo_update(
                 stats.append(backward_micro_batch(model, accelerator, micro, ptx, config, kl_coef, last))
                 if first_epoch_approx_kl is None:
                     first_epoch_approx_kl = float(stats[-1]["policy/approx_kl"])
-            if config.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-            optimizer.step()
+            losses = [
+                s["policy/loss"] + s.get("value/loss", 0.0) + s.get("ptx/loss", 0.0)
+                for s in stats[-len(blocks) :]
+            ]
+            finite, grad_norm = clip_and_check(accelerator, model, config.max_grad_norm, guard, step, losses)
+            if finite:
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
+            if ema is not None and finite:
                 ema.update_parameters(accelerator.unwrap_model(model).policy_lm)
     return stats, first_epoch_approx_kl, grad_norm
 
