@@ -85,7 +85,23 @@ def _run(command: str, config):
     }[command](config)
 
 
+# Exit codes (docs/reliability.md); 1 is an internal error, with its traceback; 128 + N a signal N.
+EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # the loss or gradients stayed non-finite (--max-nonfinite-steps)
+EXIT_OS_ERROR = 4
+EXIT_OUT_OF_MEMORY = 5
+OOM_ADVICE = (
+    "lower --batch-size (sft, rm), --rollout-batch-size, --minibatch-size or raise "
+    "--gradient-accumulation-steps (ppo), or --max-new-tokens; --gradient-checkpointing true and "
+    "--actor-critic shared or lora hold less"
+)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    text = str(error)
+    return isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,12 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastrlhf: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from fastrlhf.data.readers import set_max_line_mib
+    from fastrlhf.errors import InputError
     from fastrlhf.train.config import parse_config
     from fastrlhf.train.guards import NonFiniteError
     from fastrlhf.train.signals import RunInterrupted
 
     try:
         config = parse_config(_config_class(command), rest, prog=f"fastrlhf {command}")
+        set_max_line_mib(config.max_line_mib)  # one limit for every reader this command runs
         result = _run(command, config)
     except RunInterrupted as stop:  # SIGTERM/SIGINT: a checkpoint was written first
         print(f"fastrlhf {command}: {stop}", file=sys.stderr)
@@ -111,11 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:  # diverged: no NaN weights were saved
         print(f"fastrlhf {command}: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
-    except ValueError as error:  # bad input: data lines, paths, flag values (DataError is a ValueError)
+    except InputError as error:  # bad input: flag values, config files, data lines, paths, models
         if os.environ.get("FASTRLHF_DEBUG"):
             raise
         print(f"fastrlhf {command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as error:  # the disk or the file system: unwritable --output, ENOSPC, a vanished file
+        if os.environ.get("FASTRLHF_DEBUG"):
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(
+            f"fastrlhf {command}: error: cannot read or write{where}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return EXIT_OS_ERROR
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as error:
+        # torch's CPU allocator reports a failed allocation as a plain RuntimeError.
+        if isinstance(error, RuntimeError) and not _is_out_of_memory(error):
+            raise
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        print(f"fastrlhf {command}: error: out of memory ({first_line}); {OOM_ADVICE}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     if os.environ.get("RANK", "0") != "0":  # under a multi-process launch, only rank 0 prints the result
         return 0
     if isinstance(result, dict):

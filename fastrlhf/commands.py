@@ -8,15 +8,16 @@ import json
 import logging
 from pathlib import Path
 
+from fastrlhf.errors import InputError
 from fastrlhf.models.tiny import resolve_model
-from fastrlhf.train.arguments import flag
+from fastrlhf.train.arguments import InputOptions, flag
 from fastrlhf.train.io import atomic_output, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class GenerateConfig(InputOptions):
     model: str = flag(
         "tiny", "A local HF causal LM directory (an SFT/PPO run's model/, or a run dir), or 'tiny'."
     )
@@ -32,11 +33,11 @@ class GenerateConfig:
 
     def __post_init__(self):
         if not self.output:
-            raise ValueError("output: an output JSONL path is required (--output F.jsonl)")
+            raise InputError("output: an output JSONL path is required (--output F.jsonl)")
 
 
 @dataclasses.dataclass
-class LabelConfig:
+class LabelConfig(InputOptions):
     model: str = flag("tiny", "The policy whose samples are compared (usually the SFT model), or 'tiny'.")
     prompts: str = flag(
         "sample", "Prompt JSONL ({\"prompt\"}; other fields ignored, so RM files do); 'sample' = bundled."
@@ -58,15 +59,15 @@ class LabelConfig:
     def __post_init__(self):
         for name in ("labeler", "output"):
             if not getattr(self, name):
-                raise ValueError(f"{name}: required (--{name})")
+                raise InputError(f"{name}: required (--{name})")
         if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+            raise InputError(f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (the samples must differ), got {self.temperature}")
+            raise InputError(f"temperature must be > 0 (the samples must differ), got {self.temperature}")
 
 
 @dataclasses.dataclass
-class ScoreConfig:
+class ScoreConfig(InputOptions):
     reward_model: str | None = flag(
         None, "A reward model saved by `fastrlhf rm` (its model/ dir or the run dir)."
     )
@@ -82,11 +83,11 @@ class ScoreConfig:
     def __post_init__(self):
         for name in ("reward_model", "data", "output"):
             if not getattr(self, name):
-                raise ValueError(f"{name}: required (--{name.replace('_', '-')})")
+                raise InputError(f"{name}: required (--{name.replace('_', '-')})")
 
 
 @dataclasses.dataclass
-class DataConfig:
+class DataConfig(InputOptions):
     data: str | None = flag(None, "Input JSONL.")
     kind: str = flag("sft", "Format of --data: sft, rm, pairs, ppo, ptx or chat.")
     output: str | None = flag(None, "Output directory: train.jsonl, validation.jsonl, report.json.")
@@ -106,7 +107,7 @@ class DataConfig:
     def __post_init__(self):
         for name in ("data", "output"):
             if not getattr(self, name):
-                raise ValueError(f"{name}: required (--{name})")
+                raise InputError(f"{name}: required (--{name})")
 
 
 def run_generate(config: GenerateConfig) -> Path:
@@ -200,7 +201,7 @@ def run_score(config: ScoreConfig) -> Path:
     quiet_libraries()
     model = resolve_model(config.reward_model)
     if not is_reward_model(model):
-        raise ValueError(
+        raise InputError(
             f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm` "
             "(no score_head.safetensors)"
         )
@@ -269,7 +270,7 @@ def run_data(config: DataConfig) -> dict:
             groups, token_report = tokenize_ranked(train, tokenizer, truncation)
             lengths = [max(len(s.input_ids) for s in g.sequences) for g in groups]
         else:
-            raise ValueError(
+            raise InputError(
                 f"model: the tokenisation report covers sft, chat, rm and pairs data, not {config.kind}"
             )
         grouped = list(

@@ -154,16 +154,19 @@ def test_non_utf8_bytes_and_overlong_lines_are_reported_at_their_line(tmp_path, 
         read_jsonl(path, "ppo")
     assert str(info.value) == f"{path}:2: not UTF-8 (byte 0xe9 at column 16)"
 
-    monkeypatch.setenv("FASTRLHF_MAX_LINE_MIB", str(100 / 2**20))  # 100 bytes
+    from fastrlhf.data import readers
+
+    monkeypatch.setattr(readers, "_max_line_bytes", readers.max_line_bytes())  # restored afterwards
+    readers.set_max_line_mib(100 / 2**20)  # 100 bytes
     long_line = json.dumps({"prompt": "x" * 200})
     path.write_text('{"prompt": "short"}\n' * 2 + long_line + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r":3: line longer than 100 bytes"):
         read_jsonl(path, "ppo")
     path.write_text('{"prompt": "short"}\n' * 2, encoding="utf-8")
     assert len(read_jsonl(path, "ppo")) == 2, "lines under the cap read as before"
-    monkeypatch.setenv("FASTRLHF_MAX_LINE_MIB", "lots")
-    with pytest.raises(ValueError, match="FASTRLHF_MAX_LINE_MIB"):
-        read_jsonl(path, "ppo")
+    for bad in (0, -1.0, float("nan"), "lots"):
+        with pytest.raises(ValueError, match="max_line_mib"):
+            readers.set_max_line_mib(bad)
 
 
 # ---- fuzzing: whatever the bytes, a reader returns records or a DataError at a line --------------------

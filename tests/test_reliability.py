@@ -272,3 +272,119 @@ def test_two_runs_with_one_seed_end_with_identical_weights(command, tmp_path):
     assert first.keys() == second.keys()
     for name, tensor in first.items():
         assert torch.equal(second[name], tensor), name
+
+
+# ---- clean failures: each kind of fault has its own exit code and a one-line message --------------------
+
+
+def _raise_in_sft_forward(monkeypatch, error: BaseException) -> None:
+    from fastrlhf.models.policy import CausalLMPolicy
+
+    def forward(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(CausalLMPolicy, "forward", forward)
+
+
+def test_bad_flag_values_are_bad_input(tmp_path, capsys):
+    assert main(["sft", "--output", str(tmp_path / "run"), "--learning-rate", "-1"]) == 2
+    assert "learning_rate must be > 0" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_exits_4_naming_the_path(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["sft", "--output", str(blocker / "run"), "--max-steps", "1"]) == 4
+    error = capsys.readouterr().err
+    assert "cannot read or write" in error and str(blocker) in error
+
+
+def test_a_full_disk_during_a_checkpoint_exits_4(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import fastrlhf.train.checkpoint as checkpoint
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full)
+    code = main(["sft", "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "16"])
+    assert code == 4
+    assert "No space left on device" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "run") is None, "no half-written checkpoint counts as one"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_exits_5_naming_the_batch_flags(error, tmp_path, monkeypatch, capsys):
+    _raise_in_sft_forward(monkeypatch, error)
+    assert main(["sft", "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 5
+    message = capsys.readouterr().err
+    assert "out of memory" in message and "--batch-size" in message
+
+
+def test_a_bug_inside_the_code_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError that is not the user's input (here from inside the model) is not reported as exit 2."""
+    _raise_in_sft_forward(monkeypatch, ValueError("shapes [3, 4] and [5] do not broadcast"))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        main(["sft", "--output", str(tmp_path / "run"), "--max-steps", "1"])
+
+
+@pytest.mark.parametrize(
+    "command, flag", [("sft", "--data"), ("rm", "--sft-data"), ("ppo", "--prompts")], ids=["sft", "rm", "ppo"]
+)
+def test_bad_data_creates_no_run_directory(command, flag, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "fine", "response": "fine"}\n{"prompt": \n')
+    output = tmp_path / "run"
+    extra = ["--reward-model", "none", "--reward-fn", "ppo_rewards:constant"] if command == "ppo" else []
+    assert main([command, "--output", str(output), flag, str(bad), *extra]) == 2
+    assert f"{bad}:2: " in capsys.readouterr().err
+    assert not output.exists(), "nothing is written before the inputs are read"
+
+
+def test_lora_ppo_scored_by_a_reward_model_resumes_bit_identical(tmp_path, monkeypatch):
+    """The modes the SIGTERM test leaves out: LoRA adapters (policy and critic) and a reward model's
+    scores (with the critic calibrated from it at the first rollout)."""
+    from test_ppo import _saved_reward_model
+    from trainer_runs import crash_after_checkpoint
+
+    _saved_reward_model(tmp_path / "rm")
+    flags = {
+        **{k: v for k, v in PPO_RULE.items() if k not in ("reward_model", "reward_fn", "reward_fn_weight")},
+        "reward_model": str(tmp_path / "rm"),
+        "actor_critic": "lora",
+        "lora_r": 4,
+        "steps": 4,
+        "save_every": 2,
+    }
+    run_ppo(tmp_path / "whole", **flags)
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(tmp_path / "stopped", **flags)
+    monkeypatch.undo()
+    run_ppo(tmp_path / "stopped", resume=True, **flags)
+    expected, final = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
+    assert expected.keys() == final.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+
+
+def test_max_line_mib_flag_limits_every_reader(tmp_path, monkeypatch, capsys):
+    from fastrlhf.data import readers
+
+    monkeypatch.setattr(readers, "_max_line_bytes", readers.max_line_bytes())  # restored afterwards
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "short"}\n' + '{"prompt": "' + "x" * 300 + '"}\n', encoding="utf-8")
+    argv = ["data", "--data", str(data), "--kind", "ppo", "--output", str(tmp_path / "out")]
+    assert main([*argv, "--max-line-mib", str(200 / 2**20)]) == 2
+    assert f"{data}:2: line longer than 200 bytes" in capsys.readouterr().err
+    assert main([*argv, "--max-line-mib", "0"]) == 2
+    assert "max_line_mib" in capsys.readouterr().err
+    assert main(argv) == 0, "the default limit (64 MiB) reads the file"

@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import re
 
+from fastrlhf.errors import InputError
+
 DEFAULT_PREFIX_CHARS = 200  # prompts sharing their first 200 characters are treated as one prompt
 DEFAULT_MAX_PER_USER = 200  # InstructGPT kept at most 200 prompts per user ID
 
@@ -35,7 +37,7 @@ def dedupe_by_prefix(records: list, prefix_chars: int = DEFAULT_PREFIX_CHARS) ->
     """Keep the first of every group of prompts whose normalised texts share their first ``prefix_chars``
     characters (or are identical, when shorter). Order is kept."""
     if prefix_chars < 1:
-        raise ValueError(f"prefix_chars must be >= 1, got {prefix_chars}")
+        raise InputError(f"prefix_chars must be >= 1, got {prefix_chars}")
     seen, kept = set(), []
     for record in records:
         key = _normalise(record.prompt)[:prefix_chars]
@@ -48,7 +50,7 @@ def dedupe_by_prefix(records: list, prefix_chars: int = DEFAULT_PREFIX_CHARS) ->
 def cap_per_user(records: list, max_per_user: int = DEFAULT_MAX_PER_USER) -> list:
     """Keep at most ``max_per_user`` records per ``user`` (the first ones); records without a user stay."""
     if max_per_user < 1:
-        raise ValueError(f"max_per_user must be >= 1, got {max_per_user}")
+        raise InputError(f"max_per_user must be >= 1, got {max_per_user}")
     counts: dict = {}
     kept = []
     for record in records:
@@ -71,7 +73,7 @@ def split_by_user(records: list, validation_fraction: float = 0.05, seed: int = 
     """(train, validation): each user goes wholly to one side, with probability ``validation_fraction``
     of validation; a record without a user is placed by its own prompt. Deterministic for a seed."""
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        raise InputError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     train, validation = [], []
     for record in records:
         held_out = _unit_interval(_user_key(record), seed) < validation_fraction
@@ -89,7 +91,7 @@ def split_users_by_share(records: list, validation_fraction: float, seed: int = 
     user is always left to train on.
     """
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        raise InputError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     sizes: dict[str, int] = {}
     for record in records:
         key = _user_key(record)

@@ -12,23 +12,25 @@
 An optional ``"user"`` field (any JSON scalar) feeds the dataset hygiene (per-user caps and splits).
 Every problem raises ``DataError`` naming the file, the line and what is wrong; blank lines are skipped.
 Files are read line by line as bytes: a byte that is not UTF-8 is reported at its line and column, and a
-line longer than ``FASTRLHF_MAX_LINE_MIB`` (an environment setting, default 64 MiB, read by every
-command's reader) is refused at its line without being read whole.
+line longer than the process's limit (``set_max_line_mib``; every command's ``--max-line-mib``, default
+64 MiB) is refused at its line without being read whole.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from fastrlhf.data.records import ChatExample, PromptExample, RankedExample, SFTExample, TextExample
+from fastrlhf.errors import InputError
 
 MAX_LINE_MIB_DEFAULT = 64
 MIN_RESPONSES, MAX_RESPONSES = 2, 9  # InstructGPT ranked K = 4..9 responses; K = 2 is a plain pair
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad line (or file): ``path:line: problem``."""
 
     def __init__(self, path: str, line: int | None, problem: str):
@@ -52,7 +54,7 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list:
         for number, data in enumerate(iter(lambda: fh.readline(limit + 1), b""), start=1):
             if len(data) > limit and not data.endswith(b"\n"):
                 raise DataError(
-                    path, number, f"line longer than {limit} bytes (raise FASTRLHF_MAX_LINE_MIB to allow it)"
+                    path, number, f"line longer than {limit} bytes (raise --max-line-mib to allow it)"
                 )
             try:
                 raw = data.decode("utf-8")
@@ -75,16 +77,20 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list:
     return records
 
 
+_max_line_bytes = MAX_LINE_MIB_DEFAULT * 2**20
+
+
+def set_max_line_mib(mib: float) -> None:
+    """Set the longest line every reader of this process accepts, in MiB (the CLI's ``--max-line-mib``)."""
+    global _max_line_bytes
+    if isinstance(mib, bool) or not isinstance(mib, int | float) or not math.isfinite(mib) or mib <= 0:
+        raise InputError(f"max_line_mib must be a finite number of MiB > 0, got {mib!r}")
+    _max_line_bytes = max(1, int(mib * 2**20))
+
+
 def max_line_bytes() -> int:
-    """The longest line a reader accepts, from ``FASTRLHF_MAX_LINE_MIB`` (MiB, default 64)."""
-    setting = os.environ.get("FASTRLHF_MAX_LINE_MIB", str(MAX_LINE_MIB_DEFAULT))
-    try:
-        mib = float(setting)
-    except ValueError:
-        raise ValueError(f"FASTRLHF_MAX_LINE_MIB: expected a number of MiB, got {setting!r}") from None
-    if not mib > 0:
-        raise ValueError(f"FASTRLHF_MAX_LINE_MIB must be > 0, got {setting!r}")
-    return int(mib * 2**20)
+    """The longest line a reader accepts, in bytes."""
+    return _max_line_bytes
 
 
 class _Line:

@@ -30,6 +30,8 @@ import os
 import random
 import re
 
+from fastrlhf.errors import InputError
+
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SAMPLE_SIZES = {"sft": 400, "rm": 400, "ppo": 200, "ptx": 200}
 MAX_NEW_TOKENS = 24  # the longest demonstration is 16 tokens with its EOS
@@ -372,7 +374,7 @@ def lookup_task(prompt: str) -> Task:
     part of this world."""
     task = _index().get(normalise(prompt))
     if task is None:
-        raise ValueError(
+        raise InputError(
             f"prompt {prompt!r} is not a prompt of the synthetic world (fastrlhf.data.synthetic)"
         )
     return task
@@ -539,7 +541,7 @@ def pretraining_texts(n: int, seed: int = 0) -> list[dict]:
     number of facts)."""
     statements = facts()
     if n > len(statements):
-        raise ValueError(f"n={n} is more than the {len(statements)} distinct facts of the synthetic world")
+        raise InputError(f"n={n} is more than the {len(statements)} distinct facts of the synthetic world")
     return [{"text": text} for text in world_rng(seed, "ptx").sample(statements, n)]
 
 

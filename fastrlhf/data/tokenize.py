@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from fastrlhf.data.readers import DataError
 from fastrlhf.data.records import ChatExample, PromptExample, RankedExample, SFTExample, TextExample
+from fastrlhf.errors import InputError
 
 Messages = Sequence[tuple[str, str]]
 Prompt = str | Messages  # a plain prompt, or the (role, content) messages before the response
@@ -41,7 +42,7 @@ class TruncationPolicy:
         for field in ("max_prompt_tokens", "max_response_tokens"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+                raise InputError(f"{field} must be a positive integer, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ class TokenizedSequence:
 
     def __post_init__(self):
         if not 0 <= self.prompt_length <= len(self.input_ids):
-            raise ValueError(
+            raise InputError(
                 f"prompt_length={self.prompt_length} is outside [0, {len(self.input_ids)}] ({self.source})"
             )
 
@@ -133,7 +134,7 @@ class _Encoder:
 
     def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos token: a response could not mark its end")
+            raise InputError("the tokenizer has no eos token: a response could not mark its end")
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         self.bos = tokenizer.bos_token_id
@@ -278,7 +279,7 @@ def tokenize_texts(
     first is predicted. A text longer than ``max_tokens`` keeps its beginning, has no eos and counts as a
     truncated response."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     encoder = _Encoder(tokenizer)
     prefix = [encoder.bos] if encoder.add_bos else []
     report = TokenizationReport(examples=len(records))

@@ -8,6 +8,7 @@ import torch
 
 from fastrlhf.data.batching import pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
+from fastrlhf.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,11 @@ def generate_responses(
     EOS within ``max_new_tokens`` is returned whole with ``ended_with_eos=False`` (PPO may penalise it).
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InputError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     device = next(lm.parameters()).device

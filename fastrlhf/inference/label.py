@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastrlhf.data.readers import MAX_RESPONSES
+from fastrlhf.errors import InputError
 from fastrlhf.inference.generate import generate_responses
 from fastrlhf.train.rewards import call_reward_fn
 
@@ -48,7 +49,7 @@ def label_comparisons(
     torch's RNG), scores each with ``labeler`` and ranks the distinct ones: rank 1 is the best score.
     """
     if samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be >= 2 to compare responses, got {samples_per_prompt}")
+        raise InputError(f"samples_per_prompt must be >= 2 to compare responses, got {samples_per_prompt}")
     k = samples_per_prompt
     generated = generate_responses(
         lm,

@@ -30,6 +30,7 @@ import os
 import torch
 from torch import nn
 
+from fastrlhf.errors import InputError
 from fastrlhf.models.heads import ScalarHead
 from fastrlhf.models.loading import ModelOptions, add_lora, load_causal_lm
 from fastrlhf.models.policy import decoder_and_head
@@ -86,7 +87,7 @@ class ActorCritic(nn.Module):
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"actor_critic: expected one of {MODES}, got {mode!r}")
+            raise InputError(f"actor_critic: expected one of {MODES}, got {mode!r}")
         self.mode = mode
         self.policy_lm = policy_lm
         self.value_head = value_head
@@ -172,9 +173,9 @@ class ActorCritic(nn.Module):
         the first rollout, puts the values on the returns' scale from the start.
         """
         if not self.has_critic:
-            raise ValueError("rescale_values: this actor-critic has no critic (a critic-free estimator)")
+            raise InputError("rescale_values: this actor-critic has no critic (a critic-free estimator)")
         if not (math.isfinite(shift) and math.isfinite(divisor) and divisor > 0):
-            raise ValueError(f"rescale_values: need a finite shift and divisor > 0, got {shift}, {divisor}")
+            raise InputError(f"rescale_values: need a finite shift and divisor > 0, got {shift}, {divisor}")
         head = (self.critic.head if self.critic is not None else self.value_head).proj
         # Besides the head's own bias, a separate critic adds the reward model's normalisation bias.
         offset = float(self.critic.normalization_bias) if self.critic is not None else 0.0
@@ -234,7 +235,7 @@ def build_actor_critic(
     policy's trunk with a fresh head.
     """
     if mode not in MODES:
-        raise ValueError(f"actor_critic: expected one of {MODES}, got {mode!r}")
+        raise InputError(f"actor_critic: expected one of {MODES}, got {mode!r}")
     frozen_options = ModelOptions(
         dtype=options.dtype,
         attn_implementation=options.attn_implementation,
@@ -243,7 +244,7 @@ def build_actor_critic(
     )
     if mode == "lora":
         if options.lora_r <= 0:
-            raise ValueError("actor_critic=lora: the adapters need a rank, pass --lora-r > 0 (e.g. 16)")
+            raise InputError("actor_critic=lora: the adapters need a rank, pass --lora-r > 0 (e.g. 16)")
         fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(ModelOptions)}
         base_options = ModelOptions(**{**fields, "lora_r": 0, "dropout": None})
         base = load_causal_lm(policy, base_options, device_index=device_index)

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from fastrlhf.errors import InputError
 from fastrlhf.models.dropout import apply_dropout
 from fastrlhf.models.tiny import resolve_model
 
@@ -68,21 +69,21 @@ class ModelOptions:
 
     def __post_init__(self):
         if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.attn_implementation not in ATTENTION:
-            raise ValueError(
+            raise InputError(
                 f"attn_implementation: expected one of {ATTENTION}, got {self.attn_implementation!r}"
             )
         if self.quantization not in QUANTIZATION:
-            raise ValueError(f"quantization: expected one of {QUANTIZATION}, got {self.quantization!r}")
+            raise InputError(f"quantization: expected one of {QUANTIZATION}, got {self.quantization!r}")
         if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+            raise InputError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.quantization != "none" and self.lora_r == 0:
-            raise ValueError(
+            raise InputError(
                 "quantization: a quantized base is frozen, so it needs LoRA adapters (--lora-r > 0)"
             )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -114,7 +115,7 @@ def load_tokenizer(model: str):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"model {model!r}: the tokenizer has neither a pad nor an eos token")
+            raise InputError(f"model {model!r}: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -123,7 +124,7 @@ def _quantization_config(options: ModelOptions, dtype: torch.dtype):
     if options.quantization == "none":
         return None
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise InputError(
             f"quantization={options.quantization!r}: bitsandbytes 8/4-bit weights need a CUDA device"
         )
     from transformers import BitsAndBytesConfig
@@ -149,7 +150,7 @@ def load_causal_lm(
     dtype = resolve_dtype(options.dtype)
     attention = resolve_attention(options.attn_implementation)
     if attention == "flash_attention_2" and dtype == torch.float32:
-        raise ValueError("attn_implementation=flash_attention_2 needs --dtype bfloat16 or float16")
+        raise InputError("attn_implementation=flash_attention_2 needs --dtype bfloat16 or float16")
     kwargs = {"dtype": dtype, "attn_implementation": attention}
     quantization = _quantization_config(options, dtype)
     if quantization is not None:

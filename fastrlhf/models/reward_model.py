@@ -17,6 +17,7 @@ import os
 import torch
 from torch import nn
 
+from fastrlhf.errors import InputError
 from fastrlhf.models.heads import ScalarHead, last_token_index
 from fastrlhf.models.loading import ModelOptions, load_causal_lm
 
@@ -111,7 +112,7 @@ class RewardModel(nn.Module):
             tensors = load_file(head_path)
             expected = reward_model.head.proj.weight.shape
             if tensors["weight"].shape != expected:
-                raise ValueError(
+                raise InputError(
                     f"{head_path}: head weight has shape {tuple(tensors['weight'].shape)}, "
                     f"the trunk needs {tuple(expected)}"
                 )

@@ -18,6 +18,8 @@ import shutil
 import tempfile
 import threading
 
+from fastrlhf.errors import InputError
+
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer")
 TINY_NAME = "tiny"
 TINY_CACHE_DIR = "tiny-v2"  # bump when the tokenizer or the default config changes
@@ -232,7 +234,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if not _is_model_dir(path) and _is_model_dir(os.path.join(path, RUN_MODEL_DIR)):
         path = os.path.join(path, RUN_MODEL_DIR)
     if not _is_model_dir(path):
-        raise ValueError(
+        raise InputError(
             f"model {os.fspath(name_or_path)!r}: not a local directory with config.json; fastrlhf loads "
             f"models from local paths or {TINY_NAME!r} (no hub downloads)"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fastrlhf.errors import InputError
 from fastrlhf.models.loading import ModelOptions
 
 OPTIMIZERS = ("auto", "adamw8bit", "paged_adamw8bit", "adamw")
@@ -23,11 +24,22 @@ def flag(default, help: str, **kwargs):
 def _check_at_least(config, minimum: int | float, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(config, name) < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}")
+            raise InputError(f"{name} must be >= {minimum}, got {getattr(config, name)}")
 
 
 @dataclasses.dataclass
-class RunArguments(ModelOptions):
+class InputOptions:
+    """What every command that reads JSONL data takes."""
+
+    max_line_mib: float = flag(
+        64.0,
+        "Longest JSONL line a data file may hold, in MiB: a longer one is an error at its file:line, "
+        "found without reading the line whole.",
+    )
+
+
+@dataclasses.dataclass
+class RunArguments(ModelOptions, InputOptions):
     output: str | None = flag(
         None, "Run directory (created; holds config, metrics, checkpoints, plots, model)."
     )
@@ -64,19 +76,19 @@ class RunArguments(ModelOptions):
     def __post_init__(self):
         super().__post_init__()
         if not self.output:
-            raise ValueError("output: a run directory is required (--output DIR)")
+            raise InputError("output: a run directory is required (--output DIR)")
         _check_at_least(
             self, 1, ("gradient_accumulation_steps", "keep_checkpoints", "log_every", "max_nonfinite_steps")
         )
         _check_at_least(self, 0, ("warmup_steps", "save_every", "max_grad_norm", "weight_decay"))
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise InputError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0.0 < self.final_lr_fraction <= 1.0:
-            raise ValueError(f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
+            raise InputError(f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision: expected no, bf16 or fp16, got {self.mixed_precision!r}")
+            raise InputError(f"mixed_precision: expected no, bf16 or fp16, got {self.mixed_precision!r}")
 
 
 @dataclasses.dataclass
@@ -101,6 +113,6 @@ class TrainArguments(RunArguments):
         _check_at_least(self, 1, ("epochs", "batch_size", "max_prompt_tokens", "max_response_tokens"))
         _check_at_least(self, 0, ("eval_every", "max_steps"))
         if self.packing not in ("auto", "on", "off"):
-            raise ValueError(f"packing: expected auto, on or off, got {self.packing!r}")
+            raise InputError(f"packing: expected auto, on or off, got {self.packing!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+            raise InputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")

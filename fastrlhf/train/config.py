@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
+from fastrlhf.errors import InputError
 from fastrlhf.train.io import atomic_write_text
 
 __all__ = ["ConfigError", "load_yaml_values", "parse_config", "save_resolved_config"]
@@ -32,7 +33,7 @@ ConfigT = TypeVar("ConfigT")
 CONFIG_FILE_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A YAML config that does not fit its dataclass: unknown key, wrong type, bad layout."""
 
 
@@ -76,7 +77,12 @@ def parse_config(config_cls: type[ConfigT], argv: list[str] | None, prog: str) -
                 action.required = False
 
     # look_for_args_file=False: HfArgumentParser would otherwise read "<script>.args" next to sys.argv[0].
-    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except InputError:
+        raise
+    except ValueError as error:  # a config's own checks (__post_init__): a bad flag value
+        raise ConfigError(str(error)) from error
     return parsed[0]
 
 

@@ -14,6 +14,7 @@ from fastrlhf.data.bundled import data_path
 from fastrlhf.data.hygiene import split_by_user
 from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import TruncationPolicy
+from fastrlhf.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def load_train_eval(data: str, eval_data: str | None, kind: str, validation_frac
         return records, []
     train, held_out = split_by_user(records, validation_fraction, seed)
     if not train:
-        raise ValueError(
+        raise InputError(
             f"data: the held-out split took every example of {data}; lower --validation-fraction"
         )
     return train, held_out

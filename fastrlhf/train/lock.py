@@ -11,6 +11,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from fastrlhf.errors import InputError
+
 LOCK_FILE = ".lock"
 # The locks this process holds, by path. A run that raised keeps its TrainingRun (and lock) alive in the
 # traceback; a later run of the same process on the same directory (a resume in one Python session, the
@@ -18,7 +20,7 @@ LOCK_FILE = ".lock"
 _HELD: dict[Path, RunDirectoryLock] = {}
 
 
-class RunDirectoryLocked(ValueError):
+class RunDirectoryLocked(InputError):
     """Another live process holds the run directory."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastrlhf.errors import InputError
+
 __all__ = ["OPTIMIZER_NAMES", "build_optimizer", "build_scheduler", "param_groups"]
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,9 @@ def build_optimizer(
     ``weight_decay`` applies to groups that do not set their own. Betas default to InstructGPT's.
     """
     if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"optimizer: unknown name {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+        raise InputError(f"optimizer: unknown name {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        raise InputError(f"lr must be > 0, got {lr}")
     kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
     if name == "auto":  # the trainers train on the GPU whenever there is one
         name = "adamw8bit" if torch.cuda.is_available() else "adamw"
@@ -102,7 +104,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
     if not decay and not no_decay:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
+        raise InputError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -126,11 +128,11 @@ def build_scheduler(
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise InputError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        raise InputError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     if not 0.0 <= final_lr_fraction <= 1.0:
-        raise ValueError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}")
+        raise InputError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}")
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=warmup_steps,

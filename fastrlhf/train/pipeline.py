@@ -18,14 +18,14 @@ import logging
 import math
 from pathlib import Path
 
-from fastrlhf.train.arguments import flag
+from fastrlhf.train.arguments import InputOptions, flag
 from fastrlhf.train.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class PipelineConfig:
+class PipelineConfig(InputOptions):
     output: str = flag("runs/pipeline", "Directory of the whole pipeline (one sub-directory per stage).")
     model: str = flag("tiny", "The base model: a local HF causal LM directory, or 'tiny'.")
     sft_data: str = flag("sample", "SFT demonstrations JSONL; 'sample' = bundled.")

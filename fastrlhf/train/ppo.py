@@ -27,6 +27,7 @@ from fastrlhf.data.bundled import data_path
 from fastrlhf.data.hygiene import split_users_by_share
 from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
+from fastrlhf.errors import InputError
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
 from fastrlhf.models.loading import ModelOptions, load_tokenizer
 from fastrlhf.models.reward_model import RewardModel, is_reward_model
@@ -153,7 +154,7 @@ class PPOConfig(RunArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.actor_critic not in MODES:
-            raise ValueError(f"actor_critic: expected one of {MODES}, got {self.actor_critic!r}")
+            raise InputError(f"actor_critic: expected one of {MODES}, got {self.actor_critic!r}")
         for name in (
             "steps",
             "rollout_batch_size",
@@ -167,16 +168,16 @@ class PPOConfig(RunArguments):
             "samples_per_prompt",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.minibatch_size % self.gradient_accumulation_steps:
-            raise ValueError(
+            raise InputError(
                 f"minibatch_size ({self.minibatch_size}) must be a multiple of "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
         if self.reward_model in (None, "none") and not self.reward_fn:
-            raise ValueError("reward_model: give a reward model, or --reward-model none with --reward-fn")
+            raise InputError("reward_model: give a reward model, or --reward-model none with --reward-fn")
         if self.ema_decay and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise InputError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         choices = {
             "kl_estimator": ("k1", "k2", "k3", "abs"),
             "advantage_estimator": ESTIMATORS,
@@ -185,26 +186,26 @@ class PPOConfig(RunArguments):
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise InputError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         grouped = self.advantage_estimator in ("grpo", "rloo", "reinforce++-baseline")
         if grouped and self.samples_per_prompt < 2:
-            raise ValueError(
+            raise InputError(
                 f"samples_per_prompt: {self.advantage_estimator} compares the responses to one prompt, "
                 f"so it needs >= 2 (e.g. --samples-per-prompt 4), got {self.samples_per_prompt}"
             )
         if self.top_p != 1.0:
-            raise ValueError(
+            raise InputError(
                 f"top_p={self.top_p}: PPO refuses nucleus sampling, because its ratio, KL and entropy "
                 "are computed from the full softmax at --temperature, which would not be the distribution "
                 "the tokens came from; lower --temperature instead"
             )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0 (PPO samples), got {self.temperature}")
+            raise InputError(f"temperature must be > 0 (PPO samples), got {self.temperature}")
         non_negative = ("ptx_coef", "kl_coef", "target_kl", "score_clip", "vf_coef", "value_clip")
         for name in (*non_negative, "entropy_coef", "missing_eos_penalty"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+                raise InputError(f"{name} must be finite and >= 0, got {value}")
 
     @property
     def micro_batch_size(self) -> int:
@@ -404,7 +405,7 @@ def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
         return None
     path = resolve_model(config.reward_model)
     if not is_reward_model(path):
-        raise ValueError(f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm`")
+        raise InputError(f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm`")
     reward_model = RewardModel.from_pretrained(
         path, ModelOptions(dtype=config.dtype, attn_implementation=config.attn_implementation)
     )
@@ -436,7 +437,7 @@ def split_prompts(config: PPOConfig):
     held_texts = {r.prompt for r in held_out}
     train = [r for r in train if r.prompt not in held_texts]
     if not train:
-        raise ValueError(f"prompts: the held-out prompts cover every prompt of {config.prompts}")
+        raise InputError(f"prompts: the held-out prompts cover every prompt of {config.prompts}")
     return train, held_out
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from fastrlhf.errors import InputError
+
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
 
@@ -21,14 +23,14 @@ def load_reward_fn(spec: str) -> RewardFn:
     """Import ``module:function``; errors name the spec and what is wrong."""
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
-        raise ValueError(f"reward_fn: expected 'module:function', got {spec!r}")
+        raise InputError(f"reward_fn: expected 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"reward_fn: cannot import module {module_name!r} ({error})") from error
+        raise InputError(f"reward_fn: cannot import module {module_name!r} ({error})") from error
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"reward_fn: {module_name!r} has no callable {function_name!r}")
+        raise InputError(f"reward_fn: {module_name!r} has no callable {function_name!r}")
     return function
 
 
@@ -36,11 +38,11 @@ def call_reward_fn(function: RewardFn, prompts: list[str], responses: list[str])
     """Call ``function`` and check that it returned one finite number per response."""
     values = list(function(list(prompts), list(responses)))
     if len(values) != len(responses):
-        raise ValueError(f"reward_fn returned {len(values)} values for {len(responses)} responses")
+        raise InputError(f"reward_fn returned {len(values)} values for {len(responses)} responses")
     rewards = [float(v) for v in values]
     bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"reward_fn returned a non-finite reward ({rewards[bad[0]]}) for {len(bad)} of {len(rewards)} "
             f"responses, first to prompt {prompts[bad[0]]!r} with response {responses[bad[0]][:200]!r}"
         )
@@ -64,7 +66,7 @@ class ScoreNormalizer:
 
     def __init__(self, kind: str = "running", eps: float = 1e-6):
         if kind not in NORMALIZATIONS:
-            raise ValueError(f"reward_norm: expected one of {NORMALIZATIONS}, got {kind!r}")
+            raise InputError(f"reward_norm: expected one of {NORMALIZATIONS}, got {kind!r}")
         self.kind, self.eps = kind, eps
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 

@@ -21,6 +21,7 @@ from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
 from fastrlhf.data.bundled import data_path
 from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import tokenize_ranked
+from fastrlhf.errors import InputError
 from fastrlhf.inference.score import score_pairs
 from fastrlhf.models.loading import resolve_attention, trainable_parameters
 from fastrlhf.models.reward_model import RewardModel
@@ -50,7 +51,7 @@ class RMConfig(TrainArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.data_format not in ("rm", "pairs"):
-            raise ValueError(f"data_format: expected rm or pairs, got {self.data_format!r}")
+            raise InputError(f"data_format: expected rm or pairs, got {self.data_format!r}")
 
 
 def make_group_collator(pad_token_id: int, packing: bool):
@@ -99,12 +100,13 @@ def group_rewards(scores: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def train_rm(config: RMConfig) -> dict:
     """Train a reward model from ``config.model`` (normally the SFT model); returns the summary."""
-    run = TrainingRun(config)
-    accelerator = run.accelerator
-
+    # All inputs are read and checked before the run directory is touched.
     data = load_tokenized(config, tokenize_ranked)
     tokenizer, truncation, train_records = data.tokenizer, data.truncation, data.train_records
     train_groups, eval_groups, train_report = data.train, data.eval, data.report
+    demonstrations = bias_reference_records(config, train_records)
+    run = TrainingRun(config)
+    accelerator = run.accelerator
 
     reward_model = RewardModel.from_pretrained(
         config.model, config, device_index=accelerator.local_process_index
@@ -169,11 +171,10 @@ def train_rm(config: RMConfig) -> dict:
     # "as good as a demonstration".
     unwrapped = accelerator.unwrap_model(reward_model)
     # Every process scores all demonstrations, so all end with the same bias without communication.
-    demonstrations = bias_reference_records(config, train_records)
     unwrapped.set_normalization_bias(0.0)
     scores = score_pairs(unwrapped, tokenizer, demonstrations, truncation, config.batch_size)
     if not scores:
-        raise ValueError("sft_data: no demonstrations to set the reward normalisation bias from")
+        raise InputError("sft_data: no demonstrations to set the reward normalisation bias from")
     bias = -sum(scores) / len(scores)
     if not math.isfinite(bias):
         bad = sum(not math.isfinite(x) for x in scores)

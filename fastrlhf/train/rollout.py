@@ -17,6 +17,7 @@ from accelerate.utils import send_to_device
 
 from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
+from fastrlhf.errors import InputError
 from fastrlhf.inference.generate import generate_responses
 from fastrlhf.train.rewards import call_reward_fn
 
@@ -115,7 +116,7 @@ def _check_finite_scores(scores: torch.Tensor, source: str, prompts, responses) 
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         row = bad[0]
-        raise ValueError(
+        raise InputError(
             f"{source} gave a non-finite score ({float(scores[row])}) to {len(bad)} of {scores.numel()} "
             f"responses, first to prompt {prompts[row]!r} with response {responses[row][:200]!r}"
         )

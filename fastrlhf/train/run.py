@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastrlhf.errors import InputError
 from fastrlhf.models.tiny import RUN_MODEL_DIR
 from fastrlhf.train.arguments import RunArguments
 from fastrlhf.train.checkpoint import (
@@ -95,10 +96,10 @@ class TrainingRun:
         checkpoint = latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
         if self.args.resume:
             if checkpoint is None:
-                raise ValueError(f"resume: {self.run_dir} holds no checkpoint to resume from")
+                raise InputError(f"resume: {self.run_dir} holds no checkpoint to resume from")
             return checkpoint
         if checkpoint is not None or (self.run_dir / "summary.json").exists():
-            raise ValueError(
+            raise InputError(
                 f"output: {self.run_dir} already holds a run; pass --resume to continue it, "
                 "or choose a new directory"
             )

@@ -15,6 +15,7 @@ from accelerate.utils import send_to_device
 
 from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
 from fastrlhf.data.tokenize import tokenize_sft
+from fastrlhf.errors import InputError
 from fastrlhf.models.loading import load_causal_lm, resolve_attention, trainable_parameters
 from fastrlhf.models.policy import CausalLMPolicy
 from fastrlhf.train.arguments import TrainArguments, flag
@@ -41,18 +42,18 @@ class SFTConfig(TrainArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.data_format not in ("sft", "chat"):
-            raise ValueError(f"data_format: expected sft or chat, got {self.data_format!r}")
+            raise InputError(f"data_format: expected sft or chat, got {self.data_format!r}")
 
 
 def train_sft(config: SFTConfig) -> dict:
     """Fine-tune ``config.model`` on ``config.data``; returns the summary (also in summary.json)."""
-    run = TrainingRun(config)
-    accelerator = run.accelerator
-
+    # All inputs are read and checked before the run directory is touched.
     data = load_tokenized(config, tokenize_sft)
     tokenizer, train_seqs, eval_seqs, train_report = data.tokenizer, data.train, data.eval, data.report
     text_seqs, _ = split_texts(config.ptx_data, config.ptx_data, tokenizer) if config.ptx_data else ([], [])
     train_seqs = train_seqs + text_seqs
+    run = TrainingRun(config)
+    accelerator = run.accelerator
 
     lm = load_causal_lm(config.model, config, device_index=accelerator.local_process_index)
     policy = CausalLMPolicy(lm)

@@ -22,6 +22,8 @@ import importlib
 import os
 from types import ModuleType
 
+from fastrlhf.errors import InputError
+
 TASKS = {
     "refusal": "fastrlhf.data.tasks.refusal",
     "concise": "fastrlhf.data.tasks.concise",
@@ -35,7 +37,7 @@ KINDS = ("sft", "rm", "ppo", "ptx")
 
 def task_module(name: str) -> ModuleType:
     if name not in TASKS:
-        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {name!r}")
+        raise InputError(f"task: expected one of {', '.join(TASKS)}, got {name!r}")
     return importlib.import_module(TASKS[name])
 
 
