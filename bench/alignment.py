@@ -107,12 +107,28 @@ def run_unit(task: str, seed: int, methods: list[str], root: Path, overrides: di
     stages = PipelineConfig()  # the pipeline's SFT and RM settings: one home for them
     prog = "bench/alignment.py"
     sft = run_stage(
-        unit / "sft", train_sft, SFTConfig, prog, model="tiny", data=data["sft"], ptx_data=data["ptx"],
-        seed=seed, epochs=stages.sft_epochs, learning_rate=stages.sft_learning_rate,
+        unit / "sft",
+        train_sft,
+        SFTConfig,
+        prog,
+        model="tiny",
+        data=data["sft"],
+        ptx_data=data["ptx"],
+        seed=seed,
+        epochs=stages.sft_epochs,
+        learning_rate=stages.sft_learning_rate,
     )
     rm = run_stage(
-        unit / "rm", train_rm, RMConfig, prog, model=str(unit / "sft"), data=data["rm"],
-        sft_data=data["sft"], seed=seed, epochs=stages.rm_epochs, learning_rate=stages.rm_learning_rate,
+        unit / "rm",
+        train_rm,
+        RMConfig,
+        prog,
+        model=str(unit / "sft"),
+        data=data["rm"],
+        sft_data=data["sft"],
+        seed=seed,
+        epochs=stages.rm_epochs,
+        learning_rate=stages.rm_learning_rate,
     )
     max_tokens = task_module(task).MAX_NEW_TOKENS
     rows = []
@@ -302,8 +318,13 @@ def parse_args(argv=None):
     parser.add_argument("--csv", type=Path, default=HERE / "results" / "alignment.csv")
     parser.add_argument("--plot", type=Path, default=HERE / "results" / "plots" / "alignment_frontier.png")
     parser.add_argument("--workers", type=int, default=1, help="units (task, seed) run at once")
-    parser.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
-                        help="a `fastrlhf ppo` flag for every method (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FLAG=VALUE",
+        help="a `fastrlhf ppo` flag for every method (repeatable)",
+    )
     parser.add_argument("--tag", default="", help="names the run directories of a --set variant")
     parser.add_argument("--child", nargs=3, metavar=("TASK", "SEED", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

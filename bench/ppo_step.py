@@ -78,6 +78,8 @@ def mode_parts(mode: str) -> tuple[str, str, int]:
     """``(actor_critic, advantage_estimator, samples_per_prompt)`` of a bench mode."""
     actor_critic, _, estimator = mode.partition("-")
     return actor_critic, estimator or "gae", CRITIC_FREE_K if estimator else 1
+
+
 # bench name -> FASTRLHF_BACKEND value of the child process
 BACKENDS = {"fused": "auto", "torch": "torch"}
 PHASES = ("generation", "scoring", "experience", "update")
@@ -320,7 +322,14 @@ def linear_op_backend() -> str:
     from fastrlhf.ops._backend import resolve_backend
     from fastrlhf.ops.linear_logprobs import OP_BACKENDS
 
-    return resolve_backend("auto", torch.device("cpu"), OP_BACKENDS)
+    return resolve_backend("auto", torch.device(step_device()), OP_BACKENDS)
+
+
+def step_device() -> str:
+    """Where the step runs: the trainer's accelerator picks the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def child(case: dict, answer_path: str) -> None:
@@ -408,7 +417,7 @@ def measure(mode: str, backend: str, sizes: Sizes, args, dirs) -> dict:
 
 
 def csv_rows(mode: str, backend: str, result: dict, sizes: Sizes) -> list[dict]:
-    base = common.base_row("ppo_step", "cpu") | dict(
+    base = common.base_row("ppo_step", step_device()) | dict(
         provider=f"{backend}-{result['backend']}",
         mode=mode,
         size=sizes.label(),
@@ -591,7 +600,7 @@ def write_plot(results: dict, sizes: Sizes, path: str) -> str | None:
     for ax in (ax_time, ax_mem):
         ax.tick_params(axis="x", labelsize=7)
         ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # headroom: the legend sits above the tallest bar
-    fig.suptitle(f"PPO step on {common.device_name('cpu')}: {sizes.label()}", fontsize=9)
+    fig.suptitle(f"PPO step on {common.device_name(step_device())}: {sizes.label()}", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.png"
@@ -671,7 +680,8 @@ def main() -> None:
 
     load = os.getloadavg()
     print(
-        f"device: {common.device_name('cpu')}; torch {torch.__version__}; load average before the run "
+        f"device: {common.device_name(step_device())}; torch {torch.__version__}; "
+        "load average before the run "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )

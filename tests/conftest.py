@@ -61,6 +61,22 @@ def gpu_backends() -> list:
     return params
 
 
+def op_targets(include_torch: bool = True) -> list:
+    """Every (backend, device) an op runs on: the CPU backends here, then the GPU ones (marked gpu).
+
+    Tests take ``backend, device`` from these params, build their inputs on ``device`` and compare with
+    the float64 reference on the CPU, so one body checks every backend on both devices.
+    """
+    params = []
+    for param in cpu_backends(include_torch):
+        params.append(pytest.param(param.values[0], "cpu", marks=param.marks, id=f"cpu-{param.id}"))
+    for param in gpu_backends():
+        if param.values[0] == "torch" and not include_torch:
+            continue
+        params.append(pytest.param(param.values[0], "cuda", marks=param.marks, id=param.id))
+    return params
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """A fresh seed per test (inputs are never the same twice); FASTRLHF_TEST_SEED replays a failure."""

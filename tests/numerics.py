@@ -7,7 +7,8 @@ import torch
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max |actual - expected| over positions, treating equal infinities as exact; NaN counts as inf."""
-    a, e = actual.detach().double(), expected.detach().double()
+    # Compared on the CPU: a kernel's output may live on the GPU, the float64 reference does not.
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     same_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
     diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
@@ -23,7 +24,7 @@ def assert_close_fp32(
 ) -> None:
     """fp32 kernels against the float64 reference: elementwise |a - e| <= atol + rtol·|e|."""
     assert_no_nan(name, actual)
-    a, e = actual.detach().double(), expected64.detach().double()
+    a, e = actual.detach().double().cpu(), expected64.detach().double().cpu()
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     finite = torch.isfinite(e)
     assert torch.equal(torch.isfinite(a), finite), f"{name}: infinities differ from the reference"

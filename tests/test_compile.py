@@ -1,14 +1,22 @@
-"""gather_logprobs is a torch.library custom op: torch.compile traces it with no graph break."""
+"""gather_logprobs and linear_logprobs are torch.library custom ops: torch.compile traces them with no
+graph break, on the C++ backend on the CPU and on every GPU backend, and opcheck finds their schema, fake
+and autograd registrations consistent on each device."""
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import op_targets
 
 from fastrlhf.ops import gather_logprobs
 
+# The interpreted Triton backend is left out on the CPU: compiling around the interpreter proves nothing.
+COMPILED_TARGETS = [p for p in op_targets(include_torch=False) if p.id != "cpu-triton"]
+OPCHECK_DEVICES = [pytest.param("cpu", id="cpu")] + [
+    pytest.param("cuda", marks=p.marks, id="gpu") for p in op_targets() if p.id == "gpu-cuda"
+]
 
-@pytest.mark.parametrize("backend", [p for p in cpu_backends(include_torch=False) if p.id == "cpp"])
-def test_compiled_fullgraph_matches_eager(backend):
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_compiled_fullgraph_matches_eager(backend, device):
     torch._dynamo.reset()
 
     def loss_fn(hidden, weight, labels):
@@ -16,9 +24,9 @@ def test_compiled_fullgraph_matches_eager(backend):
         lp, ent = gather_logprobs(logits, labels, temperature=0.8, return_entropy=True, backend=backend)
         return -(lp.sum() + 0.01 * ent.sum())
 
-    hidden = torch.randn(12, 32)
-    weight = torch.randn(301, 32, requires_grad=True)
-    labels = torch.randint(0, 301, (12,))
+    hidden = torch.randn(12, 32, device=device)
+    weight = torch.randn(301, 32, device=device, requires_grad=True)
+    labels = torch.randint(0, 301, (12,), device=device)
     labels[3] = -100
     compiled = torch.compile(loss_fn, fullgraph=True)
     eager_loss = loss_fn(hidden, weight, labels)
@@ -29,23 +37,32 @@ def test_compiled_fullgraph_matches_eager(backend):
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck_custom_op():
-    """torch.library.opcheck: schema, fake impl and autograd registration are consistent."""
+def _compiled_backend(device: str) -> str:
+    """The compiled backend of a device (cpp on the CPU, cuda on the GPU), or a skip saying why not."""
     from fastrlhf.ops import available_backends
 
-    if not available_backends()["cpp"].available:
-        pytest.skip("no C++ extension")
-    logits = torch.randn(5, 33, requires_grad=True)
-    labels = torch.randint(0, 33, (5,))
+    name = "cpp" if device == "cpu" else "cuda"
+    info = available_backends()[name]
+    if not (info.available and device in info.devices):
+        pytest.skip(f"{name}: {info.reason}")
+    return name
+
+
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+def test_opcheck_custom_op(device):
+    """torch.library.opcheck: schema, fake impl and autograd registration are consistent."""
+    backend = _compiled_backend(device)
+    logits = torch.randn(5, 33, device=device, requires_grad=True)
+    labels = torch.randint(0, 33, (5,), device=device)
     torch.library.opcheck(
         torch.ops.fastrlhf.gather_logprobs_fwd.default,
-        (logits, labels, 1.25, -100, True, False, "cpp"),
+        (logits, labels, 1.25, -100, True, False, backend),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
 
-@pytest.mark.parametrize("backend", [p for p in cpu_backends(include_torch=False) if p.id == "cpp"])
-def test_linear_logprobs_compiles_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_linear_logprobs_compiles_fullgraph(backend, device):
     torch._dynamo.reset()
     from fastrlhf.ops import linear_logprobs
 
@@ -55,10 +72,10 @@ def test_linear_logprobs_compiles_fullgraph(backend):
         )
         return -(lp.sum() + 0.01 * ent.sum())
 
-    hidden = torch.randn(13, 24, requires_grad=True)
-    weight = torch.randn(301, 24, requires_grad=True)
-    bias = torch.randn(301, requires_grad=True)
-    labels = torch.randint(0, 301, (13,))
+    hidden = torch.randn(13, 24, device=device, requires_grad=True)
+    weight = torch.randn(301, 24, device=device, requires_grad=True)
+    bias = torch.randn(301, device=device, requires_grad=True)
+    labels = torch.randint(0, 301, (13,), device=device)
     labels[4] = -100
     eager_loss = loss_fn(hidden, weight, bias, labels)
     eager_grads = torch.autograd.grad(eager_loss, (hidden, weight, bias))
@@ -70,29 +87,27 @@ def test_linear_logprobs_compiles_fullgraph(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck_linear_logprobs_ops():
-    from fastrlhf.ops import available_backends
-
-    if not available_backends()["cpp"].available:
-        pytest.skip("no C++ extension")
-    hidden = torch.randn(7, 16, requires_grad=True)
-    weight = torch.randn(45, 16, requires_grad=True)
-    bias = torch.randn(45, requires_grad=True)
-    labels = torch.randint(0, 45, (7,))
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+def test_opcheck_linear_logprobs_ops(device):
+    backend = _compiled_backend(device)
+    hidden = torch.randn(7, 16, device=device, requires_grad=True)
+    weight = torch.randn(45, 16, device=device, requires_grad=True)
+    bias = torch.randn(45, device=device, requires_grad=True)
+    labels = torch.randint(0, 45, (7,), device=device)
     for b in (bias, None):
         torch.library.opcheck(
             torch.ops.fastrlhf.linear_logprobs_fwd.default,
-            (hidden, weight, b, labels, 1.1, -100, True, 3, "cpp"),
+            (hidden, weight, b, labels, 1.1, -100, True, 3, backend),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
     lp, stats, ent = torch.ops.fastrlhf.linear_logprobs_fwd(
-        hidden, weight, bias, labels, 1.1, -100, True, 3, "cpp"
+        hidden, weight, bias, labels, 1.1, -100, True, 3, backend
     )
     torch.library.opcheck(
         torch.ops.fastrlhf.linear_logprobs_bwd.default,
         (
-            torch.randn(7),
-            torch.randn(7),
+            torch.randn(7, device=device),
+            torch.randn(7, device=device),
             hidden.detach(),
             weight.detach(),
             bias.detach(),
@@ -105,7 +120,7 @@ def test_opcheck_linear_logprobs_ops():
             True,
             False,
             True,
-            "cpp",
+            backend,
         ),
         test_utils=("test_schema", "test_faketensor"),
     )

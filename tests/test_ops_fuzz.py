@@ -1,7 +1,7 @@
 """Hypothesis drives random shapes, masks, temperatures and value scales (up to 1e4, with -inf logits)
-into the ops on every CPU backend: the result equals the float64 reference (no NaN), or the op raises a
-ValueError that names the bad argument. Examples are bounded so the file runs in about a minute with the
-Triton interpreter."""
+into the ops on every backend, on the CPU and (when one is present) the GPU: the result equals the
+float64 reference (no NaN), or the op raises a ValueError that names the bad argument. Examples are
+bounded so the file runs in under a minute with the Triton interpreter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import op_targets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numerics import assert_close_fp32
@@ -24,13 +24,22 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
 SCALES = st.sampled_from([1.0, 30.0, 1e4])
 
 
+# The loss ops have one implementation (torch ops): they run on each device.
+DEVICES = [pytest.param(p.values[1], marks=p.marks, id=p.id) for p in op_targets() if p.values[0] == "torch"]
+
+
+def _on(device: str, *tensors):
+    """The inputs moved to the device under test (None stays None); references stay on the CPU."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
 def _tensor(seed: int, shape, scale: float) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_gather_logprobs_matches_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_gather_logprobs_matches_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         rows=st.integers(1, 5),
@@ -50,8 +59,10 @@ def test_gather_logprobs_matches_float64_on_fuzzed_inputs(backend):
         ignored = torch.rand(rows, generator=torch.Generator().manual_seed(seed + 2)) < masked_share
         labels = torch.where(ignored, torch.full_like(labels, -100), labels)
         want_lp, want_ent = reference.gather_logprobs(logits64, labels, temperature, return_entropy=True)
-        logits = logits64.float().requires_grad_()
-        lp, ent = ops.gather_logprobs(logits, labels, temperature, return_entropy=True, backend=backend)
+        logits = logits64.float().to(device).requires_grad_()
+        lp, ent = ops.gather_logprobs(
+            logits, labels.to(device), temperature, return_entropy=True, backend=backend
+        )
         tolerance = 1e-6 * scale / temperature + 5e-5
         assert_close_fp32("logprobs", lp, want_lp, rtol=1e-5, atol=tolerance)
         assert_close_fp32("entropy", ent, want_ent, rtol=1e-5, atol=tolerance)
@@ -63,8 +74,8 @@ def test_gather_logprobs_matches_float64_on_fuzzed_inputs(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_kl_penalty_matches_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_kl_penalty_matches_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         shape=st.tuples(st.integers(1, 4), st.integers(1, 70)),
@@ -78,7 +89,7 @@ def test_kl_penalty_matches_float64_on_fuzzed_inputs(backend):
         mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed + 2)) < 0.7
         want = reference.kl_penalty(a64, b64, mask, estimator=estimator, clamp=clamp)
         got = ops.kl_penalty(
-            a64.float(), b64.float(), mask, estimator=estimator, clamp=clamp, backend=backend
+            *_on(device, a64.float(), b64.float(), mask), estimator=estimator, clamp=clamp, backend=backend
         )
         # k3 = exp(-d) + d - 1 at |d| up to ~40 is ~1e17: relative error only.
         assert_close_fp32(f"kl {estimator}", got, want, rtol=1e-4, atol=1e-5 * scale)
@@ -86,8 +97,8 @@ def test_kl_penalty_matches_float64_on_fuzzed_inputs(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_gae_matches_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_gae_matches_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         rows=st.integers(1, 4),
@@ -101,7 +112,9 @@ def test_gae_matches_float64_on_fuzzed_inputs(backend):
         rewards64, values64 = _tensor(seed, (rows, steps), scale), _tensor(seed + 1, (rows, steps), scale)
         mask = torch.rand(rows, steps, generator=torch.Generator().manual_seed(seed + 2)) < 0.8
         want_adv, want_ret = reference.gae(rewards64, values64, mask, gamma, lam)
-        adv, ret = ops.gae(rewards64.float(), values64.float(), mask, gamma, lam, backend=backend)
+        adv, ret = ops.gae(
+            *_on(device, rewards64.float(), values64.float(), mask), gamma, lam, backend=backend
+        )
         bound = 1e-5 * scale * steps
         assert_close_fp32("advantages", adv, want_adv, rtol=1e-5, atol=bound)
         assert_close_fp32("returns", ret, want_ret, rtol=1e-5, atol=bound)
@@ -109,8 +122,8 @@ def test_gae_matches_float64_on_fuzzed_inputs(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_ranking_loss_matches_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_ranking_loss_matches_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         prompts=st.integers(1, 6),
@@ -124,13 +137,14 @@ def test_ranking_loss_matches_float64_on_fuzzed_inputs(backend):
         generator = torch.Generator().manual_seed(seed + 1)
         ranks = torch.randint(1, k + 1, (prompts, k), generator=generator)
         mask = torch.rand(prompts, k, generator=generator) < 0.8
-        rewards = rewards64.float().requires_grad_()
+        rewards = rewards64.float().to(device).requires_grad_()
+        on_device = _on(device, ranks, mask)
         if int(mask.sum(1).max()) < 2:  # no prompt has a pair to rank: refused, naming the mask
             with pytest.raises(ValueError, match="mask"):
-                ops.ranking_loss(rewards, ranks, mask, margin=margin, backend=backend)
+                ops.ranking_loss(rewards, *on_device, margin=margin, backend=backend)
             return
         want = reference.ranking_loss(rewards64.clone().requires_grad_(), ranks, mask, margin=margin)
-        got = ops.ranking_loss(rewards, ranks, mask, margin=margin, backend=backend)
+        got = ops.ranking_loss(rewards, *on_device, margin=margin, backend=backend)
         assert_close_fp32("loss", got.loss, want.loss, rtol=1e-5, atol=1e-5)
         got.loss.backward()
         reference_rewards = rewards64.clone().requires_grad_()
@@ -140,21 +154,22 @@ def test_ranking_loss_matches_float64_on_fuzzed_inputs(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_mismatched_shapes_raise_a_value_error_naming_the_argument(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_mismatched_shapes_raise_a_value_error_naming_the_argument(backend, device):
     @FUZZ
     @given(rows=st.integers(1, 4), vocab=st.integers(2, 50), extra=st.integers(1, 3))
     def check(rows, vocab, extra):
-        logits = torch.randn(rows, vocab)
+        logits = torch.randn(rows, vocab, device=device)
+        labels = torch.zeros(rows + extra, dtype=torch.long, device=device)
         with pytest.raises(ValueError, match="labels"):
-            ops.gather_logprobs(logits, torch.zeros(rows + extra, dtype=torch.long), backend=backend)
+            ops.gather_logprobs(logits, labels, backend=backend)
         with pytest.raises(ValueError, match="ref_logprobs|mask"):
-            ops.kl_penalty(torch.randn(rows, vocab), torch.randn(rows, vocab + extra), backend=backend)
+            ops.kl_penalty(logits, torch.randn(rows, vocab + extra, device=device), backend=backend)
         with pytest.raises(ValueError, match="values|mask"):
             ops.gae(
-                torch.randn(rows, vocab),
-                torch.randn(rows, vocab + extra),
-                torch.ones(rows, vocab),
+                logits,
+                torch.randn(rows, vocab + extra, device=device),
+                torch.ones(rows, vocab, device=device),
                 1.0,
                 0.95,
                 backend=backend,
@@ -163,8 +178,8 @@ def test_mismatched_shapes_raise_a_value_error_naming_the_argument(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_linear_logprobs_matches_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_linear_logprobs_matches_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         rows=st.integers(1, 9),
@@ -184,10 +199,11 @@ def test_linear_logprobs_matches_float64_on_fuzzed_inputs(backend):
         want_lp, want_ent = reference.linear_logprobs(
             hidden64, weight64, labels, bias64, temperature, return_entropy=True
         )
-        hidden, weight = hidden64.float().requires_grad_(), weight64.float().requires_grad_()
-        bias = bias64.float() if with_bias else None
+        hidden = hidden64.float().to(device).requires_grad_()
+        weight = weight64.float().to(device).requires_grad_()
+        bias = bias64.float().to(device) if with_bias else None
         lp, ent = ops.linear_logprobs(
-            hidden, weight, labels, bias, temperature, return_entropy=True, backend=backend
+            hidden, weight, labels.to(device), bias, temperature, return_entropy=True, backend=backend
         )
         tolerance = 2e-5 * (1 + scale) / temperature
         assert_close_fp32("logprobs", lp, want_lp, rtol=1e-5, atol=tolerance)
@@ -210,8 +226,8 @@ def _policy_inputs(seed: int, shape, scale: float):
     return logprobs, old, advantages, ref, mask
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_linear_ppo_policy_loss_matches_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_linear_ppo_policy_loss_matches_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         rows=st.integers(1, 9),
@@ -240,10 +256,15 @@ def test_linear_ppo_policy_loss_matches_float64_on_fuzzed_inputs(backend):
         want = reference.linear_ppo_policy_loss(
             hidden_ref, weight_ref, labels, old, advantages, mask, **options
         )
-        hidden, weight = hidden64.float().requires_grad_(), weight64.float().requires_grad_()
-        options["ref_logprobs"] = ref.float() if kl_coef else None
+        hidden = hidden64.float().to(device).requires_grad_()
+        weight = weight64.float().to(device).requires_grad_()
+        options["ref_logprobs"] = ref.float().to(device) if kl_coef else None
         got = ops.linear_ppo_policy_loss(
-            hidden, weight, labels, old.float(), advantages.float(), mask, backend=backend, **options
+            hidden,
+            weight,
+            *_on(device, labels, old.float(), advantages.float(), mask),
+            backend=backend,
+            **options,
         )
         assert_close_fp32("loss", got.loss, want.loss, rtol=1e-4, atol=1e-5)
         want.loss.backward()
@@ -254,7 +275,8 @@ def test_linear_ppo_policy_loss_matches_float64_on_fuzzed_inputs(backend):
     check()
 
 
-def test_policy_and_value_losses_match_float64_on_fuzzed_inputs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_policy_and_value_losses_match_float64_on_fuzzed_inputs(device):
     @FUZZ
     @given(
         shape=st.tuples(st.integers(1, 5), st.integers(1, 40)),
@@ -269,24 +291,26 @@ def test_policy_and_value_losses_match_float64_on_fuzzed_inputs():
         want = reference.ppo_policy_loss(
             logprobs64.clone().requires_grad_(), old, advantages, mask, **options
         )
-        logprobs = logprobs64.float().requires_grad_()
-        options["ref_logprobs"] = ref.float()
-        got = ops.ppo_policy_loss(logprobs, old.float(), advantages.float(), mask, **options)
+        logprobs = logprobs64.float().to(device).requires_grad_()
+        options["ref_logprobs"] = ref.float().to(device)
+        got = ops.ppo_policy_loss(logprobs, *_on(device, old.float(), advantages.float(), mask), **options)
         assert_close_fp32("policy loss", got.loss, want.loss, rtol=1e-4, atol=1e-6)
         assert_close_fp32("clip fraction", got.clip_fraction, want.clip_fraction, rtol=0, atol=1e-6)
 
         values64, old_values, returns = (_tensor(seed + i, shape, scale * 10) for i in (10, 11, 12))
         want_v = reference.value_loss(values64, old_values, returns, mask, clip=clip, loss_agg=loss_agg)
         got_v = ops.value_loss(
-            values64.float(), old_values.float(), returns.float(), mask, clip=clip, loss_agg=loss_agg
+            *_on(device, values64.float(), old_values.float(), returns.float(), mask),
+            clip=clip,
+            loss_agg=loss_agg,
         )
         assert_close_fp32("value loss", got_v.loss, want_v.loss, rtol=1e-4, atol=1e-6)
 
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_group_advantages_match_float64_on_fuzzed_inputs(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_group_advantages_match_float64_on_fuzzed_inputs(backend, device):
     @FUZZ
     @given(
         prompts=st.integers(1, 5),
@@ -304,7 +328,7 @@ def test_group_advantages_match_float64_on_fuzzed_inputs(backend):
         mask = torch.rand(prompts * k, steps, generator=torch.Generator().manual_seed(seed + 1)) < 0.8
         want_adv, want_ret = reference.group_advantages(scores64, mask, estimator, norm_by_std=norm_by_std)
         got = ops.group_advantages(
-            scores64.float(), mask, estimator, norm_by_std=norm_by_std, backend=backend
+            *_on(device, scores64.float(), mask), estimator, norm_by_std=norm_by_std, backend=backend
         )
         tolerance = 1e-5 * (1 + (scale if not norm_by_std or estimator != "grpo" else 1.0)) * steps
         assert_close_fp32("advantages", got.advantages, want_adv, rtol=1e-4, atol=tolerance)
@@ -313,9 +337,9 @@ def test_group_advantages_match_float64_on_fuzzed_inputs(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_gather_logprobs_within_twice_torchs_error(backend, dtype):
+def test_low_precision_gather_logprobs_within_twice_torchs_error(backend, device, dtype):
     from numerics import assert_within_2x, interpreter_rounding_floor
 
     @FUZZ
@@ -329,6 +353,7 @@ def test_low_precision_gather_logprobs_within_twice_torchs_error(backend, dtype)
         logits_low = _tensor(seed, (rows, vocab), scale).to(dtype)
         labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed + 1))
         want = reference.gather_logprobs(logits_low.double(), labels)
+        logits_low, labels = _on(device, logits_low, labels)  # torch in the low dtype, on the same device
         torch_low = torch.log_softmax(logits_low, -1).gather(-1, labels[:, None])[:, 0]
         got = ops.gather_logprobs(logits_low, labels, backend=backend)
         floor = 1e-6 + interpreter_rounding_floor(backend, dtype, want)
@@ -337,9 +362,9 @@ def test_low_precision_gather_logprobs_within_twice_torchs_error(backend, dtype)
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_kl_penalty_within_twice_torchs_error(backend, dtype):
+def test_low_precision_kl_penalty_within_twice_torchs_error(backend, device, dtype):
     from numerics import assert_within_2x
 
     @FUZZ
@@ -355,6 +380,7 @@ def test_low_precision_kl_penalty_within_twice_torchs_error(backend, dtype):
         b = (-torch.rand(shape, generator=generator) * spread).to(dtype)
         mask = torch.rand(shape, generator=generator) < 0.8
         want = reference.kl_penalty(a.double(), b.double(), mask, estimator=estimator)
+        a, b, mask = _on(device, a, b, mask)
         d = a - b  # torch in the low dtype: the same formulas, no upcast
         lowp = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator] * mask
         got = ops.kl_penalty(a, b, mask, estimator=estimator, backend=backend)
@@ -363,9 +389,9 @@ def test_low_precision_kl_penalty_within_twice_torchs_error(backend, dtype):
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_linear_logprobs_within_twice_torchs_error(backend, dtype):
+def test_low_precision_linear_logprobs_within_twice_torchs_error(backend, device, dtype):
     from numerics import assert_within_2x
 
     @FUZZ
@@ -380,6 +406,7 @@ def test_low_precision_linear_logprobs_within_twice_torchs_error(backend, dtype)
         weight = _tensor(seed + 1, (vocab, hidden_size), 1.0 / hidden_size**0.5).to(dtype)
         labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed + 2))
         want = reference.linear_logprobs(hidden.double(), weight.double(), labels)
+        hidden, weight, labels = _on(device, hidden, weight, labels)
         # torch in the low dtype: low-precision logits, then the log-softmax (which torch runs upcast).
         logits = hidden @ weight.T
         torch_lowp = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
@@ -389,9 +416,9 @@ def test_low_precision_linear_logprobs_within_twice_torchs_error(backend, dtype)
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_loss_and_advantage_ops_compute_in_fp32(backend, dtype):
+def test_low_precision_loss_and_advantage_ops_compute_in_fp32(backend, device, dtype):
     """gae, ranking_loss, group_advantages, ppo_policy_loss and value_loss take bf16/fp16 inputs and
     compute in fp32: their results equal the float64 reference on the same (rounded) inputs to fp32
     accuracy, far inside the 2x-of-torch rule (torch in the low dtype is off by its own rounding)."""
@@ -408,20 +435,20 @@ def test_low_precision_loss_and_advantage_ops_compute_in_fp32(backend, dtype):
 
         mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed + 9)) < 0.8
         rewards, values = low(0), low(1)
-        got_adv, got_ret = ops.gae(rewards, values, mask, 1.0, 0.95, backend=backend)
+        got_adv, got_ret = ops.gae(*_on(device, rewards, values, mask), 1.0, 0.95, backend=backend)
         want_adv, want_ret = reference.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
         bound = 1e-5 * scale * shape[1]
         assert_close_fp32("gae advantages", got_adv, want_adv, rtol=1e-5, atol=bound)
         assert_close_fp32("gae returns", got_ret, want_ret, rtol=1e-5, atol=bound)
 
         ranks = torch.randint(1, shape[1] + 1, shape, generator=torch.Generator().manual_seed(seed + 10))
-        got = ops.ranking_loss(low(2), ranks, backend=backend)
+        got = ops.ranking_loss(*_on(device, low(2), ranks), backend=backend)
         want = reference.ranking_loss(low(2).double(), ranks)
         assert_close_fp32("ranking loss", got.loss, want.loss, rtol=1e-5, atol=1e-5)
 
         scores = low(3)  # [B, k]: k = shape[1] responses per prompt, 5 tokens each
         tokens = torch.rand(shape[0] * shape[1], 5, generator=torch.Generator().manual_seed(seed + 11)) < 0.8
-        got_group = ops.group_advantages(scores, tokens, "rloo", backend=backend)
+        got_group = ops.group_advantages(*_on(device, scores, tokens), "rloo", backend=backend)
         want_group = reference.group_advantages(scores.double(), tokens, "rloo")
         assert_close_fp32(
             "group advantages", got_group.advantages, want_group[0], rtol=1e-5, atol=1e-5 * scale
@@ -429,10 +456,10 @@ def test_low_precision_loss_and_advantage_ops_compute_in_fp32(backend, dtype):
 
         if backend == "torch":  # the loss ops have one implementation
             logprobs, old = -low(4, 1.0).abs(), -low(5, 1.0).abs()
-            got_p = ops.ppo_policy_loss(logprobs, old, low(6, 1.0), mask)
+            got_p = ops.ppo_policy_loss(*_on(device, logprobs, old, low(6, 1.0), mask))
             want_p = reference.ppo_policy_loss(logprobs.double(), old.double(), low(6, 1.0).double(), mask)
             assert_close_fp32("policy loss", got_p.loss, want_p.loss, rtol=1e-5, atol=1e-6)
-            got_v = ops.value_loss(low(7), low(8), low(9), mask)
+            got_v = ops.value_loss(*_on(device, low(7), low(8), low(9), mask))
             want_v = reference.value_loss(low(7).double(), low(8).double(), low(9).double(), mask)
             assert_close_fp32("value loss", got_v.loss, want_v.loss, rtol=1e-5, atol=1e-6)
 

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One-shot GPU check, for a machine with a CUDA GPU and a CUDA torch: build the CUDA kernels, run every
+# GPU test, time the ops on the GPU against eager torch and the peers, time one PPO step, and run the
+# three-step pipeline on the GPU. Each stage has its own time limit and log; a failed stage does not stop
+# the next one. Results go to $OUT (or ./gpu_check_out): summary.txt names each stage's exit code and time;
+# build.log, tests.log, bench.log, ppo_step.log and pipeline.log hold the output, with bench.csv and
+# ppo_step.csv.
+#
+#   bench/gpu_check.sh                      # every stage: env build tests bench ppo_step pipeline
+#   bench/gpu_check.sh build tests          # some stages, in the order given
+#
+# Wheels of missing packages (bitsandbytes, the peers) may sit in ./.whl: they are installed first, into
+# a scratch directory put on PYTHONPATH, since such a machine may have no package index.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export RESULTS=${OUT:-$ROOT/gpu_check_out}
+mkdir -p "$RESULTS"
+export PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+echo "gpu_check at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+  | tee "$RESULTS/summary.txt"
+export FASTRLHF_HOME=${FASTRLHF_HOME:-$(mktemp -d)}
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  site=$(mktemp -d)
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+    || echo "gpu_check: installing the carried wheels failed" | tee -a "$RESULTS/summary.txt"
+  export PYTHONPATH=$site
+fi
+# The source tree, with the extension built in place, is the package under test.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+# stage NAME LIMIT_S LOG: runs the function NAME in a child shell under a time limit, appends its output
+# to LOG.log (few files: a lease may bring back only a handful) and records the exit code and the time.
+stage() {
+  local name=$1 limit=$2 log="$RESULTS/$3.log" start=$SECONDS rc
+  echo "=== $name" >>"$log"
+  timeout -k 10 "$limit" bash -c "set -o pipefail; $(declare -f "$name"); $name" >>"$log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$RESULTS/summary.txt"
+  tail -n 4 "$log" | sed "s/^/  $name| /"
+  return 0
+}
+
+env_report() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  "$PYTHON" - <<'PY'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+for name in ("triton", "transformers", "bitsandbytes", "liger_kernel", "trl", "peft", "accelerate"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as exc:  # a missing peer is reported, not fatal
+        print(name, "unavailable:", type(exc).__name__, exc)
+PY
+  nvcc --version | tail -n 2
+  lscpu | grep -E "Model name|^CPU\(s\)"
+}
+
+build() {
+  # sm_90 only: this is the card under test, and one architecture halves nvcc's time.
+  MAX_JOBS=${MAX_JOBS:-16} FASTRLHF_CUDA_ARCHS=${FASTRLHF_CUDA_ARCHS:-90} "$PYTHON" setup.py build_ext --inplace
+  "$PYTHON" -c "from fastrlhf.ops import available_backends as a; [print(n, i) for n, i in a().items()]"
+}
+
+gpu_tests() {
+  # Every test that has a GPU case, plus the check that a CUDA machine has the cuda backend.
+  FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE \
+    tests/test_required_backends.py tests/test_backends.py tests/test_compile.py tests/test_ops_fuzz.py \
+    tests/test_gather_logprobs.py tests/test_linear_logprobs.py tests/test_group_advantages.py \
+    -k "gpu or cuda or required or backends"
+}
+
+bench_models() {
+  # The logprob and fused-loss ops against eager, TRL and Liger. No torch.compile baselines: their
+  # compile time would eat the lease.
+  "$PYTHON" bench/run.py --device cuda --ops gather_logprobs,linear_logprobs,ppo_policy_loss \
+    --modes fwd,full --providers eager,trl,liger,fastrlhf --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
+}
+
+bench_advantages() {
+  "$PYTHON" bench/run.py --device cuda --ops kl_penalty,ranking_loss,gae,compute_advantages,group_advantages \
+    --modes fwd,full --providers eager,verl,fastrlhf --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
+}
+
+ppo_step() {
+  "$PYTHON" bench/ppo_step.py --modes separate,shared --backends fused,torch --steps 2 \
+    --optimizer adamw8bit --csv "$RESULTS/ppo_step.csv" --plot "$(mktemp -d)/ppo_step.png"
+}
+
+pipeline() {
+  # Without the PPO-ptx comparison run: the GPU's time goes to the other checks. The summary table is
+  # printed last, so the log holds it.
+  "$PYTHON" -m fastrlhf pipeline --no_compare_ptx --output "$FASTRLHF_HOME/pipeline"
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(env build tests bench ppo_step pipeline)
+for name in "${stages[@]}"; do
+  case $name in
+    env) stage env_report 60 build ;;
+    build) stage build 200 build ;;
+    tests) stage gpu_tests 150 tests ;;
+    bench) stage bench_models 90 bench && stage bench_advantages 60 bench ;;
+    ppo_step) stage ppo_step 60 ppo_step ;;
+    pipeline) stage pipeline 180 pipeline ;;
+    *) echo "gpu_check: unknown stage '$name' (env build tests bench ppo_step pipeline)" >&2; exit 2 ;;
+  esac
+done
