@@ -3,10 +3,10 @@
 # GPU test, time the ops on the GPU against eager torch and the peers, time one PPO step, and run the
 # three-step pipeline on the GPU. Each stage has its own time limit and log; a failed stage does not stop
 # the next one. Results go to $OUT (or ./gpu_check_out): summary.txt names each stage's exit code and time;
-# build.log, tests.log, bench.log, ppo_step.log and pipeline.log hold the output, with bench.csv and
-# ppo_step.csv.
+# build.log, tests.log, precision.log, bench.log, ppo_step.log and pipeline.log hold the output, with
+# precision.csv, bench.csv and ppo_step.csv (at most 8 files come back from a lease: pick the stages).
 #
-#   bench/gpu_check.sh                      # every stage: env build tests bench ppo_step pipeline
+#   bench/gpu_check.sh                      # every stage: env build tests precision bench ppo_step pipeline
 #   bench/gpu_check.sh build tests          # some stages, in the order given
 #
 # Wheels of missing packages (bitsandbytes, the peers) may sit in ./.whl: they are installed first, into
@@ -71,19 +71,28 @@ gpu_tests() {
   FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE \
     tests/test_required_backends.py tests/test_backends.py tests/test_compile.py tests/test_ops_fuzz.py \
     tests/test_gather_logprobs.py tests/test_linear_logprobs.py tests/test_group_advantages.py \
-    -k "gpu or cuda or required or backends"
+    -k "${GPU_CHECK_TESTS_K:-gpu or cuda or required or backends}"
 }
 
+precision() {
+  # gather_logprobs' errors against float64 on the large shapes, per backend, next to torch's own.
+  "$PYTHON" bench/precision.py --device cuda --sizes "${GPU_CHECK_PRECISION_SIZES:-4096x32000,1x151936}" \
+    --dtypes fp32,bf16 --csv "$RESULTS/precision.csv"
+}
+
+# The benches leave out the torch.compile baselines (their compile time would eat the lease) and the
+# peak-memory column (one fresh process per case: ~20 s each with CUDA's start-up, seen on an H200).
 bench_models() {
-  # The logprob and fused-loss ops against eager, TRL and Liger. No torch.compile baselines: their
-  # compile time would eat the lease.
-  "$PYTHON" bench/run.py --device cuda --ops gather_logprobs,linear_logprobs,ppo_policy_loss \
-    --modes fwd,full --providers eager,trl,liger,fastrlhf --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
+  # The logprob and fused-loss ops against eager, TRL and Liger.
+  "$PYTHON" bench/run.py --device cuda --ops "${GPU_CHECK_MODEL_OPS:-gather_logprobs,linear_logprobs,ppo_policy_loss}" \
+    --modes fwd,full --providers eager,trl,liger,fastrlhf --no-memory --csv "$RESULTS/bench.csv" \
+    --plots-dir "$(mktemp -d)"
 }
 
 bench_advantages() {
   "$PYTHON" bench/run.py --device cuda --ops kl_penalty,ranking_loss,gae,compute_advantages,group_advantages \
-    --modes fwd,full --providers eager,verl,fastrlhf --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
+    --modes fwd,full --providers eager,verl,fastrlhf --no-memory --csv "$RESULTS/bench.csv" \
+    --plots-dir "$(mktemp -d)"
 }
 
 ppo_step() {
@@ -98,15 +107,17 @@ pipeline() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env build tests bench ppo_step pipeline)
+[ ${#stages[@]} -gt 0 ] || stages=(env build tests precision bench ppo_step pipeline)
 for name in "${stages[@]}"; do
   case $name in
     env) stage env_report 60 build ;;
     build) stage build 200 build ;;
     tests) stage gpu_tests 150 tests ;;
-    bench) stage bench_models 90 bench && stage bench_advantages 60 bench ;;
+    precision) stage precision 90 precision ;;
+    bench) stage bench_models 120 bench && stage bench_advantages 90 bench ;;
+    bench_models) stage bench_models 120 bench ;;
     ppo_step) stage ppo_step 60 ppo_step ;;
     pipeline) stage pipeline 180 pipeline ;;
-    *) echo "gpu_check: unknown stage '$name' (env build tests bench ppo_step pipeline)" >&2; exit 2 ;;
+    *) echo "gpu_check: unknown stage '$name' (env build tests precision bench bench_models ppo_step pipeline)" >&2; exit 2 ;;
   esac
 done

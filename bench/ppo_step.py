@@ -320,9 +320,8 @@ def linear_op_backend() -> str:
     import torch
 
     from fastrlhf.ops._backend import resolve_backend
-    from fastrlhf.ops.linear_logprobs import OP_BACKENDS
 
-    return resolve_backend("auto", torch.device(step_device()), OP_BACKENDS)
+    return resolve_backend("auto", torch.device(step_device()))
 
 
 def step_device() -> str:

@@ -277,7 +277,7 @@ def main() -> None:
         f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; input seed {seed}",
         flush=True,
     )
-    rows, table, skipped = [], [], []
+    rows, table, call_table, skipped = [], [], [], []
     results: dict = {}  # (op, size, dtype, mode) -> {provider: (seconds, peak bytes or None)}
     for op in args.ops:
         spec = SPECS[op]
@@ -291,6 +291,7 @@ def main() -> None:
             cases = [c for c in cases if c.size in args.sizes.split(";")]
         dtypes = args.dtypes.split(",") if args.dtypes else spec.DTYPES[device]
         first_mode = next((m for m in args.modes if m in spec.MODES), None)
+        first_sized = next((c for c in cases if not c.call_overhead), None)
         for case in cases:
             for dtype_name in dtypes:
                 for mode in (m for m in args.modes if m in spec.MODES):
@@ -300,8 +301,11 @@ def main() -> None:
                             continue
                         # --quick measures memory once per op (its first case and mode): each
                         # measurement is a fresh process, and the smoke run must stay short
-                        measure_memory = not args.no_memory and (
-                            not args.quick or (case is cases[0] and mode == first_mode)
+                        # and never for the call-overhead case, whose buffers are a few bytes
+                        measure_memory = (
+                            not args.no_memory
+                            and not case.call_overhead
+                            and (not args.quick or (case is first_sized and mode == first_mode))
                         )
                         outcome = run_one(
                             spec, provider, case, dtype_name, mode, device, seed, args, measure_memory
@@ -350,7 +354,10 @@ def main() -> None:
                             + ("" if not moved else f"  {moved / med / 1e9:6.1f} GB/s"),
                             flush=True,
                         )
-                    table += table_rows(spec, case, dtype_name, mode, measured, copy_bw)
+                    if case.call_overhead:
+                        call_table += call_rows(spec, case, dtype_name, mode, measured)
+                    else:
+                        table += table_rows(spec, case, dtype_name, mode, measured, copy_bw)
     rows.append(
         common.base_row("copy", device)
         | dict(
@@ -385,6 +392,10 @@ def main() -> None:
         "GB/s (of copy)",
     ]
     print(common.markdown_table(headers, table))
+    if call_table:
+        print("\nCost of a call: each op on its smallest valid input (dispatch, checks, launches):\n")
+        call_headers = ["op", "size", "dtype", "mode", "provider", "median us", "vs eager"]
+        print(common.markdown_table(call_headers, call_table))
     if skipped:
         print("\nSkipped:\n")
         print(common.markdown_table(["op", "provider", "reason"], _unique(skipped)))
@@ -453,6 +464,23 @@ def table_rows(spec, case, dtype_name, mode, measured, copy_bw) -> list[list[str
             ]
         )
     return out
+
+
+def call_rows(spec, case, dtype_name, mode, measured) -> list[list[str]]:
+    """The call-overhead case's rows: microseconds per call, and the ratio to eager's (> 1: slower)."""
+    eager_time = measured.get("eager", (None, None))[0]
+    return [
+        [
+            spec.OP,
+            case.size,
+            dtype_name,
+            mode,
+            name,
+            f"{seconds * 1e6:.1f}",
+            "" if eager_time is None else f"{seconds / eager_time:.2f}x",
+        ]
+        for name, (seconds, _) in measured.items()
+    ]
 
 
 def _unique(rows):

@@ -4,7 +4,7 @@ A spec is a module with:
     OP           the op's name (the CSV's ``op`` column)
     MODES        the modes it supports, a subset of ("fwd", "bwd", "full")
     DTYPES       {"cpu": [...], "cuda": [...]} dtype names to run by default
-    cases(device, quick) -> list[Case]
+    cases(device, quick) -> list[Case]   the first one the smallest valid input (``call_overhead``)
     make_inputs(case, device, dtype, requires_grad, generator) -> dict of tensors
     providers(device) -> list[Provider]       eager first: the ratios are taken against it
     bytes_moved(case, dtype, mode) -> int | None   the minimum bytes a memory-bound op must read and write
@@ -28,11 +28,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One size of an op. ``size`` labels it (``--sizes`` picks by it); ``scale`` is the x-axis of the
-    plots (the elements the op touches); ``params`` go to ``make_inputs``."""
+    plots (the elements the op touches); ``params`` go to ``make_inputs``. ``call_overhead``: the
+    smallest valid input, whose time is what a call costs beyond its work (reported apart, no memory)."""
 
     size: str
     scale: int
     params: dict
+    call_overhead: bool = False
+
+
+def with_call_overhead(cases: list[Case]) -> list[Case]:
+    """The cases with the first (a spec's tiny ``CALL_SIZE``) marked as the call-overhead case."""
+    return [dataclasses.replace(cases[0], call_overhead=True), *cases[1:]]
 
 
 @dataclasses.dataclass

@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import compute_advantages
-from specs._base import Case, Provider, kernel_providers, random_mask
+from specs._base import Case, Provider, kernel_providers, random_mask, with_call_overhead
 
 OP = "compute_advantages"
 MODES = ("fwd",)
 DTYPES = {"cpu": ["fp32"], "cuda": ["fp32"]}
 SIZES = {"cpu": [(64, 512), (64, 2048), (256, 2048)], "cuda": [(64, 2048), (256, 8192)]}
 QUICK_SIZES = [(16, 64), (16, 256)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 8)
 GAMMA, LAM, KL_COEF = 1.0, 0.95, 0.02
 TARGETS = []
 NO_COMPILE = "its GAE is a T-step Python loop: torch.compile unrolls all T steps, and compiling dominates"
@@ -20,7 +22,9 @@ NO_COMPILE = "its GAE is a T-step Python loop: torch.compile unrolls all T steps
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in sizes]
+    return with_call_overhead(
+        [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in [CALL_SIZE, *sizes]]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

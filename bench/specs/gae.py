@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import gae
-from specs._base import Case, Provider, Target, kernel_providers, random_mask
+from specs._base import Case, Provider, Target, kernel_providers, random_mask, with_call_overhead
 
 OP = "gae"
 MODES = ("fwd",)
 DTYPES = {"cpu": ["fp32"], "cuda": ["fp32"]}
 SIZES = {"cpu": [(64, 512), (64, 2048), (64, 8192)], "cuda": [(64, 2048), (256, 8192)]}
 QUICK_SIZES = [(16, 64), (16, 256)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 8)
 GAMMA, LAM = 1.0, 0.95
 TARGETS = [Target("fwd", "B=64,T=2048", "cpu", "speedup", 100.0, source="issue 3: vs the Python loop")]
 NO_COMPILE = "a T-step Python loop: torch.compile unrolls all T steps, and compiling dominates any run"
@@ -20,7 +22,9 @@ NO_COMPILE = "a T-step Python loop: torch.compile unrolls all T steps, and compi
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in sizes]
+    return with_call_overhead(
+        [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in [CALL_SIZE, *sizes]]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

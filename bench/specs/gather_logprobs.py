@@ -7,7 +7,15 @@ import dataclasses
 import torch
 
 from fastrlhf.ops import gather_logprobs
-from specs._base import Case, Provider, Target, compiled_provider, kernel_providers, peer_provider
+from specs._base import (
+    Case,
+    Provider,
+    Target,
+    compiled_provider,
+    kernel_providers,
+    peer_provider,
+    with_call_overhead,
+)
 
 OP = "gather_logprobs"
 MODES = ("fwd", "bwd", "full")
@@ -18,6 +26,8 @@ SIZES = {
     "cuda": [(8192, 32000), (16384, 151936), (32768, 151936)],
 }
 QUICK_SIZES = [(256, 4000), (512, 8000)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 8)
 TARGETS = [
     # issue 2, CPU, N=8192, V=32000, fp32, forward
     Target("fwd", "N=8192,V=32000", "cpu", "speedup", 3.0, source="issue 2"),
@@ -38,7 +48,9 @@ TARGETS = [
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"N={n},V={v}", n * v, {"tokens": n, "vocab": v}) for n, v in sizes]
+    return with_call_overhead(
+        [Case(f"N={n},V={v}", n * v, {"tokens": n, "vocab": v}) for n, v in [CALL_SIZE, *sizes]]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

@@ -18,7 +18,7 @@ import torch
 
 from fastrlhf.compat import verl as verl_compat
 from fastrlhf.ops import group_advantages, reference
-from specs._base import Case, Provider, compiled_provider, kernel_providers, random_mask
+from specs._base import Case, Provider, compiled_provider, kernel_providers, random_mask, with_call_overhead
 
 OP = "group_advantages"
 MODES = ("fwd",)
@@ -29,17 +29,24 @@ SIZES = {
     "cuda": [(512, 8, 1024), (64, 16, 4096), (1024, 16, 4096)],
 }
 QUICK_SIZES = [(8, 4, 256)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 2, 8)
 GAMMA, EPS = 1.0, 1e-6
 TARGETS = []
 
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [
-        Case(f"{est}: B={b},k={k},T={t}", b * k * t, {"estimator": est, "batch": b, "k": k, "length": t})
-        for est in ESTIMATORS
-        for b, k, t in sizes
-    ]
+
+    def case(est, b, k, t):
+        return Case(
+            f"{est}: B={b},k={k},T={t}", b * k * t, {"estimator": est, "batch": b, "k": k, "length": t}
+        )
+
+    # The call overhead once, with GRPO (every estimator is one kernel call).
+    return with_call_overhead(
+        [case(ESTIMATORS[0], *CALL_SIZE)] + [case(est, *size) for est in ESTIMATORS for size in sizes]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import kl_penalty
-from specs._base import Case, Provider, Target, compiled_provider, kernel_providers
+from specs._base import Case, Provider, Target, compiled_provider, kernel_providers, with_call_overhead
 
 OP = "kl_penalty"
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"cpu": ["fp32"], "cuda": ["fp32"]}
 SIZES = {"cpu": [(64, 2048), (256, 2048), (256, 8192)], "cuda": [(64, 2048), (256, 8192), (1024, 8192)]}
 QUICK_SIZES = [(16, 256), (64, 512)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 8)
 TARGETS = [
     Target("full", "B=64,T=2048", "cpu", "speedup", 2.0, source="issue 3"),
     Target("full", "B=256,T=8192", "cpu", "speedup", 2.0, source="issue 3"),
@@ -20,7 +22,9 @@ TARGETS = [
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in sizes]
+    return with_call_overhead(
+        [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in [CALL_SIZE, *sizes]]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

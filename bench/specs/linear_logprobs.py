@@ -7,7 +7,15 @@ import math
 import torch
 
 from fastrlhf.ops import linear_logprobs
-from specs._base import Case, Provider, Target, compiled_provider, kernel_providers, peer_provider
+from specs._base import (
+    Case,
+    Provider,
+    Target,
+    compiled_provider,
+    kernel_providers,
+    peer_provider,
+    with_call_overhead,
+)
 
 OP = "linear_logprobs"
 MODES = ("fwd", "bwd", "full")
@@ -17,6 +25,8 @@ SIZES = {
     "cuda": [(4096, 4096, 32000), (16384, 4096, 151936)],
 }
 QUICK_SIZES = [(128, 64, 4000), (256, 64, 4000)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 8, 16)
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: the vocabulary tile TRL's trainers use
 TARGETS = [
     Target("full", "N=4096,H=512,V=32000", "cpu", "memory_ratio", 0.25, source="issue 4"),
@@ -46,7 +56,12 @@ TARGETS = [
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"N={n},H={h},V={v}", n * v, {"tokens": n, "hidden": h, "vocab": v}) for n, h, v in sizes]
+    return with_call_overhead(
+        [
+            Case(f"N={n},H={h},V={v}", n * v, {"tokens": n, "hidden": h, "vocab": v})
+            for n, h, v in [CALL_SIZE, *sizes]
+        ]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

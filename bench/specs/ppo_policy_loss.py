@@ -8,7 +8,15 @@ import math
 import torch
 
 from fastrlhf.ops import linear_ppo_policy_loss
-from specs._base import Case, Provider, compiled_provider, kernel_providers, peer_provider, random_mask
+from specs._base import (
+    Case,
+    Provider,
+    compiled_provider,
+    kernel_providers,
+    peer_provider,
+    random_mask,
+    with_call_overhead,
+)
 
 OP = "ppo_policy_loss"
 MODES = ("fwd", "bwd", "full")
@@ -19,13 +27,20 @@ SIZES = {
     "cuda": [(4096, 4096, 32000), (16384, 4096, 151936)],
 }
 QUICK_SIZES = [(128, 64, 4000), (256, 64, 4000)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 8, 16)
 CLIP = 0.2
 TARGETS = []
 
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"N={n},H={h},V={v}", n * v, {"tokens": n, "hidden": h, "vocab": v}) for n, h, v in sizes]
+    return with_call_overhead(
+        [
+            Case(f"N={n},H={h},V={v}", n * v, {"tokens": n, "hidden": h, "vocab": v})
+            for n, h, v in [CALL_SIZE, *sizes]
+        ]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

@@ -6,19 +6,23 @@ import torch
 import torch.nn.functional as F
 
 from fastrlhf.ops import ranking_loss
-from specs._base import Case, Provider, Target, compiled_provider, kernel_providers
+from specs._base import Case, Provider, Target, compiled_provider, kernel_providers, with_call_overhead
 
 OP = "ranking_loss"
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"cpu": ["fp32"], "cuda": ["fp32"]}
 SIZES = {"cpu": [(512, 4), (512, 9), (8192, 9)], "cuda": [(512, 9), (8192, 9), (65536, 9)]}
 QUICK_SIZES = [(64, 4), (64, 9)]
+# The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
+CALL_SIZE = (2, 3)
 TARGETS = [Target("full", "N=512,K=9", "cpu", "speedup", 2.0, source="issue 3")]
 
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return [Case(f"N={n},K={k}", n * k * (k - 1) // 2, {"prompts": n, "k": k}) for n, k in sizes]
+    return with_call_overhead(
+        [Case(f"N={n},K={k}", n * k * (k - 1) // 2, {"prompts": n, "k": k}) for n, k in [CALL_SIZE, *sizes]]
+    )
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):

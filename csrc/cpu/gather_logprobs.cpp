@@ -30,9 +30,11 @@
 #include <memory>
 
 #include "common/gather_logprobs_params.h"
+#include "common/gather_logprobs_row.h"
 #include "common/logprob_grad.h"
 #include "common/online_softmax.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_io.h"
 
 namespace fastrlhf::cpu {
 inline namespace CPU_CAPABILITY {
@@ -79,22 +81,8 @@ constexpr int64_t kTasksPerThread = 4;
 // Below this many elements in total, threads cost more than they save.
 constexpr int64_t kMinParallelElements = 32768;
 
-inline void load2(const float* p, Vec& a, Vec& b) {
-  a = Vec::loadu(p);
-  b = Vec::loadu(p + Vec::size());
-}
-template <class T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  at::vec::load_to_float<T>(p, a, b);
-}
-inline void store2(float* p, const Vec& a, const Vec& b) {
-  a.store(p);
-  b.store(p + Vec::size());
-}
-template <class T>
-inline void store2(T* p, const Vec& a, const Vec& b) {
-  at::vec::convert_from_float<T>(a, b).store(p);
-}
+using vec_io::load2;
+using vec_io::store2;
 
 // Horizontal reductions (Vectorized::reduce_add/reduce_max don't compile for DEFAULT in torch 2.13).
 inline float reduce_sum(const Vec& v) {
@@ -179,19 +167,9 @@ SoftmaxState range_state(const T* x, int64_t begin, int64_t end, float inv_t) {
 template <class T>
 void write_row(const GatherLogprobsForwardParams& p, int64_t row, const SoftmaxState& st) {
   const int64_t label = p.labels[row];
-  float* stats = p.stats + 2 * row;
-  if (label == p.ignore_index) {
-    p.logprobs[row] = 0.0f;
-    stats[0] = stats[1] = 0.0f;
-    if (p.entropy != nullptr) p.entropy[row] = 0.0f;
-    return;
-  }
   const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  const float log_s = state_log_sum(st);
-  stats[0] = st.max;
-  stats[1] = log_s;
-  p.logprobs[row] = label_logprob<TailMath>(static_cast<float>(x[label]), p.inv_temperature, st.max, log_s);
-  if (p.entropy != nullptr) p.entropy[row] = state_entropy(st);
+  const float label_logit = label == p.ignore_index ? 0.0f : static_cast<float>(x[label]);
+  write_row_outputs<TailMath>(p, row, label, label_logit, st);
 }
 
 template <class T, bool kEntropy>

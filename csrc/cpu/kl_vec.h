@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "common/kl.h"
+#include "cpu/vec_io.h"
 
 namespace fastrlhf::cpu {
 inline namespace CPU_CAPABILITY {
@@ -47,18 +48,8 @@ struct VecKLMath {
   }
 };
 
-inline void load2(const float* p, Vec& a, Vec& b) {
-  a = Vec::loadu(p);
-  b = Vec::loadu(p + Vec::size());
-}
-template <class T>
-inline void load2(const T* p, Vec& a, Vec& b) {
-  at::vec::load_to_float<T>(p, a, b);
-}
-inline void store2(float* p, const Vec& a, const Vec& b) {
-  a.store(p);
-  b.store(p + Vec::size());
-}
+using vec_io::load2;
+using vec_io::store2;
 
 // Block of tokens whose output the mask pass re-reads from L1: 1024 floats is 4 KiB.
 constexpr int64_t kBlock = 1024;

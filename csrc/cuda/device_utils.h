@@ -1,5 +1,5 @@
-// Small device helpers of the kl_penalty / gae / advantages / ranking_loss CUDA kernels: dtype
-// conversion, 16-byte tiles, alignment checks, grid sizing. Only for .cu files (device code).
+// Small device helpers of the CUDA kernels: dtype conversion, 16-byte tiles, alignment checks, grid
+// sizing. Only for .cu files (device code).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,6 +33,22 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
+// fp32 to T, rounded to nearest.
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
 // kN consecutive elements moved by one aligned load (kN * sizeof(T) <= 16 bytes).
 template <class T, int kN>
 struct alignas(sizeof(T) * kN) Tile {
@@ -45,6 +61,15 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[kN]) {
   const Tile<T, kN> t = *reinterpret_cast<const Tile<T, kN>*>(p);
   FASTRLHF_UNROLL
   for (int k = 0; k < kN; ++k) out[k] = to_float(t.v[k]);
+}
+
+// Stores kN floats as T at p (aligned to kN * sizeof(T)) with one aligned store.
+template <class T, int kN>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[kN]) {
+  Tile<T, kN> t;
+  FASTRLHF_UNROLL
+  for (int k = 0; k < kN; ++k) t.v[k] = from_float<T>(in[k]);
+  *reinterpret_cast<Tile<T, kN>*>(p) = t;
 }
 
 // kN fp32 values from / to p (aligned to 16 bytes when kN >= 4), in 16-byte pieces.

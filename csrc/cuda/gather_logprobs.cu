@@ -14,19 +14,24 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/gather_logprobs_row.h"
 #include "common/logprob_grad.h"
 #include "common/online_softmax.h"
+#include "cuda/device_utils.h"
 
 namespace fastrlhf::cuda {
 namespace {
 
 // 8 warps per block: small enough that several blocks share an SM (keeping many loads in
 // flight), large enough that one block streams a 32k-152k row quickly.
+using device::ceil_div;
+using device::from_float;
+using device::kVecBytes;
+using device::kWarpSize;
+using device::to_float;
+
 constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
-// Each thread moves 16 bytes per tile: the widest single load/store instruction.
-constexpr int kVecBytes = 16;
 // Chunk boundaries fall on whole tiles of every dtype (16 bytes of a 2-byte type).
 constexpr int64_t kChunkAlign = 8;
 // A split-forward chunk smaller than this is mostly block-reduction overhead.
@@ -40,48 +45,6 @@ constexpr int kBwdTilesPerThread = 4;
 constexpr int kBwdBlocksPerSm = 32;
 // Threads per block of the split-forward combine kernel (one row per thread).
 constexpr int kCombineThreads = 128;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-// kN consecutive elements moved by one aligned load / store (kN * sizeof(T) == 16, or kN == 1).
-template <class T, int kN>
-struct alignas(sizeof(T) * kN) Tile {
-  T v[kN];
-};
-
-template <class T, int kN>
-__device__ __forceinline__ void load_tile(const T* p, float (&out)[kN]) {
-  const Tile<T, kN> t = *reinterpret_cast<const Tile<T, kN>*>(p);
-  FASTRLHF_UNROLL
-  for (int k = 0; k < kN; ++k) out[k] = to_float(t.v[k]);
-}
-
-template <class T, int kN>
-__device__ __forceinline__ void store_tile(T* p, const float (&in)[kN]) {
-  Tile<T, kN> t;
-  FASTRLHF_UNROLL
-  for (int k = 0; k < kN; ++k) t.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Tile<T, kN>*>(p) = t;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -113,19 +76,9 @@ __device__ __forceinline__ SoftmaxState block_merge(SoftmaxState st) {
 template <class T>
 __device__ void write_row(const GatherLogprobsForwardParams& p, int64_t row, int64_t label,
                           const SoftmaxState& st) {
-  float* stats = p.stats + 2 * row;
-  if (label == p.ignore_index) {
-    p.logprobs[row] = 0.0f;
-    stats[0] = stats[1] = 0.0f;
-    if (p.entropy != nullptr) p.entropy[row] = 0.0f;
-    return;
-  }
   const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  const float log_s = state_log_sum(st);
-  stats[0] = st.max;
-  stats[1] = log_s;
-  p.logprobs[row] = label_logprob<ScalarMath>(to_float(x[label]), p.inv_temperature, st.max, log_s);
-  if (p.entropy != nullptr) p.entropy[row] = state_entropy(st);
+  const float label_logit = label == p.ignore_index ? 0.0f : to_float(x[label]);
+  write_row_outputs<ScalarMath>(p, row, label, label_logit, st);
 }
 
 // Grid (row, chunk). With one chunk the block finishes the row; otherwise it writes its chunk's
@@ -150,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
   SoftmaxState st = empty_state();
   for (int64_t k = threadIdx.x; k < n_tiles; k += kThreads) {
     float v[kVec];
-    load_tile<T, kVec>(x + begin + k * kVec, v);
+    device::load_floats<T, kVec>(x + begin + k * kVec, v);
     update_block<kEntropy>(st, v, inv_t);
   }
   for (int64_t j = begin + n_tiles * kVec + threadIdx.x; j < end; j += kThreads) {  // ragged row end
@@ -231,11 +184,11 @@ __global__ void __launch_bounds__(kThreads)
         FASTRLHF_UNROLL
         for (int e = 0; e < kVec; ++e) v[e] = 0.0f;
       } else {
-        load_tile<T, kVec>(x + j0, v);
+        device::load_floats<T, kVec>(x + j0, v);
         FASTRLHF_UNROLL
         for (int e = 0; e < kVec; ++e) v[e] = grad_at(v[e], j0 + e, r);
       }
-      store_tile<T, kVec>(d + j0, v);
+      device::store_floats<T, kVec>(d + j0, v);
     }
     for (int64_t j = begin + n_tiles * kVec + threadIdx.x; j < end; j += kThreads) {  // ragged row end
       d[j] = from_float<T>(ignored ? 0.0f : grad_at(to_float(x[j]), j, r));

@@ -21,6 +21,8 @@ import torch
 from fastrlhf._extension import load_extension
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
+# Input dtypes the compiled kernels (cpp, cuda, triton) read natively; they compute in fp32.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +139,29 @@ def resolve_backend(backend: str, device: torch.device, op_backends: tuple[str, 
             f"{source}={backend!r} cannot run on {device.type} tensors (it runs on {', '.join(info.devices)})"
         )
     return backend
+
+
+def pick_backend(
+    backend: str, device: torch.device, inputs: dict[str, torch.Tensor], *, fp32_copies: bool = False
+) -> str:
+    """The backend that runs an op on ``inputs`` (named as the op's arguments), by one rule for every op.
+
+    - float64 inputs go to the torch reference under ``"auto"``: the kernels compute in fp32, and
+      float64 is the reference's own precision (a test's ground truth stays exact);
+    - otherwise ``resolve_backend`` picks (``FASTRLHF_BACKEND``, then the device's auto order);
+    - a kernel backend reads ``KERNEL_DTYPES`` natively. An op that hands its kernels fp32 copies
+      (``fp32_copies``: the advantage and ranking ops, whose inputs are small) takes any float dtype;
+      the others refuse the rest, naming the input.
+    Raises ValueError naming the argument when the choice cannot run these inputs.
+    """
+    if backend == "auto" and any(t.dtype == torch.float64 for t in inputs.values()):
+        return "torch"
+    chosen = resolve_backend(backend, device)
+    if chosen != "torch" and not fp32_copies:
+        for name, tensor in inputs.items():
+            if tensor.dtype not in KERNEL_DTYPES:
+                raise ValueError(
+                    f"{name} dtype {tensor.dtype} is not supported by backend={chosen!r}; "
+                    "use float32, bfloat16 or float16"
+                )
+    return chosen

@@ -16,14 +16,12 @@ from typing import NamedTuple
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._common import check_discount, check_sequences
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from fastrlhf.ops.gae import masked_whiten
 from fastrlhf.ops.kl_penalty import check_clamp, check_estimator
-
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 
 class Advantages(NamedTuple):
@@ -81,9 +79,7 @@ def compute_advantages(
         clip = check_clamp(score_clip)
         scores = scores.clamp(-clip, clip)
 
-    if backend == "auto" and values.dtype == torch.float64:
-        backend = "torch"
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
     with torch.no_grad():
         if chosen == "torch":
             token_rewards, advantages, returns = reference.compute_advantages(

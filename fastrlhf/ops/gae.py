@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._common import check_discount, check_sequences
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import check_mask, check_same_device, check_same_shape, check_tensor
-
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 
 def gae(
@@ -39,9 +37,7 @@ def gae(
     device = check_same_device(rewards=rewards, values=values, mask=mask)
     gamma = check_discount("gamma", gamma)
     lam = check_discount("lam", lam)
-    if backend == "auto" and values.dtype == torch.float64:
-        backend = "torch"
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
     if chosen == "torch":
         return reference.gae(rewards, values, mask_u8, gamma, lam)
     return torch.ops.fastrlhf.gae_fwd(

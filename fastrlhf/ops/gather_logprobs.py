@@ -14,7 +14,7 @@ import torch
 
 from fastrlhf._extension import extension
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -23,9 +23,6 @@ from fastrlhf.ops._validation import (
     check_same_device,
     check_tensor,
 )
-
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gather_logprobs(
@@ -67,16 +64,10 @@ def gather_logprobs(
     temperature = check_positive_finite("temperature", temperature)
     ignore_index = int(ignore_index)
 
-    if backend == "auto" and logits.dtype == torch.float64:
-        backend = "torch"  # the kernels compute in fp32; float64 is the reference's precision
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    chosen = pick_backend(backend, device, dict(logits=logits))
     if chosen == "torch":
         check_labels_in_range(labels, vocab, ignore_index)
         return reference.gather_logprobs(logits, labels, temperature, ignore_index, return_entropy)
-    if logits.dtype not in KERNEL_DTYPES:
-        raise ValueError(
-            f"logits dtype {logits.dtype} is not supported by backend={chosen!r}; use float32/bf16/fp16"
-        )
 
     lead_shape = labels.shape
     logits_2d = logits.reshape(-1, vocab)

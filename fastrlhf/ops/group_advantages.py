@@ -20,12 +20,10 @@ from typing import NamedTuple
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._common import check_discount
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_mask, check_same_device, check_tensor
-
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 # Estimator → the kernels' mode code (csrc/common/group_advantages.h, OutcomeMode); grpo's depends on
 # norm_by_std.
@@ -78,9 +76,7 @@ def group_advantages(
         raise ValueError(f"eps must be >= 0, got {eps}")
     check_finite_scores(scores)
 
-    if backend == "auto" and scores.dtype == torch.float64:
-        backend = "torch"
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    chosen = pick_backend(backend, device, dict(scores=scores), fp32_copies=True)
     with torch.no_grad():
         if chosen == "torch":
             advantages, returns = reference.group_advantages(

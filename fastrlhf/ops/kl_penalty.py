@@ -11,7 +11,7 @@ import math
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._kernels import kernel_module, optional_mask
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -21,10 +21,8 @@ from fastrlhf.ops._validation import (
     check_tensor,
 )
 
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 REDUCTIONS = ("none", "seq-mean", "token-mean")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_estimator(estimator: str) -> int:
@@ -79,15 +77,10 @@ def kl_penalty(
         raise ValueError("reduction='seq-mean' needs logprobs with a sequence dimension, got a scalar")
     mask_u8 = None if mask is None else check_mask("mask", mask)
 
-    if backend == "auto" and torch.float64 in (logprobs.dtype, ref_logprobs.dtype):
-        backend = "torch"
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    chosen = pick_backend(backend, device, dict(logprobs=logprobs, ref_logprobs=ref_logprobs))
     if chosen == "torch":
         kl = reference.kl_penalty(logprobs, ref_logprobs, mask_u8, estimator, clamp)
     else:
-        for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
-            if t.dtype not in KERNEL_DTYPES:
-                raise ValueError(f"{name} dtype {t.dtype} is not supported by backend={chosen!r}")
         if ref_logprobs.dtype != logprobs.dtype:  # one kernel dtype: widen both rather than round one
             logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
         flat_mask = logprobs.new_empty(0, dtype=torch.uint8) if mask_u8 is None else mask_u8.reshape(-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._linear_chunks import LinearHead, backward_by_columns, default_chunk_rows, forward_chunks
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -25,9 +25,6 @@ from fastrlhf.ops._validation import (
     check_same_device,
     check_tensor,
 )
-
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_linear_inputs(hidden, weight, labels, bias) -> torch.device:
@@ -75,13 +72,8 @@ def check_chunk_size(chunk_size, rows: int, hidden_size: int, vocab: int, device
 
 
 def kernel_backend(backend: str, hidden: torch.Tensor, device: torch.device) -> str:
-    """The backend to run on: float64 goes to torch (the kernels compute in fp32)."""
-    if backend == "auto" and hidden.dtype == torch.float64:
-        backend = "torch"
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
-    if chosen != "torch" and hidden.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"hidden dtype {hidden.dtype} is not supported by backend={chosen!r}")
-    return chosen
+    """The backend to run on (``pick_backend``'s rule, applied to the hidden states)."""
+    return pick_backend(backend, device, dict(hidden=hidden))
 
 
 def linear_logprobs(

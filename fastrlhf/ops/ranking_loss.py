@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import resolve_backend
+from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -22,8 +22,6 @@ from fastrlhf.ops._validation import (
     check_tensor,
 )
 from fastrlhf.ops.reference import RankingLossResult
-
-OP_BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 
 def ranking_loss(
@@ -58,9 +56,7 @@ def ranking_loss(
     if mask is not None and mask_u8.shape[0] and int(mask_u8.sum(1).max()) < 2:
         raise ValueError("mask leaves every prompt with fewer than 2 responses: there is no pair to rank")
 
-    if backend == "auto" and rewards.dtype == torch.float64:
-        backend = "torch"
-    chosen = resolve_backend(backend, device, OP_BACKENDS)
+    chosen = pick_backend(backend, device, dict(rewards=rewards), fp32_copies=True)
     if chosen == "torch":
         return reference.ranking_loss(rewards, ranks, mask_u8, margin)
     prompt_loss, prompt_accuracy, num_pairs = torch.ops.fastrlhf.ranking_loss_fwd(

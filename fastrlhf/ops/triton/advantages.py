@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gae import _as_uint8_mask, _block_t_for, _device_ctx, _gae_block
+from ._utils import device_context
+from .gae import _as_uint8_mask, _block_t_for, _gae_block
 from .kl_penalty import ABS, K1, K2, K3, _kl_value
 
 __all__ = ["advantages_forward"]
@@ -141,7 +142,7 @@ def advantages_forward(
     clamp = float(clamp)
     has_clamp = not math.isinf(clamp)
     bt, num_warps = _block_t_for(n_steps, block_t)
-    with _device_ctx(logprobs):
+    with device_context(logprobs):
         _advantages_fwd_kernel[(n_rows,)](
             token_rewards,
             advantages,

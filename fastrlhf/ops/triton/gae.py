@@ -26,11 +26,11 @@ All arithmetic is fp32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import device_context
 
 __all__ = ["gae_forward"]
 
@@ -160,11 +160,6 @@ def _gae_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _device_ctx(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _block_t_for(n_steps: int, block_t: int | None = None) -> tuple[int, int]:
     """``(BLOCK_T, num_warps)`` for rows of ``n_steps`` positions; ``block_t`` overrides (power of two)."""
     if block_t is None:
@@ -214,7 +209,7 @@ def gae_forward(
         return advantages, returns
 
     bt, num_warps = _block_t_for(n_steps, block_t)
-    with _device_ctx(values):
+    with device_context(values):
         _gae_fwd_kernel[(n_rows,)](
             advantages,
             returns,

@@ -36,12 +36,13 @@ label's logprob and the backward agree on it exactly (see there).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import device_context
 
 __all__ = ["gather_logprobs_backward", "gather_logprobs_forward"]
 
@@ -330,11 +331,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _device_ctx(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _auto_num_splits(n_rows: int, n_cols: int, device: torch.device) -> int:
     if device.type == "cuda":
         sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -414,7 +410,7 @@ def gather_logprobs_forward(
         splits = min(triton.cdiv(n_cols, cols_per_split), _MAX_SPLITS)
         cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), bv) * bv
 
-    with _device_ctx(logits):
+    with device_context(logits):
         if splits <= 1:
             bv = block_v or _block_v(n_cols)
             _gather_logprobs_fwd_kernel[(n_rows,)](
@@ -522,7 +518,7 @@ def gather_logprobs_backward(
 
     bv = block_v or _block_v(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, bv))
-    with _device_ctx(logits):
+    with device_context(logits):
         _gather_logprobs_bwd_kernel[grid](
             out,
             grad_logprobs,

@@ -32,12 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .gae import _as_uint8_mask, _block_t_for, _device_ctx
+from ._utils import device_context
+from .gae import _as_uint8_mask, _block_t_for
 
 __all__ = ["CENTER", "DISCOUNT", "LEAVE_ONE_OUT", "NORMALIZE", "group_advantages_forward"]
 
 # Mode codes: the OutcomeMode of csrc/common/group_advantages.h.
 CENTER, NORMALIZE, LEAVE_ONE_OUT, DISCOUNT = 0, 1, 2, 3
+# The same codes as constexprs for the kernels: compiled Triton reads no plain global inside a kernel
+# (the interpreter does, so only a GPU or the sm_90 compile test catches a plain one).
+_NORMALIZE = tl.constexpr(NORMALIZE)
+_LEAVE_ONE_OUT = tl.constexpr(LEAVE_ONE_OUT)
+_DISCOUNT = tl.constexpr(DISCOUNT)
 
 # Smallest score block: keeps tiny groups on a well-formed layout; lanes past k are masked out.
 _MIN_BLOCK_K = 16
@@ -51,7 +57,7 @@ def _row_value(scores_ptr, row, eps, GROUP_SIZE: tl.constexpr, MODE: tl.constexp
     score = tl.load(scores_ptr + row).to(tl.float64)
     value = score  # veRL's group of one: mean 0, std 1 (RLOO needs k >= 2)
     if GROUP_SIZE == 1:
-        if MODE == NORMALIZE:
+        if MODE == _NORMALIZE:
             value = score / (1.0 + eps)
     else:
         first = row // GROUP_SIZE * GROUP_SIZE
@@ -63,11 +69,11 @@ def _row_value(scores_ptr, row, eps, GROUP_SIZE: tl.constexpr, MODE: tl.constexp
         mean_c = tl.sum(c, axis=0) / GROUP_SIZE
         dev = tl.where(inside, c - mean_c, 0.0)
         d = (score - pivot) - mean_c
-        if MODE == NORMALIZE:
+        if MODE == _NORMALIZE:
             std = tl.sqrt(tl.sum(dev * dev, axis=0) / (GROUP_SIZE - 1))
             denom = std + eps
             value = tl.where(denom > 0.0, d / tl.where(denom > 0.0, denom, 1.0), 0.0)
-        elif MODE == LEAVE_ONE_OUT:
+        elif MODE == _LEAVE_ONE_OUT:
             value = d * GROUP_SIZE / (GROUP_SIZE - 1)
         else:
             value = d
@@ -98,7 +104,7 @@ def _group_advantages_fwd_kernel(
     m_row = mask_ptr + row * stride_mask_row
     out_row = out_ptr + row * T
     lanes = tl.arange(0, BLOCK_T)
-    if MODE == DISCOUNT:
+    if MODE == _DISCOUNT:
         score = tl.load(scores_ptr + row).to(tl.float32)
         after_block = 0  # valid tokens right of the current block
         for start in range(0, T, BLOCK_T):
@@ -158,7 +164,7 @@ def group_advantages_forward(
     grouped = mode != DISCOUNT
     log2_gamma = (math.log2(gamma) if gamma > 0 else _LOG2_ZERO) if not grouped else 0.0
     bt, num_warps = _block_t_for(n_steps, block_t)
-    with _device_ctx(mask):
+    with device_context(mask):
         _group_advantages_fwd_kernel[(n_rows,)](
             out,
             scores,

@@ -12,8 +12,10 @@ Masked positions give 0 and get gradient 0. The gradient w.r.t. ``ref_logprobs``
 ``logprobs``; the caller negates it.
 
 k3 is a difference of nearly equal terms near ``d = 0`` (``kl ≈ d²/2``); Triton has no ``expm1``, so for
-``|d| < 1`` it is evaluated as its Taylor series (see ``_k3``), which keeps fp32 relative precision down to
-the smallest gaps. Everything is computed in fp32 whatever the input dtype.
+``|d| < 0.5`` it is evaluated as its Taylor series (see ``_k3``), which keeps fp32 relative precision down to
+the smallest gaps. The bound and the series are the C++/CUDA kernels' (``kK3SeriesBound`` and ``k3_series``
+in ``csrc/common/kl.h``), so every backend evaluates k3 the same way. Everything is computed in fp32
+whatever the input dtype.
 
 On GPUs ``tl.exp`` is ``ex2.approx(d * log2 e)``, whose relative error grows like ``|d| * 2^-24`` from the
 rounded product: k3 at ``|d| = 50`` carries ~3e-6 relative error there (in the interpreter it is exact).
@@ -21,12 +23,13 @@ rounded product: k3 at ``|d| = 50`` carries ~3e-6 relative error there (in the i
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import device_context
 
 __all__ = ["kl_penalty_backward", "kl_penalty_forward"]
 
@@ -47,24 +50,23 @@ K1, K2, K3, ABS = 0, 1, 2, 3
 def _k3(d):
     """``expm1(-d) + d`` in fp32, >= 0, accurate to fp32 relative precision for all gaps (finite for d > -88).
 
-    For ``|d| < 1``: ``sum_{n>=2} (-d)^n / n!`` through n = 11, whose first dropped term is below 1e-7 of the
-    sum. Elsewhere ``(e^{-d} - 1) + d`` cancels at most ~1 bit (the sum is >= 0.36 there).
+    For ``|d| < 0.5``: ``sum_{n>=2} (-d)^n / n!`` through n = 9, whose first dropped term is below 3e-9 of
+    the sum. Elsewhere ``(e^{-d} - 1) + d`` cancels at most ~2 bits. The bound and the series are those of
+    ``csrc/common/kl.h`` (``kK3SeriesBound``, ``k3_series``).
     """
     x = -d
-    # Horner form of x² (1/2! + x/3! + x²/4! + ... + x⁹/11!).
-    p = 2.505210838544172e-08
-    p = p * x + 2.755731922398589e-07
-    p = p * x + 2.755731922398589e-06
-    p = p * x + 2.48015873015873e-05
-    p = p * x + 1.984126984126984e-04
-    p = p * x + 1.388888888888889e-03
-    p = p * x + 8.333333333333333e-03
-    p = p * x + 4.166666666666666e-02
-    p = p * x + 1.666666666666667e-01
+    # Horner form of x² (1/2! + x/3! + x²/4! + ... + x⁷/9!).
+    p = 1.0 / 362880.0
+    p = p * x + 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
     p = p * x + 0.5
     series = p * x * x
     direct = (tl.exp(x) - 1.0) + d
-    k3 = tl.where(tl.abs(d) < 1.0, series, direct)
+    k3 = tl.where(tl.abs(d) < 0.5, series, direct)
     # The true value is >= 0; rounding of the direct form must not make it negative.
     return tl.maximum(k3, 0.0)
 
@@ -111,8 +113,8 @@ def _kl_grad(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
     elif ESTIMATOR == 1:
         g = d
     elif ESTIMATOR == 2:
-        # 1 - e^{-d} = -expm1(-d) = d - k3: no cancellation for |d| < 1, where e^{-d} - 1 would lose digits.
-        g = tl.where(tl.abs(d) < 1.0, d - _k3(d), 1.0 - tl.exp(-d))
+        # 1 - e^{-d} = -expm1(-d) = d - k3: no cancellation for |d| < 0.5, where e^{-d} - 1 would lose digits.
+        g = tl.where(tl.abs(d) < 0.5, d - _k3(d), 1.0 - tl.exp(-d))
     else:
         g = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
     if HAS_CLAMP:
@@ -191,11 +193,6 @@ def _kl_penalty_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _device_ctx(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _prepare(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -245,7 +242,7 @@ def kl_penalty_forward(
     if n == 0:
         return kl
     bs = block or _BLOCK
-    with _device_ctx(logprobs):
+    with device_context(logprobs):
         _kl_penalty_fwd_kernel[(triton.cdiv(n, bs),)](
             kl,
             logprobs,
@@ -290,7 +287,7 @@ def kl_penalty_backward(
         return dlogp
     grad = grad.reshape(n).to(torch.float32).contiguous()
     bs = block or _BLOCK
-    with _device_ctx(logprobs):
+    with device_context(logprobs):
         _kl_penalty_bwd_kernel[(triton.cdiv(n, bs),)](
             dlogp,
             grad,

@@ -19,11 +19,11 @@ registers and nothing is written but the per-prompt results (forward) or one gra
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import device_context
 
 __all__ = ["ranking_loss_backward", "ranking_loss_forward"]
 
@@ -203,11 +203,6 @@ def _ranking_loss_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _device_ctx(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _prepare(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor | None):
     assert rewards.dim() == 2 and ranks.shape == rewards.shape
     assert ranks.dtype == torch.int64
@@ -267,7 +262,7 @@ def ranking_loss_forward(
         return loss.zero_(), accuracy.zero_(), num_pairs.zero_()
 
     bn, bk, num_warps = _launch_config(n_prompts, n_responses, block_n)
-    with _device_ctx(rewards):
+    with device_context(rewards):
         _ranking_loss_fwd_kernel[(triton.cdiv(n_prompts, bn),)](
             loss,
             accuracy,
@@ -317,7 +312,7 @@ def ranking_loss_backward(
     grad_prompt_loss = grad_prompt_loss.reshape(n_prompts).to(torch.float32).contiguous()
 
     bn, bk, num_warps = _launch_config(n_prompts, n_responses, block_n)
-    with _device_ctx(rewards):
+    with device_context(rewards):
         _ranking_loss_bwd_kernel[(triton.cdiv(n_prompts, bn),)](
             drewards,
             grad_prompt_loss,
