@@ -18,6 +18,7 @@ import torch
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._common import check_discount, check_sequences
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from fastrlhf.ops.gae import masked_whiten
@@ -88,7 +89,7 @@ def compute_advantages(
         else:
             if ref_logprobs.dtype != logprobs.dtype or logprobs.dtype == torch.float64:
                 logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
-            token_rewards, advantages, returns = torch.ops.fastrlhf.advantages_fwd(
+            token_rewards, advantages, returns = _advantages_op(
                 scores.detach().float().contiguous(),
                 logprobs.detach().contiguous(),
                 ref_logprobs.detach().contiguous(),
@@ -106,7 +107,7 @@ def compute_advantages(
     return Advantages(token_rewards, advantages, returns)
 
 
-@torch.library.custom_op("fastrlhf::advantages_fwd", mutates_args=())
+@kernel_op("fastrlhf::advantages_fwd")
 def _advantages_op(
     scores: torch.Tensor,
     logprobs: torch.Tensor,

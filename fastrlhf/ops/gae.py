@@ -11,6 +11,7 @@ import torch
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._common import check_discount, check_sequences
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import check_mask, check_same_device, check_same_shape, check_tensor
 
@@ -40,7 +41,7 @@ def gae(
     chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
     if chosen == "torch":
         return reference.gae(rewards, values, mask_u8, gamma, lam)
-    return torch.ops.fastrlhf.gae_fwd(
+    return _gae_op(
         rewards.detach().float().contiguous(),
         values.detach().float().contiguous(),
         mask_u8.contiguous(),
@@ -50,7 +51,7 @@ def gae(
     )
 
 
-@torch.library.custom_op("fastrlhf::gae_fwd", mutates_args=())
+@kernel_op("fastrlhf::gae_fwd")
 def _gae_op(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

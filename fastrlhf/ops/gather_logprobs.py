@@ -15,6 +15,7 @@ import torch
 from fastrlhf._extension import extension
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -74,7 +75,7 @@ def gather_logprobs(
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
     labels_1d = labels.reshape(-1).to(torch.int64).contiguous()
-    logprobs, _stats, entropy = torch.ops.fastrlhf.gather_logprobs_fwd(
+    logprobs, _stats, entropy = _forward_op(
         logits_2d, labels_1d, 1.0 / temperature, ignore_index, return_entropy, inplace_backward, chosen
     )
     if return_entropy:
@@ -111,7 +112,7 @@ def forward_kernel(backend, logits, labels, inv_temperature, ignore_index, with_
     )
 
 
-@torch.library.custom_op("fastrlhf::gather_logprobs_fwd", mutates_args=())
+@kernel_op("fastrlhf::gather_logprobs_fwd")
 def _forward_op(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -164,7 +165,7 @@ def backward_kernel(
         )
 
 
-@torch.library.custom_op("fastrlhf::gather_logprobs_bwd", mutates_args=())
+@kernel_op("fastrlhf::gather_logprobs_bwd")
 def _backward_op(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
@@ -198,7 +199,7 @@ def _(grad_logprobs, grad_entropy, logits, labels, stats, entropy, inv_temperatu
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("fastrlhf::gather_logprobs_bwd_inplace", mutates_args=("logits",))
+@kernel_op("fastrlhf::gather_logprobs_bwd_inplace", mutates_args=("logits",))
 def _backward_inplace_op(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
@@ -256,11 +257,11 @@ def _backward(ctx, grad_logprobs, _grad_stats, grad_entropy):
         backend,
     )
     if inplace_backward:
-        torch.ops.fastrlhf.gather_logprobs_bwd_inplace(*args)
+        _backward_inplace_op(*args)
         grad_logits = logits
     else:
-        grad_logits = torch.ops.fastrlhf.gather_logprobs_bwd(*args)
+        grad_logits = _backward_op(*args)
     return grad_logits, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastrlhf::gather_logprobs_fwd", _backward, setup_context=_setup_context)
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

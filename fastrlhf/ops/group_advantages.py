@@ -22,6 +22,7 @@ import torch
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
 from fastrlhf.ops._common import check_discount
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_mask, check_same_device, check_tensor
 
@@ -84,7 +85,7 @@ def group_advantages(
             )
             return GroupAdvantages(advantages, returns)
         flat_mask = mask_u8.reshape(batch * k, length).contiguous()
-        values = torch.ops.fastrlhf.group_advantages_fwd(
+        values = _group_advantages_op(
             scores.detach().reshape(-1).float().contiguous(),
             flat_mask,
             k,
@@ -153,7 +154,7 @@ def _mode(estimator: str, norm_by_std: bool) -> int:
     return _CENTER  # reinforce++-baseline: r - group mean, whitened afterwards
 
 
-@torch.library.custom_op("fastrlhf::group_advantages_fwd", mutates_args=())
+@kernel_op("fastrlhf::group_advantages_fwd")
 def _group_advantages_op(
     scores: torch.Tensor,
     mask: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module, optional_mask
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -84,7 +85,7 @@ def kl_penalty(
         if ref_logprobs.dtype != logprobs.dtype:  # one kernel dtype: widen both rather than round one
             logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
         flat_mask = logprobs.new_empty(0, dtype=torch.uint8) if mask_u8 is None else mask_u8.reshape(-1)
-        kl = torch.ops.fastrlhf.kl_penalty_fwd(
+        kl = _forward_op(
             logprobs.reshape(-1).contiguous(),
             ref_logprobs.reshape(-1).contiguous(),
             flat_mask.contiguous(),
@@ -105,7 +106,7 @@ def _reduce(kl: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torc
     return (kl * weights).sum() / weights.sum().clamp_min(1)
 
 
-@torch.library.custom_op("fastrlhf::kl_penalty_fwd", mutates_args=())
+@kernel_op("fastrlhf::kl_penalty_fwd")
 def _forward_op(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -124,7 +125,7 @@ def _(logprobs, ref_logprobs, mask, estimator, clamp, backend):
     return logprobs.new_empty(logprobs.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastrlhf::kl_penalty_bwd", mutates_args=())
+@kernel_op("fastrlhf::kl_penalty_bwd")
 def _backward_op(
     grad: torch.Tensor,
     logprobs: torch.Tensor,
@@ -156,13 +157,11 @@ def _backward(ctx, grad):
     logprobs, ref_logprobs, mask = ctx.saved_tensors
     estimator, clamp, backend = ctx.options
     grad = grad.to(torch.float32).contiguous()
-    d_logprobs = torch.ops.fastrlhf.kl_penalty_bwd(
-        grad, logprobs, ref_logprobs, mask, estimator, clamp, backend
-    )
+    d_logprobs = _backward_op(grad, logprobs, ref_logprobs, mask, estimator, clamp, backend)
     d_ref = None
     if ctx.needs_input_grad[1]:
         d_ref = (-d_logprobs).to(ref_logprobs.dtype)
     return d_logprobs.to(logprobs.dtype), d_ref, None, None, None, None
 
 
-torch.library.register_autograd("fastrlhf::kl_penalty_fwd", _backward, setup_context=_setup_context)
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -16,6 +16,7 @@ import torch
 
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._linear_chunks import LinearHead, backward_by_columns, default_chunk_rows, forward_chunks
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -118,7 +119,7 @@ def linear_logprobs(
     lead_shape = labels.shape
     hidden2d = hidden.reshape(rows, hidden_size)
     labels_1d = labels.reshape(-1).to(torch.int64).contiguous()
-    logprobs, _stats, entropy = torch.ops.fastrlhf.linear_logprobs_fwd(
+    logprobs, _stats, entropy = _forward_op(
         hidden2d, weight, bias, labels_1d, 1.0 / temperature, ignore_index, return_entropy, chunk_rows, chosen
     )
     if return_entropy:
@@ -131,7 +132,7 @@ def linear_logprobs(
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastrlhf::linear_logprobs_fwd", mutates_args=())
+@kernel_op("fastrlhf::linear_logprobs_fwd")
 def _forward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -160,7 +161,7 @@ def _(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy,
     return out, hidden.new_empty((rows, 2), dtype=torch.float32), entropy
 
 
-@torch.library.custom_op("fastrlhf::linear_logprobs_bwd", mutates_args=())
+@kernel_op("fastrlhf::linear_logprobs_bwd")
 def _backward_op(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
@@ -246,7 +247,7 @@ def _backward(ctx, grad_logprobs, _grad_stats, grad_entropy):
     else:
         grad_entropy = stats.new_empty(0)
         entropy = stats.new_empty(0)
-    d_hidden, d_weight, d_bias = torch.ops.fastrlhf.linear_logprobs_bwd(
+    d_hidden, d_weight, d_bias = _backward_op(
         grad_logprobs,
         grad_entropy,
         hidden,
@@ -276,4 +277,4 @@ def _backward(ctx, grad_logprobs, _grad_stats, grad_entropy):
     )
 
 
-torch.library.register_autograd("fastrlhf::linear_logprobs_fwd", _backward, setup_context=_setup_context)
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

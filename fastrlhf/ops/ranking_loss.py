@@ -11,6 +11,7 @@ import torch
 
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -59,7 +60,7 @@ def ranking_loss(
     chosen = pick_backend(backend, device, dict(rewards=rewards), fp32_copies=True)
     if chosen == "torch":
         return reference.ranking_loss(rewards, ranks, mask_u8, margin)
-    prompt_loss, prompt_accuracy, num_pairs = torch.ops.fastrlhf.ranking_loss_fwd(
+    prompt_loss, prompt_accuracy, num_pairs = _forward_op(
         rewards.float().contiguous(), ranks.long().contiguous(), mask_u8.contiguous(), margin, chosen
     )
     has_pairs = (num_pairs > 0).float()
@@ -100,7 +101,7 @@ def pairwise_loss(
     return RankingLossResult(out.loss, accuracy.detach(), out.num_prompts_without_pairs)
 
 
-@torch.library.custom_op("fastrlhf::ranking_loss_fwd", mutates_args=())
+@kernel_op("fastrlhf::ranking_loss_fwd")
 def _forward_op(
     rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor, margin: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +116,7 @@ def _(rewards, ranks, mask, margin, backend):
     return rewards.new_empty(n), rewards.new_empty(n), rewards.new_empty(n)
 
 
-@torch.library.custom_op("fastrlhf::ranking_loss_bwd", mutates_args=())
+@kernel_op("fastrlhf::ranking_loss_bwd")
 def _backward_op(
     grad_prompt_loss: torch.Tensor,
     rewards: torch.Tensor,
@@ -147,8 +148,8 @@ def _backward(ctx, grad_prompt_loss, _grad_accuracy, _grad_pairs):
     if grad_prompt_loss is None:
         return None, None, None, None, None
     grad = grad_prompt_loss.float().contiguous()
-    d_rewards = torch.ops.fastrlhf.ranking_loss_bwd(grad, rewards, ranks, mask, margin, backend)
+    d_rewards = _backward_op(grad, rewards, ranks, mask, margin, backend)
     return d_rewards, None, None, None, None
 
 
-torch.library.register_autograd("fastrlhf::ranking_loss_fwd", _backward, setup_context=_setup_context)
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
