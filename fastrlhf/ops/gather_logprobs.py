@@ -127,8 +127,10 @@ def _forward_op(
     what the backward needs: kept apart, not summed into one lse, so that log p = (z - max) - log Σ
     stays exact for logits near ±1e4. ``inplace_backward`` only matters to the backward."""
     # Checked here rather than in the Python wrapper: a custom op body runs eagerly even inside a
-    # torch.compile'd graph, so the data-dependent check costs no graph break.
-    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    # torch.compile'd graph, so the data-dependent check costs no graph break. The C++ CPU kernel makes
+    # the same check itself, in its loop over the labels.
+    if backend != "cpp":
+        check_labels_in_range(labels, logits.shape[-1], ignore_index)
     return forward_kernel(backend, logits, labels, inv_temperature, ignore_index, with_entropy)
 
 
