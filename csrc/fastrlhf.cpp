@@ -1,6 +1,8 @@
 // Python module fastrlhf._C: validates tensors, allocates outputs, and dispatches each op by
 // device to the CPU kernels (csrc/cpu) or, when built with CUDA, to csrc/cuda/bindings.cpp.
-// User-facing argument checks live in Python; the TORCH_CHECKs here guard internal preconditions.
+// User-facing argument checks of these entry points live in Python; the TORCH_CHECKs here guard
+// internal preconditions. kl_penalty and ranking_loss are TORCH_LIBRARY ops instead (csrc/*_op.cpp),
+// which check their own arguments: loading this module registers them as torch.ops.fastrlhf.*.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -157,8 +159,7 @@ void gather_logprobs_backward(const at::Tensor& grad_logprobs, const at::Tensor&
 }
 
 // ---------------------------------------------------------------------------------------------
-// kl_penalty, gae, advantages, group_advantages, ranking_loss. Python passes contiguous tensors on one
-// device.
+// gae, advantages, group_advantages. Python passes contiguous tensors on one device.
 
 #ifdef FASTRLHF_WITH_CUDA
 #define FASTRLHF_ON_CUDA(call) call
@@ -203,37 +204,6 @@ void check_estimator(int64_t estimator, double clamp) {
 
 void check_finite(double x, const char* name) {
   TORCH_CHECK(std::isfinite(x), "fastrlhf: ", name, " must be finite, got ", x);
-}
-
-at::Tensor kl_penalty(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                      const at::Tensor& mask, int64_t estimator, double clamp) {
-  TORCH_CHECK(logprobs.dim() == 1, "fastrlhf: logprobs must be 1-D [M], got ", logprobs.sizes());
-  check_logprob_pair(logprobs, ref_logprobs);
-  check_mask(mask, logprobs.sizes(), logprobs, /*optional=*/true);
-  if (grad.defined()) check_tensor(grad, "grad", logprobs.sizes(), at::kFloat, logprobs);
-  check_estimator(estimator, clamp);
-  at::Tensor out = at::empty(logprobs.sizes(), logprobs.options().dtype(at::kFloat));
-  if (logprobs.numel() == 0) return out;
-  if (logprobs.is_cpu()) {
-    const KLPenaltyParams p = make_kl_penalty_params(logprobs, ref_logprobs, mask, grad, estimator, clamp, out);
-    grad.defined() ? cpu::kl_penalty_backward(p) : cpu::kl_penalty_forward(p);
-  } else if (logprobs.is_cuda()) {
-    FASTRLHF_ON_CUDA(cuda::kl_penalty(logprobs, ref_logprobs, mask, grad, estimator, clamp, out));
-  } else {
-    fail_device("kl_penalty", logprobs);
-  }
-  return out;
-}
-
-at::Tensor kl_penalty_forward(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& mask,
-                              int64_t estimator, double clamp) {
-  return kl_penalty(at::Tensor(), logprobs, ref_logprobs, mask, estimator, clamp);
-}
-
-at::Tensor kl_penalty_backward(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                               const at::Tensor& mask, int64_t estimator, double clamp) {
-  TORCH_CHECK(grad.defined(), "fastrlhf: kl_penalty_backward needs grad");
-  return kl_penalty(grad, logprobs, ref_logprobs, mask, estimator, clamp);
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
@@ -315,52 +285,6 @@ at::Tensor group_advantages_forward(const at::Tensor& scores, const at::Tensor& 
   return out;
 }
 
-void check_ranking_inputs(const at::Tensor& rewards, const at::Tensor& ranks, const at::Tensor& mask,
-                          double margin) {
-  TORCH_CHECK(rewards.dim() == 2, "fastrlhf: rewards must be 2-D [N, K], got ", rewards.sizes());
-  check_tensor(rewards, "rewards", rewards.sizes(), at::kFloat, rewards);
-  check_tensor(ranks, "ranks", rewards.sizes(), at::kLong, rewards);
-  check_mask(mask, rewards.sizes(), rewards, /*optional=*/true);
-  check_finite(margin, "margin");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_loss_forward(const at::Tensor& rewards,
-                                                                    const at::Tensor& ranks,
-                                                                    const at::Tensor& mask, double margin) {
-  check_ranking_inputs(rewards, ranks, mask, margin);
-  const auto f32 = rewards.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({rewards.size(0)}, f32);
-  at::Tensor accuracy = at::empty({rewards.size(0)}, f32);
-  at::Tensor num_pairs = at::empty({rewards.size(0)}, f32);
-  if (rewards.size(0) == 0) return {loss, accuracy, num_pairs};
-  if (rewards.is_cpu()) {
-    cpu::ranking_loss_forward(
-        make_ranking_loss_forward_params(rewards, ranks, mask, margin, loss, accuracy, num_pairs));
-  } else if (rewards.is_cuda()) {
-    FASTRLHF_ON_CUDA(cuda::ranking_loss_forward(rewards, ranks, mask, margin, loss, accuracy, num_pairs));
-  } else {
-    fail_device("ranking_loss", rewards);
-  }
-  return {loss, accuracy, num_pairs};
-}
-
-at::Tensor ranking_loss_backward(const at::Tensor& grad_prompt_loss, const at::Tensor& rewards,
-                                 const at::Tensor& ranks, const at::Tensor& mask, double margin) {
-  check_ranking_inputs(rewards, ranks, mask, margin);
-  check_tensor(grad_prompt_loss, "grad_prompt_loss", {rewards.size(0)}, at::kFloat, rewards);
-  at::Tensor d_rewards = at::empty_like(rewards);
-  if (rewards.numel() == 0) return d_rewards;
-  if (rewards.is_cpu()) {
-    cpu::ranking_loss_backward(
-        make_ranking_loss_backward_params(grad_prompt_loss, rewards, ranks, mask, margin, d_rewards));
-  } else if (rewards.is_cuda()) {
-    FASTRLHF_ON_CUDA(cuda::ranking_loss_backward(grad_prompt_loss, rewards, ranks, mask, margin, d_rewards));
-  } else {
-    fail_device("ranking_loss", rewards);
-  }
-  return d_rewards;
-}
-
 }  // namespace
 }  // namespace fastrlhf
 
@@ -381,16 +305,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy\n"
         "are [0]-sized when the entropy has no gradient.");
-  m.def("kl_penalty_forward", &fastrlhf::kl_penalty_forward, py::arg("logprobs"), py::arg("ref_logprobs"),
-        py::arg("mask"), py::arg("estimator"), py::arg("clamp"), py::call_guard<py::gil_scoped_release>(),
-        "Per-token KL estimate f32[M] of logprobs[M] vs ref_logprobs[M] (same dtype: f32/bf16/fp16).\n"
-        "mask: uint8 [M], or [0] for none (masked positions give 0). estimator: 0=k1, 1=k2, 2=k3, 3=abs.\n"
-        "clamp: bound to [-clamp, clamp]; +inf for none.");
-  m.def("kl_penalty_backward", &fastrlhf::kl_penalty_backward, py::arg("grad"), py::arg("logprobs"),
-        py::arg("ref_logprobs"), py::arg("mask"), py::arg("estimator"), py::arg("clamp"),
-        py::call_guard<py::gil_scoped_release>(),
-        "grad[M] * d kl / d logprobs, f32[M] (d kl / d ref_logprobs is its negation). 0 where masked or\n"
-        "where the clamp is active.");
   m.def("gae_forward", &fastrlhf::gae_forward, py::arg("rewards"), py::arg("values"), py::arg("mask"),
         py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),
         "GAE with mask-carry semantics on f32 [B, T] rewards / values and a uint8 [B, T] mask.\n"
@@ -398,8 +312,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advantages_forward", &fastrlhf::advantages_forward, py::arg("scores"), py::arg("logprobs"),
         py::arg("ref_logprobs"), py::arg("values"), py::arg("mask"), py::arg("kl_coef"), py::arg("estimator"),
         py::arg("clamp"), py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),
-        "Fused experience step. token_rewards = -kl_coef * kl (masked; estimator / clamp as in\n"
-        "kl_penalty_forward) plus scores[b] at row b's last valid position, then GAE on them.\n"
+        "Fused experience step. token_rewards = -kl_coef * kl (masked; estimator code / clamp as in\n"
+        "the fastrlhf::kl_penalty op) plus scores[b] at row b's last valid position, then GAE on them.\n"
         "Returns (token_rewards, advantages, returns), each f32[B, T].");
   m.def("group_advantages_forward", &fastrlhf::group_advantages_forward, py::arg("scores"), py::arg("mask"),
         py::arg("group_size"), py::arg("mode"), py::arg("gamma"), py::arg("eps"),
@@ -408,16 +322,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "consecutive rows), mask uint8 [B*k, T]. mode: 0 = r - group mean, 1 = (r - mean) / (std + eps),\n"
         "2 = leave-one-out k/(k-1) * (r - mean), 3 = r * gamma^(valid tokens after t). Returns f32[B*k, T],\n"
         "0 where the mask is 0.");
-  m.def("ranking_loss_forward", &fastrlhf::ranking_loss_forward, py::arg("rewards"), py::arg("ranks"),
-        py::arg("mask"), py::arg("margin"), py::call_guard<py::gil_scoped_release>(),
-        "K-wise pairwise ranking loss per prompt: rewards f32[N, K], ranks int64[N, K] (1 is best),\n"
-        "mask uint8[N, K] or [0] for all valid. Returns (prompt_loss, prompt_accuracy, num_pairs), each\n"
-        "f32[N]: the mean of softplus(-(r_w - r_l - margin)) and the fraction with r_w > r_l over pairs\n"
-        "with rank_w < rank_l (0 for a prompt with no pair), and the pair count.");
-  m.def("ranking_loss_backward", &fastrlhf::ranking_loss_backward, py::arg("grad_prompt_loss"),
-        py::arg("rewards"), py::arg("ranks"), py::arg("mask"), py::arg("margin"),
-        py::call_guard<py::gil_scoped_release>(),
-        "d rewards f32[N, K] from grad_prompt_loss f32[N] (through prompt_loss only).");
   m.def("cpu_capability", &fastrlhf::cpu::capability_name,
         "CPU kernel set used at run time: 'avx512', 'avx2' or 'default' (follows ATEN_CPU_CAPABILITY).");
   m.def("with_cuda", &fastrlhf::compiled_with_cuda, "Whether the CUDA kernels were compiled in.");

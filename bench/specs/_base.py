@@ -8,7 +8,7 @@ A spec is a module with:
     make_inputs(case, device, dtype, requires_grad, generator) -> dict of tensors
     providers(device) -> list[Provider]       eager first: the ratios are taken against it
     bytes_moved(case, dtype, mode) -> int | None   the minimum bytes a memory-bound op must read and write
-    TARGETS      list[Target] from the kernel issues
+    TARGETS      list[Target]: the performance targets
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ class Provider:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A kernel issue's figure: ``provider`` (a prefix, e.g. "fastrlhf") against ``baseline`` in ``mode``
+    """A performance target: ``provider`` (a prefix, e.g. "fastrlhf") against ``baseline`` in ``mode``
     at ``size`` on ``device``. ``metric``: "speedup" (baseline time / provider time ≥ bound),
-    "time_ratio" (provider / baseline ≤ bound), "memory_ratio" (provider / baseline peak memory ≤ bound)
-    or "memory_fraction" (provider peak memory / ``reference_bytes`` ≤ bound)."""
+    "time_ratio" (provider / baseline ≤ bound), "memory_ratio" (provider / baseline peak memory ≤ bound),
+    "memory_fraction" (provider peak memory / ``reference_bytes`` ≤ bound) or "call_us" (the provider's
+    time in microseconds ≤ bound, on a call-cost size; no baseline). ``source`` says what it measures."""
 
     mode: str
     size: str

@@ -16,7 +16,9 @@ QUICK_SIZES = [(16, 64), (16, 256)]
 # The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
 CALL_SIZE = (2, 8)
 GAMMA, LAM = 1.0, 0.95
-TARGETS = [Target("fwd", "B=64,T=2048", "cpu", "speedup", 100.0, source="issue 3: vs the Python loop")]
+TARGETS = [
+    Target("fwd", "B=64,T=2048", "cpu", "speedup", 150.0, source="≥ 150x the time-step loop"),
+]
 NO_COMPILE = "a T-step Python loop: torch.compile unrolls all T steps, and compiling dominates any run"
 
 

@@ -23,3 +23,41 @@ struct KLPenaltyParams {
 };
 
 }  // namespace fastrlhf
+
+namespace fastrlhf {
+
+// The CPU forward of a mean reduction: the masked sum and kept-token count of each segment of
+// `segment_len` consecutive tokens (the last may be shorter). A seq-mean's segments are its rows; a
+// token-mean's are fixed-size chunks, so the result does not depend on the thread count.
+struct KLPenaltySumsParams {
+  const void* logprobs;      // [n], dtype
+  const void* ref_logprobs;  // [n], dtype
+  const uint8_t* mask;       // [n], or nullptr
+  int64_t n;
+  int64_t segment_len;
+  DType dtype;
+  int estimator;
+  float clamp;
+  double* sums;     // [ceil(n / segment_len)]
+  int64_t* counts;  // [ceil(n / segment_len)]
+};
+
+// The CPU backward: d loss / d logprobs for one of three gradient shapes, and optionally its negation
+// (d loss / d ref_logprobs) from the same pass.
+struct KLPenaltyGradParams {
+  const void* logprobs;      // [n], dtype
+  const void* ref_logprobs;  // [n], dtype
+  const uint8_t* mask;       // [n], or nullptr
+  const float* grad;         // [n]: a per-token gradient (reduction "none"), or nullptr
+  const float* row_scale;    // [n / row_len]: each row's gradient (seq-mean: grad / count), or nullptr
+  float scale;               // every token's gradient when grad and row_scale are both nullptr
+  int64_t n;
+  int64_t row_len;
+  DType dtype;
+  int estimator;
+  float clamp;
+  float* d_logprobs;      // [n]
+  float* d_ref_logprobs;  // [n], or nullptr
+};
+
+}  // namespace fastrlhf

@@ -87,7 +87,9 @@ void gather_logprobs_backward(const GatherLogprobsBackwardParams& p) {
 
 void kl_penalty_forward(const KLPenaltyParams& p) { FASTRLHF_CPU_DISPATCH(kl_penalty_forward_kernel, p) }
 
-void kl_penalty_backward(const KLPenaltyParams& p) { FASTRLHF_CPU_DISPATCH(kl_penalty_backward_kernel, p) }
+void kl_penalty_sums(const KLPenaltySumsParams& p) { FASTRLHF_CPU_DISPATCH(kl_penalty_sums_kernel, p) }
+
+void kl_penalty_backward(const KLPenaltyGradParams& p) { FASTRLHF_CPU_DISPATCH(kl_penalty_backward_kernel, p) }
 
 void gae_forward(const GaeParams& p) { FASTRLHF_CPU_DISPATCH(gae_forward_kernel, p) }
 

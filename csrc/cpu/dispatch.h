@@ -17,7 +17,8 @@ void gather_logprobs_forward(const GatherLogprobsForwardParams& p);
 void gather_logprobs_backward(const GatherLogprobsBackwardParams& p);
 
 void kl_penalty_forward(const KLPenaltyParams& p);
-void kl_penalty_backward(const KLPenaltyParams& p);
+void kl_penalty_sums(const KLPenaltySumsParams& p);
+void kl_penalty_backward(const KLPenaltyGradParams& p);
 void gae_forward(const GaeParams& p);
 void advantages_forward(const AdvantagesParams& p);
 void group_advantages_forward(const GroupAdvantagesParams& p);

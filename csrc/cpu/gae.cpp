@@ -70,8 +70,8 @@ void advantages_typed(const AdvantagesParams& p) {
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t o = row * p.length;
         // The row's rewards stay in cache for the walk that follows.
-        kl_vec::kl_range<T, decltype(e)::value, decltype(clamp_on)::value, false>(
-            x + o, y + o, nullptr, p.mask + o, p.length, p.clamp, -p.kl_coef, p.token_rewards + o);
+        kl_vec::kl_range<T, decltype(e)::value, decltype(clamp_on)::value, kl_vec::KLPass::kValue>(
+            x + o, y + o, nullptr, p.mask + o, p.length, p.clamp, -p.kl_coef, p.token_rewards + o, nullptr);
         walk_row<true>(p.token_rewards + o, p.values + o, p.mask + o, p.scores[row], p.token_rewards + o,
                        p.advantages + o, p.returns + o, p.length, p.gamma, gamma_lam);
       }

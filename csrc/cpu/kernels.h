@@ -15,7 +15,8 @@
   void gather_logprobs_forward_kernel(const ::fastrlhf::GatherLogprobsForwardParams& p);   \
   void gather_logprobs_backward_kernel(const ::fastrlhf::GatherLogprobsBackwardParams& p); \
   void kl_penalty_forward_kernel(const ::fastrlhf::KLPenaltyParams& p);                    \
-  void kl_penalty_backward_kernel(const ::fastrlhf::KLPenaltyParams& p);                   \
+  void kl_penalty_sums_kernel(const ::fastrlhf::KLPenaltySumsParams& p);                   \
+  void kl_penalty_backward_kernel(const ::fastrlhf::KLPenaltyGradParams& p);               \
   void gae_forward_kernel(const ::fastrlhf::GaeParams& p);                                 \
   void advantages_forward_kernel(const ::fastrlhf::AdvantagesParams& p);                   \
   void group_advantages_forward_kernel(const ::fastrlhf::GroupAdvantagesParams& p);        \

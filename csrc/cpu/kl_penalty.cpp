@@ -1,5 +1,6 @@
-// kl_penalty CPU kernels: per-token KL estimate (forward) and its derivative w.r.t. logprobs
-// (backward), elementwise over contiguous tokens in parallel chunks (csrc/cpu/kl_vec.h).
+// kl_penalty CPU kernels: the per-token KL estimate, its masked sums per segment (the mean
+// reductions), and the derivative w.r.t. logprobs (and ref_logprobs) under a per-token, per-row or
+// uniform gradient. Elementwise over contiguous tokens in parallel chunks (csrc/cpu/kl_vec.h).
 //
 // Not compiled on its own: csrc/cpu/arch/<cap>.cpp includes it once per CPU capability.
 #ifndef CPU_CAPABILITY
@@ -10,6 +11,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include "common/kl.h"
 #include "common/kl_penalty_params.h"
@@ -23,45 +27,104 @@ FASTRLHF_CPU_KERNEL_DECLARATIONS
 
 namespace kl_penalty_impl {
 
+using kl_vec::KLPass;
+
 // Tokens per parallel task: below this a thread costs more than it saves (a few microseconds).
 constexpr int64_t kGrain = 32768;
 
-template <class T, bool kGrad>
-void run(const KLPenaltyParams& p) {
-  const T* x = static_cast<const T*>(p.logprobs);
-  const T* y = static_cast<const T*>(p.ref_logprobs);
-  const bool known = dispatch_kl(p.estimator, p.clamp, [&](auto e, auto clamp_on) {
-    at::parallel_for(0, p.n, kGrain, [&](int64_t lo, int64_t hi) {
-      kl_vec::kl_range<T, decltype(e)::value, decltype(clamp_on)::value, kGrad>(
-          x + lo, y + lo, p.grad == nullptr ? nullptr : p.grad + lo, p.mask == nullptr ? nullptr : p.mask + lo,
-          hi - lo, p.clamp, 1.0f, p.out + lo);
-    });
-  });
-  TORCH_CHECK(known, "fastrlhf: unknown KL estimator code ", p.estimator);
+// Calls f(tag) with tag's type T the element type of `dtype`.
+template <class F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(static_cast<const float*>(nullptr));
+    case DType::kBFloat16:
+      return f(static_cast<const c10::BFloat16*>(nullptr));
+    case DType::kFloat16:
+      return f(static_cast<const c10::Half*>(nullptr));
+  }
 }
 
-template <bool kGrad>
-void dispatch(const KLPenaltyParams& p) {
-  if (p.n == 0) return;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return run<float, kGrad>(p);
-    case DType::kBFloat16:
-      return run<c10::BFloat16, kGrad>(p);
-    case DType::kFloat16:
-      return run<c10::Half, kGrad>(p);
-  }
+template <class F>
+void with_estimator(int estimator, float clamp, F&& f) {
+  const bool known = dispatch_kl(estimator, clamp, f);
+  TORCH_CHECK(known, "fastrlhf: unknown KL estimator code ", estimator);
 }
 
 }  // namespace kl_penalty_impl
 
 void kl_penalty_forward_kernel(const KLPenaltyParams& p) {
-  kl_penalty_impl::dispatch<false>(p);
+  using namespace kl_penalty_impl;
+  if (p.n == 0) return;
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    const T* x = static_cast<const T*>(p.logprobs);
+    const T* y = static_cast<const T*>(p.ref_logprobs);
+    with_estimator(p.estimator, p.clamp, [&](auto e, auto clamp_on) {
+      at::parallel_for(0, p.n, kGrain, [&](int64_t lo, int64_t hi) {
+        kl_vec::kl_range<T, decltype(e)::value, decltype(clamp_on)::value, KLPass::kValue>(
+            x + lo, y + lo, nullptr, p.mask == nullptr ? nullptr : p.mask + lo, hi - lo, p.clamp, 1.0f,
+            p.out + lo, nullptr);
+      });
+    });
+  });
 }
 
-void kl_penalty_backward_kernel(const KLPenaltyParams& p) {
-  TORCH_CHECK(p.grad != nullptr || p.n == 0, "fastrlhf: kl_penalty backward needs grad");
-  kl_penalty_impl::dispatch<true>(p);
+void kl_penalty_sums_kernel(const KLPenaltySumsParams& p) {
+  using namespace kl_penalty_impl;
+  if (p.n == 0) return;
+  const int64_t segments = (p.n + p.segment_len - 1) / p.segment_len;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, p.segment_len));
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    const T* x = static_cast<const T*>(p.logprobs);
+    const T* y = static_cast<const T*>(p.ref_logprobs);
+    with_estimator(p.estimator, p.clamp, [&](auto e, auto clamp_on) {
+      at::parallel_for(0, segments, grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t s = lo; s < hi; ++s) {
+          const int64_t o = s * p.segment_len;
+          kl_vec::kl_sum<T, decltype(e)::value, decltype(clamp_on)::value>(
+              x + o, y + o, p.mask == nullptr ? nullptr : p.mask + o, std::min(p.segment_len, p.n - o), p.clamp,
+              p.sums[s], p.counts[s]);
+        }
+      });
+    });
+  });
+}
+
+void kl_penalty_backward_kernel(const KLPenaltyGradParams& p) {
+  using namespace kl_penalty_impl;
+  if (p.n == 0) return;
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    const T* x = static_cast<const T*>(p.logprobs);
+    const T* y = static_cast<const T*>(p.ref_logprobs);
+    with_estimator(p.estimator, p.clamp, [&](auto e, auto clamp_on) {
+      constexpr KLEstimator E = decltype(e)::value;
+      constexpr bool kClamp = decltype(clamp_on)::value;
+      const auto run_range = [&](int64_t o, int64_t len, auto pass, float scale) {
+        kl_vec::kl_range<T, E, kClamp, decltype(pass)::value>(
+            x + o, y + o, p.grad == nullptr ? nullptr : p.grad + o, p.mask == nullptr ? nullptr : p.mask + o, len,
+            p.clamp, scale, p.d_logprobs + o, p.d_ref_logprobs == nullptr ? nullptr : p.d_ref_logprobs + o);
+      };
+      using PerToken = std::integral_constant<KLPass, KLPass::kGradPerToken>;
+      using Uniform = std::integral_constant<KLPass, KLPass::kGradUniform>;
+      if (p.row_scale != nullptr) {
+        const int64_t rows = p.n / p.row_len;
+        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / p.row_len), [&](int64_t lo, int64_t hi) {
+          for (int64_t r = lo; r < hi; ++r) run_range(r * p.row_len, p.row_len, Uniform{}, p.row_scale[r]);
+        });
+      } else {
+        at::parallel_for(0, p.n, kGrain, [&](int64_t lo, int64_t hi) {
+          if (p.grad != nullptr) {
+            run_range(lo, hi - lo, PerToken{}, 1.0f);
+          } else {
+            run_range(lo, hi - lo, Uniform{}, p.scale);
+          }
+        });
+      }
+    });
+  });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -60,11 +60,18 @@ inline void apply_mask(const uint8_t* mask, float* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = mask[j] != 0 ? out[j] : 0.0f;  // branch-free: vectorises
 }
 
-// out[j] = scale * kl_value(x[j], y[j]) where mask[j] (mask may be null), 0 elsewhere, j < n.
-// kGrad: out[j] = scale * kl_value_grad(grad[j], x[j], y[j]) instead.
-template <class T, KLEstimator E, bool kClamp, bool kGrad>
+// What kl_range writes per token.
+enum class KLPass {
+  kValue,         // scale * kl(x, y)
+  kGradPerToken,  // scale * grad[j] * d kl / d x
+  kGradUniform,   // scale * d kl / d x: one gradient for every token (a mean's, or an expanded scalar's)
+};
+
+// out[j] for j < n as `P` says where mask[j] (mask may be null), 0 elsewhere (NaN computed there
+// included). out_neg, when not null, receives -out[j]: d kl / d ref in the same pass.
+template <class T, KLEstimator E, bool kClamp, KLPass P>
 void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, int64_t n, float clamp,
-              float scale, float* out) {
+              float scale, float* out, float* out_neg) {
   const Vec vclamp(clamp), vscale(scale);
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
@@ -73,27 +80,56 @@ void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, in
       Vec x0, x1, y0, y1;
       load2(x + j, x0, x1);
       load2(y + j, y0, y1);
-      if constexpr (kGrad) {
+      if constexpr (P == KLPass::kGradPerToken) {
         Vec g0, g1;
         load2(grad + j, g0, g1);
-        x0 = kl_value_grad<VecKLMath, E, kClamp>(g0, x0, y0, vclamp);
-        x1 = kl_value_grad<VecKLMath, E, kClamp>(g1, x1, y1, vclamp);
+        x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale * g0, x0, y0, vclamp);
+        x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale * g1, x1, y1, vclamp);
+      } else if constexpr (P == KLPass::kGradUniform) {
+        x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x0, y0, vclamp);
+        x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x1, y1, vclamp);
       } else {
-        x0 = kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
-        x1 = kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
+        x0 = vscale * kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
+        x1 = vscale * kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
       }
-      store2(out + j, vscale * x0, vscale * x1);
+      store2(out + j, x0, x1);
     }
     for (int64_t j = v_end; j < e; ++j) {
       const float xj = static_cast<float>(x[j]);
       const float yj = static_cast<float>(y[j]);
-      if constexpr (kGrad) {
-        out[j] = scale * kl_value_grad<ScalarKLMath, E, kClamp>(grad[j], xj, yj, clamp);
+      if constexpr (P == KLPass::kGradPerToken) {
+        out[j] = kl_value_grad<ScalarKLMath, E, kClamp>(scale * grad[j], xj, yj, clamp);
+      } else if constexpr (P == KLPass::kGradUniform) {
+        out[j] = kl_value_grad<ScalarKLMath, E, kClamp>(scale, xj, yj, clamp);
       } else {
         out[j] = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
       }
     }
     apply_mask(mask == nullptr ? nullptr : mask + b, out + b, e - b);
+    if (out_neg != nullptr) {
+      for (int64_t j = b; j < e; ++j) out_neg[j] = -out[j];  // from L1: the block was just written
+    }
+  }
+}
+
+// Sum of the masked estimates over x[0, n) (in double, from fp32 block sums) and the number of
+// positions the mask keeps (n without a mask): one segment of a seq-mean or token-mean.
+template <class T, KLEstimator E, bool kClamp>
+void kl_sum(const T* x, const T* y, const uint8_t* mask, int64_t n, float clamp, double& sum, int64_t& count) {
+  alignas(64) float block[kBlock];
+  sum = 0.0;
+  count = mask == nullptr ? n : 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    const uint8_t* m = mask == nullptr ? nullptr : mask + b;
+    kl_range<T, E, kClamp, KLPass::kValue>(x + b, y + b, nullptr, m, len, clamp, 1.0f, block, nullptr);
+    sum += static_cast<double>(at::vec::reduce_all<float>([](const Vec& a, const Vec& c) { return a + c; },
+                                                          block, len));
+    if (m != nullptr) {
+      int64_t kept = 0;
+      for (int64_t j = 0; j < len; ++j) kept += m[j] != 0;  // vectorises
+      count += kept;
+    }
   }
 }
 

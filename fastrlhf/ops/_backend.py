@@ -141,6 +141,44 @@ def resolve_backend(backend: str, device: torch.device, op_backends: tuple[str, 
     return backend
 
 
+# The backends whose kernels some ops register as TORCH_LIBRARY ops (``torch.ops.fastrlhf.*``, with their
+# checks, reductions and autograd in C++): one per device type.
+COMPILED_OP_BACKENDS = {"cpu": "cpp", "cuda": "cuda"}
+_AUTO_RUNS_COMPILED_OP: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _auto_runs_compiled_op(device_type: str) -> bool:
+    known = _AUTO_RUNS_COMPILED_OP.get(device_type)
+    if known is None:
+        auto = next((b for b in _auto_order(device_type) if b in _runnable_on(device_type)), "torch")
+        known = _AUTO_RUNS_COMPILED_OP[device_type] = auto == COMPILED_OP_BACKENDS.get(device_type)
+    return known
+
+
+def runs_compiled_op(backend: str, *inputs) -> bool:
+    """The fast test of the common calls: True when the op should call its TORCH_LIBRARY op directly.
+
+    That is ``backend="auto"`` with no ``FASTRLHF_BACKEND`` override picking the compiled kernels (cpp on
+    CPU tensors, cuda on CUDA tensors) for ``inputs``, none of them float64; or ``backend`` naming the
+    compiled backend of the inputs' device, where it runs. ``inputs`` are the op's tensors (None allowed),
+    the first one tensor-valued. The C++ op checks its own arguments. False means "not decided here":
+    the op takes its Python path, whose checks and ``pick_backend`` give every other case, and every
+    error, its full treatment.
+    """
+    for t in inputs:
+        if t is not None and not isinstance(t, torch.Tensor):
+            return False
+    device_type = inputs[0].device.type
+    if backend == "auto":
+        if os.environ.get("FASTRLHF_BACKEND", "auto") not in ("", "auto"):
+            return False
+        if any(t is not None and t.dtype == torch.float64 for t in inputs):
+            return False
+        return _auto_runs_compiled_op(device_type)
+    return backend == COMPILED_OP_BACKENDS.get(device_type) and backend in _runnable_on(device_type)
+
+
 def pick_backend(
     backend: str, device: torch.device, inputs: dict[str, torch.Tensor], *, fp32_copies: bool = False
 ) -> str:

@@ -2,6 +2,10 @@
 
 With ``d = logprobs - ref_logprobs``: ``k1 = d``, ``k2 = d²/2``, ``k3 = exp(-d) + d - 1``, ``abs = |d|``
 (see ``reference.kl_penalty``). One elementwise kernel per direction on every backend.
+
+The cpp and cuda backends run the TORCH_LIBRARY op ``torch.ops.fastrlhf.kl_penalty`` (csrc/kl_penalty_op.cpp):
+checks, the seq-mean / token-mean reduction and the autograd formula are C++, so a call costs little more
+than the dispatcher. The Triton backend is a Python custom op with the reduction in torch on top.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import math
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module, optional_mask
 from fastrlhf.ops._validation import (
@@ -66,6 +70,8 @@ def kl_penalty(
     Returns:
         float32 (float64 for float64 input) KL of the shape the reduction gives.
     """
+    if runs_compiled_op(backend, logprobs, ref_logprobs, mask):
+        return torch.ops.fastrlhf.kl_penalty(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
     check_tensor("logprobs", logprobs, FLOAT_DTYPES)
     check_tensor("ref_logprobs", ref_logprobs, FLOAT_DTYPES)
     check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
@@ -79,6 +85,8 @@ def kl_penalty(
     mask_u8 = None if mask is None else check_mask("mask", mask)
 
     chosen = pick_backend(backend, device, dict(logprobs=logprobs, ref_logprobs=ref_logprobs))
+    if chosen in COMPILED_OP_BACKENDS.values():
+        return torch.ops.fastrlhf.kl_penalty(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
     if chosen == "torch":
         kl = reference.kl_penalty(logprobs, ref_logprobs, mask_u8, estimator, clamp)
     else:
@@ -106,6 +114,7 @@ def _reduce(kl: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torc
     return (kl * weights).sum() / weights.sum().clamp_min(1)
 
 
+# The Triton backend's custom op (the compiled backends have the C++ op above).
 @kernel_op("fastrlhf::kl_penalty_fwd")
 def _forward_op(
     logprobs: torch.Tensor,

@@ -2,7 +2,9 @@
 
 Each prompt's C(K,2) comparisons form one batch element: the kernels compute, per prompt, the mean of
 ``-logσ(r_w - r_l - margin)`` over its pairs (and its accuracy and pair count) in one pass over the
-``[K, K]`` pair table; the mean over prompts is a reduction over ``[N]`` on top.
+``[K, K]`` pair table. The cpp and cuda backends run the TORCH_LIBRARY op ``torch.ops.fastrlhf.ranking_loss``
+(csrc/ranking_loss_op.cpp), whose checks, mean over prompts and autograd formula are C++; the Triton
+backend is a Python custom op with the mean over prompts in torch on top.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import (
@@ -44,6 +46,8 @@ def ranking_loss(
         prompt's mean pair loss, the accuracy (fraction of pairs ordered right) weighted the same way, and
         how many prompts had no pair (fewer than 2 valid responses, or only ties) and so count for nothing.
     """
+    if runs_compiled_op(backend, rewards, ranks, mask):
+        return RankingLossResult(*torch.ops.fastrlhf.ranking_loss(rewards, ranks, mask, margin))
     check_tensor("rewards", rewards, FLOAT_DTYPES)
     check_tensor("ranks", ranks, INDEX_DTYPES)
     if rewards.dim() != 2:
@@ -58,6 +62,8 @@ def ranking_loss(
         raise ValueError("mask leaves every prompt with fewer than 2 responses: there is no pair to rank")
 
     chosen = pick_backend(backend, device, dict(rewards=rewards), fp32_copies=True)
+    if chosen in COMPILED_OP_BACKENDS.values():
+        return RankingLossResult(*torch.ops.fastrlhf.ranking_loss(rewards, ranks, mask, margin))
     if chosen == "torch":
         return reference.ranking_loss(rewards, ranks, mask_u8, margin)
     prompt_loss, prompt_accuracy, num_pairs = _forward_op(
@@ -101,6 +107,7 @@ def pairwise_loss(
     return RankingLossResult(out.loss, accuracy.detach(), out.num_prompts_without_pairs)
 
 
+# The Triton backend's custom op (the compiled backends have the C++ op above).
 @kernel_op("fastrlhf::ranking_loss_fwd")
 def _forward_op(
     rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor, margin: float, backend: str

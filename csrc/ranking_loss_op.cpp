@@ -1,0 +1,232 @@
+// The ranking_loss TORCH_LIBRARY op: schema, CPU / CUDA / Meta kernels and a C++ autograd formula.
+//
+//   fastrlhf::ranking_loss(rewards, ranks, mask?, margin) -> (loss, accuracy, prompts_without_pairs)
+//   fastrlhf::ranking_loss_backward(grad, rewards, ranks, mask?, margin, prompts_without_pairs) -> d_rewards
+//
+// loss is the mean over prompts that have a pair of each prompt's mean pair loss, accuracy the same mean
+// of the fraction of pairs ordered right, prompts_without_pairs an int64 count (see
+// fastrlhf/ops/reference.py::ranking_loss). The kernels compute per-prompt values; the mean over
+// prompts is a C++ loop in a fixed order on the CPU and an ATen reduction on CUDA, inside this op.
+// The backward needs no per-prompt weights: a prompt without pairs gets no gradient from the kernel
+// whatever its weight, so every prompt takes grad / (prompts with pairs).
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/dispatch.h"
+#include "op_checks.h"
+#include "tensor_params.h"
+#ifdef FASTRLHF_WITH_CUDA
+#include "cuda/bindings.h"
+#endif
+
+namespace fastrlhf {
+namespace {
+
+using at::Tensor;
+using op_checks::NamedTensor;
+
+struct RankingCall {
+  Tensor rewards;  // f32 [N, K], contiguous
+  Tensor ranks;    // int64 [N, K], contiguous
+  Tensor mask;     // uint8 [N, K], contiguous, or [0] for "all valid"
+  double margin;
+};
+
+// The largest number of valid responses of any prompt (CPU: one pass over the bytes).
+int64_t max_valid_per_prompt(const Tensor& mask) {
+  if (!mask.is_cpu()) return mask.sum(1).max().item<int64_t>();
+  const uint8_t* m = mask.const_data_ptr<uint8_t>();
+  const int64_t n = mask.size(0), k = mask.size(1);
+  int64_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t valid = 0;
+    for (int64_t j = 0; j < k; ++j) valid += m[i * k + j] != 0;
+    best = std::max(best, valid);
+  }
+  return best;
+}
+
+RankingCall prepare(const Tensor& rewards, const Tensor& ranks, const std::optional<Tensor>& mask, double margin) {
+  op_checks::check_float(rewards, "rewards");
+  op_checks::check_index(ranks, "ranks");
+  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must be 2-D [prompts, K], got shape ",
+                    op_checks::py_shape(rewards.sizes()));
+  op_checks::check_same_shape("rewards", rewards, "ranks", ranks);
+  const Tensor* mask_ptr = mask.has_value() && mask->defined() ? &*mask : nullptr;
+  if (mask_ptr != nullptr) op_checks::check_same_shape("rewards", rewards, "mask", *mask_ptr);
+  op_checks::check_same_device(
+      {NamedTensor{"rewards", &rewards}, NamedTensor{"ranks", &ranks}, NamedTensor{"mask", mask_ptr}});
+  TORCH_CHECK_VALUE(rewards.size(1) >= 2, "rewards has K=", rewards.size(1),
+                    " responses per prompt; a ranking needs K >= 2");
+  RankingCall call;
+  call.margin = op_checks::check_finite("margin", margin);
+  call.rewards = rewards.to(at::kFloat).contiguous();
+  call.ranks = ranks.to(at::kLong).contiguous();
+  if (mask_ptr != nullptr) {
+    call.mask = op_checks::mask_as_bytes("mask", *mask_ptr);
+    TORCH_CHECK_VALUE(rewards.size(0) == 0 || call.mask.is_meta() || max_valid_per_prompt(call.mask) >= 2,
+                      "mask leaves every prompt with fewer than 2 responses: there is no pair to rank");
+  } else {
+    call.mask = at::empty({0}, rewards.options().dtype(at::kByte));
+  }
+  return call;
+}
+
+std::tuple<Tensor, Tensor, Tensor> ranking_loss_kernel(const Tensor& rewards, const Tensor& ranks,
+                                                       const std::optional<Tensor>& mask, double margin) {
+  const RankingCall c = prepare(rewards, ranks, mask, margin);
+  const int64_t n = c.rewards.size(0);
+  const auto f32 = c.rewards.options().dtype(at::kFloat);
+  Tensor prompt_loss = at::empty({n}, f32), prompt_accuracy = at::empty({n}, f32), num_pairs = at::empty({n}, f32);
+  if (c.rewards.is_cpu()) {
+    if (n > 0) {
+      cpu::ranking_loss_forward(make_ranking_loss_forward_params(c.rewards, c.ranks, c.mask, c.margin, prompt_loss,
+                                                                 prompt_accuracy, num_pairs));
+    }
+    // The mean over prompts with pairs, in prompt order (deterministic); no-pair prompts hold 0.
+    const float* loss = prompt_loss.const_data_ptr<float>();
+    const float* accuracy = prompt_accuracy.const_data_ptr<float>();
+    const float* pairs = num_pairs.const_data_ptr<float>();
+    double loss_sum = 0.0, accuracy_sum = 0.0;
+    int64_t with_pairs = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      loss_sum += loss[i];
+      accuracy_sum += accuracy[i];
+      with_pairs += pairs[i] > 0.0f;
+    }
+    const double denom = static_cast<double>(std::max<int64_t>(with_pairs, 1));
+    return {at::scalar_tensor(loss_sum / denom, f32), at::scalar_tensor(accuracy_sum / denom, f32),
+            at::scalar_tensor(n - with_pairs, f32.dtype(at::kLong))};
+  }
+#ifdef FASTRLHF_WITH_CUDA
+  TORCH_CHECK(c.rewards.is_cuda(), "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
+  if (n > 0) cuda::ranking_loss_forward(c.rewards, c.ranks, c.mask, c.margin, prompt_loss, prompt_accuracy, num_pairs);
+  const Tensor with_pairs = num_pairs.gt(0).sum();
+  const Tensor denom = with_pairs.clamp_min(1).to(at::kFloat);
+  return {prompt_loss.sum() / denom, prompt_accuracy.sum() / denom, at::rsub(with_pairs, n)};
+#else
+  TORCH_CHECK(false, "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
+#endif
+}
+
+std::tuple<Tensor, Tensor, Tensor> ranking_loss_meta(const Tensor& rewards, const Tensor& ranks,
+                                                     const std::optional<Tensor>& mask, double margin) {
+  prepare(rewards, ranks, mask, margin);
+  const auto f32 = rewards.options().dtype(at::kFloat);
+  return {at::empty({}, f32), at::empty({}, f32), at::empty({}, f32.dtype(at::kLong))};
+}
+
+Tensor ranking_loss_backward_kernel(const Tensor& grad, const Tensor& rewards, const Tensor& ranks,
+                                    const std::optional<Tensor>& mask, double margin,
+                                    const Tensor& prompts_without_pairs) {
+  const RankingCall c = prepare(rewards, ranks, mask, margin);
+  const int64_t n = c.rewards.size(0);
+  Tensor d_rewards = at::empty_like(c.rewards);
+  if (n == 0) return d_rewards.to(rewards.scalar_type());
+  const auto f32 = c.rewards.options().dtype(at::kFloat);
+  if (c.rewards.is_cpu()) {
+    // Each prompt's weight in the mean: 1 / (prompts with pairs); the kernel divides by its own pairs.
+    const int64_t with_pairs = std::max<int64_t>(n - prompts_without_pairs.item<int64_t>(), 1);
+    const Tensor grad_prompt_loss = at::full({n}, grad.item<double>() / static_cast<double>(with_pairs), f32);
+    cpu::ranking_loss_backward(
+        make_ranking_loss_backward_params(grad_prompt_loss, c.rewards, c.ranks, c.mask, c.margin, d_rewards));
+  } else {
+#ifdef FASTRLHF_WITH_CUDA
+    TORCH_CHECK(c.rewards.is_cuda(), "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
+    const Tensor with_pairs = at::rsub(prompts_without_pairs, n).clamp_min(1).to(at::kFloat);
+    const Tensor grad_prompt_loss = (grad.to(at::kFloat) / with_pairs).expand({n}).contiguous();
+    cuda::ranking_loss_backward(grad_prompt_loss, c.rewards, c.ranks, c.mask, c.margin, d_rewards);
+#else
+    TORCH_CHECK(false, "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
+#endif
+  }
+  return d_rewards.to(rewards.scalar_type());
+}
+
+Tensor ranking_loss_backward_meta(const Tensor& grad, const Tensor& rewards, const Tensor& ranks,
+                                  const std::optional<Tensor>& mask, double margin,
+                                  const Tensor& prompts_without_pairs) {
+  prepare(rewards, ranks, mask, margin);
+  return at::empty_like(rewards);
+}
+
+const auto& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastrlhf::ranking_loss", "")
+                             .typed<decltype(ranking_loss_kernel)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastrlhf::ranking_loss_backward", "")
+                             .typed<decltype(ranking_loss_backward_kernel)>();
+  return op;
+}
+
+class RankingLossFunction : public torch::autograd::Function<RankingLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& rewards,
+                                                const Tensor& ranks, const std::optional<Tensor>& mask,
+                                                double margin) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, accuracy, without] = forward_op().call(rewards, ranks, mask, margin);
+    ctx->save_for_backward({rewards, ranks, mask.value_or(Tensor()), without});
+    ctx->saved_data["margin"] = margin;
+    ctx->mark_non_differentiable({accuracy, without});
+    return {loss, accuracy, without};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(4);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
+    const auto saved = ctx->get_saved_variables();
+    const std::optional<Tensor> mask = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
+    out[0] = backward_op().call(grads[0], saved[0], saved[1], mask, ctx->saved_data["margin"].toDouble(), saved[3]);
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> ranking_loss_autograd(const Tensor& rewards, const Tensor& ranks,
+                                                         const std::optional<Tensor>& mask, double margin) {
+  if (!at::GradMode::is_enabled() || !rewards.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(rewards, ranks, mask, margin);
+  }
+  auto out = RankingLossFunction::apply(rewards, ranks, mask, margin);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace fastrlhf
+
+TORCH_LIBRARY_FRAGMENT(fastrlhf, m) {
+  m.def("ranking_loss(Tensor rewards, Tensor ranks, Tensor? mask, float margin) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ranking_loss_backward(Tensor grad, Tensor rewards, Tensor ranks, Tensor? mask, float margin, "
+      "Tensor prompts_without_pairs) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
+  m.impl("ranking_loss", &fastrlhf::ranking_loss_kernel);
+  m.impl("ranking_loss_backward", &fastrlhf::ranking_loss_backward_kernel);
+}
+
+#ifdef FASTRLHF_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastrlhf, CUDA, m) {
+  m.impl("ranking_loss", &fastrlhf::ranking_loss_kernel);
+  m.impl("ranking_loss_backward", &fastrlhf::ranking_loss_backward_kernel);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(fastrlhf, Meta, m) {
+  m.impl("ranking_loss", &fastrlhf::ranking_loss_meta);
+  m.impl("ranking_loss_backward", &fastrlhf::ranking_loss_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(fastrlhf, Autograd, m) { m.impl("ranking_loss", &fastrlhf::ranking_loss_autograd); }

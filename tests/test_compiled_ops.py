@@ -1,0 +1,193 @@
+"""The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty`` and ``ranking_loss``):
+their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
+reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
+not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
+consistent on each device."""
+
+import pytest
+import torch
+from conftest import op_targets
+from numerics import assert_close_fp32
+
+from fastrlhf.ops import available_backends, kl_penalty, ranking_loss, reference
+
+COMPILED_TARGETS = [p for p in op_targets(include_torch=False) if p.values[0] in ("cpp", "cuda")]
+
+
+@pytest.fixture(autouse=True)
+def _needs_compiled_kernels():
+    if not available_backends()["cpp"].available:
+        pytest.skip(f"cpp: {available_backends()['cpp'].reason}")
+
+
+def _message(fn) -> str:
+    with pytest.raises(ValueError) as info:
+        fn()
+    return str(info.value)
+
+
+KL_BAD_CALLS = {
+    "estimator": lambda x, b: kl_penalty(x, x, estimator="k4", backend=b),
+    "shape": lambda x, b: kl_penalty(x, x.T, backend=b),
+    "mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 2), backend=b),
+    "float mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 0.5), backend=b),
+    "mask shape": lambda x, b: kl_penalty(x, x, torch.ones(3, 2, dtype=torch.bool), backend=b),
+    "clamp": lambda x, b: kl_penalty(x, x, clamp=-1.5, backend=b),
+    "reduction": lambda x, b: kl_penalty(x, x, reduction="sum", backend=b),
+    "dtype": lambda x, b: kl_penalty(torch.zeros(2, 3, dtype=torch.long), x, backend=b),
+    "device": lambda x, b: kl_penalty(x, x.to("meta"), backend=b),
+    "seq-mean of a scalar": lambda x, b: kl_penalty(x[0, 0], x[0, 0], reduction="seq-mean", backend=b),
+}
+
+RANKING_BAD_CALLS = {
+    "K=1": lambda r, k, b: ranking_loss(r[:, :1], k[:, :1], backend=b),
+    "no pair left": lambda r, k, b: ranking_loss(r, k, torch.tensor([[1, 0, 0, 0]] * 3), backend=b),
+    "shape": lambda r, k, b: ranking_loss(r, k[:, :3], backend=b),
+    "ranks dtype": lambda r, k, b: ranking_loss(r, k.float(), backend=b),
+    "rewards dtype": lambda r, k, b: ranking_loss(k, k, backend=b),
+    "1-D rewards": lambda r, k, b: ranking_loss(r[0], k[0], backend=b),
+    "mask values": lambda r, k, b: ranking_loss(r, k, torch.full((3, 4), 3), backend=b),
+    "margin": lambda r, k, b: ranking_loss(r, k, margin=float("nan"), backend=b),
+    "device": lambda r, k, b: ranking_loss(r, k.to("meta"), backend=b),
+}
+
+
+@pytest.mark.parametrize("case", list(KL_BAD_CALLS))
+def test_kl_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    x = torch.randn(2, 3)
+    expected = _message(lambda: KL_BAD_CALLS[case](x, "torch"))
+    assert _message(lambda: KL_BAD_CALLS[case](x, "auto")) == expected  # the C++ op's own checks
+
+
+@pytest.mark.parametrize("case", list(RANKING_BAD_CALLS))
+def test_ranking_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    rewards, ranks = torch.randn(3, 4), torch.ones(3, 4, dtype=torch.long)
+    expected = _message(lambda: RANKING_BAD_CALLS[case](rewards, ranks, "torch"))
+    assert _message(lambda: RANKING_BAD_CALLS[case](rewards, ranks, "auto")) == expected
+
+
+def _kl_reference(logp, ref, mask, estimator, reduction):
+    a = logp.detach().double().requires_grad_(True)
+    b = ref.detach().double().requires_grad_(True)
+    kl = reference.kl_penalty(a, b, mask, estimator, None)
+    w = torch.ones_like(kl) if mask is None else mask.double()
+    if reduction == "seq-mean":
+        kl = (kl * w).sum(-1) / w.sum(-1).clamp_min(1)
+    elif reduction == "token-mean":
+        kl = (kl * w).sum() / w.sum().clamp_min(1)
+    return kl, a, b
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+@pytest.mark.parametrize("reduction", ["none", "seq-mean", "token-mean"])
+@pytest.mark.parametrize("loss_of", ["sum", "mean", "weighted"])
+@pytest.mark.parametrize("ref_requires_grad", [True, False])
+def test_kl_gradient_shapes_against_float64(backend, device, reduction, loss_of, ref_requires_grad):
+    """Autograd hands the backward an expanded scalar (sum, mean), a dense tensor (weighted) or a scalar
+    (token-mean); each takes its own path in the kernel, and the ref gradient is skipped when not needed."""
+    shape = (5, 1037)
+    logp, ref = -torch.rand(shape) * 6, -torch.rand(shape) * 6
+    mask = torch.rand(shape) > 0.25
+    mask[3] = False  # an empty row: mean 0, gradient 0
+    weights = torch.randn(shape[: {"none": 2, "seq-mean": 1, "token-mean": 0}[reduction]])
+    losses = {
+        "sum": lambda t, w: t.sum(),
+        "mean": lambda t, w: t.mean(),
+        "weighted": lambda t, w: (t * w).sum(),
+    }
+    a = logp.to(device).clone().requires_grad_(True)
+    b = ref.to(device).clone().requires_grad_(ref_requires_grad)
+    kl = kl_penalty(a, b, mask.to(device), "k3", reduction=reduction, backend=backend)
+    losses[loss_of](kl, weights.to(device)).backward()
+    want, wa, wb = _kl_reference(logp, ref, mask, "k3", reduction)
+    losses[loss_of](want, weights.double()).backward()
+    assert kl.grad_fn is not None
+    assert_close_fp32("kl", kl, want)
+    assert_close_fp32("d logprobs", a.grad, wa.grad)
+    if ref_requires_grad:
+        assert_close_fp32("d ref_logprobs", b.grad, wb.grad)
+    else:
+        assert b.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["seq-mean", "token-mean"])
+def test_kl_reductions_do_not_depend_on_the_thread_count(reduction):
+    logp, ref = -torch.rand(3, 70001) * 5, -torch.rand(3, 70001) * 5
+    mask = torch.rand(3, 70001) > 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kl_penalty(logp, ref, mask, "k3", reduction=reduction)
+        torch.set_num_threads(max(2, threads))
+        many = kl_penalty(logp, ref, mask, "k3", reduction=reduction)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    want, _, _ = _kl_reference(logp, ref, mask, "k3", reduction)
+    assert_close_fp32("kl", one, want, rtol=1e-6, atol=1e-7)
+
+
+def test_calls_without_a_gradient_build_no_graph():
+    logp, ref = -torch.rand(4, 9), -torch.rand(4, 9)
+    assert kl_penalty(logp, ref, estimator="k3").grad_fn is None
+    rewards, ranks = torch.randn(4, 3, requires_grad=True), torch.tensor([[1, 2, 3]] * 4)
+    with torch.no_grad():
+        assert ranking_loss(rewards, ranks).loss.grad_fn is None
+    assert ranking_loss(rewards, ranks).loss.grad_fn is not None
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+@pytest.mark.parametrize("n,k", [(3, 70), (3001, 9), (700, 2)])
+def test_ranking_tables_that_span_many_batches_and_tasks(backend, device, n, k):
+    """K=70 has more pairs per prompt than the CPU kernel's pair table holds at once; 3001 prompts of
+    K=9 fill it many times over and split across threads."""
+    rewards = torch.randn(n, k) * 3
+    ranks = torch.randint(1, k + 1, (n, k))  # drawn with replacement: ties drop pairs
+    mask = torch.rand(n, k) > 0.2
+    r = rewards.to(device).clone().requires_grad_(True)
+    out = ranking_loss(r, ranks.to(device), mask.to(device), 0.3, backend=backend)
+    out.loss.backward()
+    r64 = rewards.double().requires_grad_(True)
+    want = reference.ranking_loss(r64, ranks, mask, 0.3)
+    want.loss.backward()
+    assert_close_fp32("loss", out.loss, want.loss)
+    assert_close_fp32("accuracy", out.accuracy, want.accuracy)
+    assert out.num_prompts_without_pairs.item() == want.num_prompts_without_pairs.item()
+    assert_close_fp32("d rewards", r.grad, r64.grad)
+
+
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_autograd_registration")
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_kl_penalty(backend, device):
+    logp = -torch.rand(4, 13, device=device, requires_grad=True)
+    ref = -torch.rand(4, 13, device=device, requires_grad=True)
+    mask = torch.rand(4, 13, device=device) > 0.3
+    for reduction in ("none", "seq-mean", "token-mean"):
+        for m, clamp in ((mask, None), (None, 2.0)):
+            args = (logp, ref, m, "k3", clamp, reduction)
+            torch.library.opcheck(torch.ops.fastrlhf.kl_penalty.default, args, test_utils=OPCHECK_UTILS)
+            kl, normalizer = torch.ops.fastrlhf.kl_penalty(*args)
+            grad = torch.randn_like(kl)
+            torch.library.opcheck(
+                torch.ops.fastrlhf.kl_penalty_backward.default,
+                (grad, logp.detach(), ref.detach(), m, normalizer, "k3", clamp, reduction, True),
+                test_utils=("test_schema", "test_faketensor"),
+            )
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_ranking_loss(backend, device):
+    rewards = torch.randn(6, 5, device=device, requires_grad=True)
+    ranks = torch.randint(1, 6, (6, 5), device=device)
+    mask = torch.rand(6, 5, device=device) > 0.2
+    for m in (mask, None):
+        args = (rewards, ranks, m, 0.25)
+        torch.library.opcheck(torch.ops.fastrlhf.ranking_loss.default, args, test_utils=OPCHECK_UTILS)
+        without = torch.ops.fastrlhf.ranking_loss(*args)[2]
+        torch.library.opcheck(
+            torch.ops.fastrlhf.ranking_loss_backward.default,
+            (torch.tensor(1.5, device=device), rewards.detach(), ranks, m, 0.25, without),
+            test_utils=("test_schema", "test_faketensor"),
+        )
