@@ -10,6 +10,7 @@
 
 #include "common/group_advantages.h"
 #include "common/kl.h"
+#include "gather_logprobs_entry.h"
 #include "cpu/dispatch.h"
 #include "tensor_params.h"
 #ifdef FASTRLHF_WITH_CUDA
@@ -29,133 +30,6 @@ bool compiled_with_cuda() {
 
 [[noreturn]] void fail_no_cuda() {
   TORCH_CHECK(false, "fastrlhf._C was built without CUDA kernels; rebuild with a CUDA-enabled torch");
-}
-
-// [N, V] with unit stride along V (any row stride). The V stride is irrelevant when V <= 1.
-void check_logits_like(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "fastrlhf: ", name, " must be 2-D [N, V], got ", t.dim(), "-D");
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fastrlhf: ", name, " must have stride 1 along V");
-  dtype_of(t);
-}
-
-void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype,
-                  const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastrlhf: ", name, " must have shape [", n, "], got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastrlhf: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "fastrlhf: ", name, " is on ", t.device(), " but logits on ",
-              like.device());
-}
-
-// The forward's per-row (max, log-sum) pairs: f32 [N, 2].
-void check_stats(const at::Tensor& t, int64_t n, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == 2, "fastrlhf: stats must have shape [", n,
-              ", 2], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastrlhf: stats must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "fastrlhf: stats is on ", t.device(), " but logits on ",
-              like.device());
-}
-
-void check_optional_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
-  if (t.defined() && t.numel() > 0) check_vector(t, name, n, at::kFloat, like);
-}
-
-// Every label is ignore_index or in [0, vocab): else a ValueError worded as the Python check words it
-// (ops/_validation.py::check_labels_in_range), which the CPU path leaves to this loop (no extra torch
-// ops per call). CPU tensors only: on a GPU the check would synchronise, and Python makes it there.
-void check_labels_in_range_cpu(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
-  const int64_t* label = labels.data_ptr<int64_t>();
-  int64_t count = 0;
-  int64_t first = 0;
-  for (int64_t i = 0; i < labels.numel(); ++i) {
-    if (label[i] != ignore_index && (label[i] < 0 || label[i] >= vocab)) {
-      if (count++ == 0) first = label[i];
-    }
-  }
-  TORCH_CHECK_VALUE(count == 0, "labels has ", count, " value(s) outside [0, ", vocab,
-                    ") that are not ignore_index=", ignore_index, " (first: ", first, ")");
-}
-
-void check_inv_temperature(double inv_temperature) {
-  TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature),
-              "fastrlhf: inv_temperature must be finite and > 0, got ", inv_temperature);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at::Tensor& logits,
-                                                                        const at::Tensor& labels,
-                                                                        double inv_temperature,
-                                                                        int64_t ignore_index,
-                                                                        bool with_entropy) {
-  check_logits_like(logits, "logits");
-  const int64_t n = logits.size(0);
-  check_vector(labels, "labels", n, at::kLong, logits);
-  TORCH_CHECK(labels.is_contiguous(), "fastrlhf: labels must be contiguous");
-  TORCH_CHECK(n == 0 || logits.size(1) > 0, "fastrlhf: logits must have V >= 1");
-  check_inv_temperature(inv_temperature);
-
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor logprobs = at::empty({n}, f32);
-  at::Tensor stats = at::empty({n, 2}, f32);
-  at::Tensor entropy = at::empty({with_entropy ? n : 0}, f32);
-  if (n == 0) return {logprobs, stats, entropy};
-
-  if (logits.is_cpu()) {
-    check_labels_in_range_cpu(labels, logits.size(1), ignore_index);
-    cpu::gather_logprobs_forward(
-        make_forward_params(logits, labels, inv_temperature, ignore_index, logprobs, stats, entropy));
-  } else if (logits.is_cuda()) {
-#ifdef FASTRLHF_WITH_CUDA
-    cuda::gather_logprobs_forward(logits, labels, inv_temperature, ignore_index, logprobs, stats, entropy);
-#else
-    fail_no_cuda();
-#endif
-  } else {
-    TORCH_CHECK(false, "fastrlhf: gather_logprobs has no kernel for device ", logits.device());
-  }
-  return {logprobs, stats, entropy};
-}
-
-void gather_logprobs_backward(const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy,
-                              const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
-                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
-                              const at::Tensor& dlogits) {
-  check_logits_like(logits, "logits");
-  check_logits_like(dlogits, "dlogits");
-  TORCH_CHECK(dlogits.sizes() == logits.sizes() && dlogits.scalar_type() == logits.scalar_type() &&
-                  dlogits.device() == logits.device(),
-              "fastrlhf: dlogits must match logits in shape, dtype and device");
-  const int64_t n = logits.size(0);
-  check_vector(labels, "labels", n, at::kLong, logits);
-  check_vector(grad_logprobs, "grad_logprobs", n, at::kFloat, logits);
-  check_stats(stats, n, logits);
-  check_optional_vector(grad_entropy, "grad_entropy", n, logits);
-  check_optional_vector(entropy, "entropy", n, logits);
-  const bool has_grad_entropy = grad_entropy.defined() && grad_entropy.numel() > 0;
-  TORCH_CHECK(!has_grad_entropy || entropy.numel() > 0,
-              "fastrlhf: grad_entropy needs the entropy saved by the forward");
-  TORCH_CHECK(labels.is_contiguous(), "fastrlhf: labels must be contiguous");
-  check_inv_temperature(inv_temperature);
-  if (n == 0 || logits.size(1) == 0) return;
-
-  // Autograd may hand over expanded (stride-0) gradients; these [N] vectors are cheap to copy.
-  const at::Tensor g = grad_logprobs.contiguous();
-  const at::Tensor h = has_grad_entropy ? grad_entropy.contiguous() : at::Tensor();
-  const at::Tensor stats_c = stats.contiguous();
-  const at::Tensor entropy_c = has_grad_entropy ? entropy.contiguous() : at::Tensor();
-
-  if (logits.is_cpu()) {
-    cpu::gather_logprobs_backward(make_backward_params(g, h, logits, labels, stats_c, entropy_c,
-                                                       inv_temperature, ignore_index, dlogits));
-  } else if (logits.is_cuda()) {
-#ifdef FASTRLHF_WITH_CUDA
-    cuda::gather_logprobs_backward(g, h, logits, labels, stats_c, entropy_c, inv_temperature, ignore_index,
-                                   dlogits);
-#else
-    fail_no_cuda();
-#endif
-  } else {
-    TORCH_CHECK(false, "fastrlhf: gather_logprobs has no kernel for device ", logits.device());
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

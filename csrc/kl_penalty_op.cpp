@@ -61,7 +61,8 @@ Reduction reduction_code(string_view reduction) {
 // None -> +inf (no clamp); otherwise a positive bound.
 float clamp_value(std::optional<double> clamp) {
   if (!clamp.has_value()) return std::numeric_limits<float>::infinity();
-  TORCH_CHECK_VALUE(!std::isnan(*clamp) && *clamp > 0.0, "clamp must be None or a positive number, got ", *clamp);
+  TORCH_CHECK_VALUE(!std::isnan(*clamp) && *clamp > 0.0, "clamp must be None or a positive number, got ",
+                    op_checks::py_float(*clamp));
   return static_cast<float>(*clamp);
 }
 

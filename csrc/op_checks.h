@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <charconv>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -23,6 +24,17 @@ inline std::string py_shape(at::IntArrayRef sizes) {
   for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
   out << (sizes.size() == 1 ? ",)" : ")");
   return out.str();
+}
+
+// A float as Python's repr prints it: the shortest round-trip digits, "0.0" not "0", "inf", "nan".
+inline std::string py_float(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  char buffer[64];
+  const auto result = std::to_chars(buffer, buffer + sizeof(buffer), value);
+  std::string text(buffer, result.ptr);
+  if (text.find_first_of(".e") == std::string::npos) text += ".0";
+  return text;
 }
 
 // float32, int64, ... as torch prints a dtype without its "torch." prefix.
@@ -94,7 +106,7 @@ inline void check_same_device(std::initializer_list<NamedTensor> tensors) {
 }
 
 inline double check_finite(const char* name, double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", py_float(value));
   return value;
 }
 
@@ -110,7 +122,7 @@ inline at::Tensor mask_as_bytes(const char* name, const at::Tensor& mask) {
       const at::Tensor first = mask.masked_select(bad).flatten()[0];
       std::ostringstream found;
       if (mask.is_floating_point()) {
-        found << first.item<double>();
+        found << py_float(first.item<double>());
       } else {
         found << first.item<int64_t>();
       }

@@ -1,4 +1,5 @@
-"""The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty`` and ``ranking_loss``):
+"""The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss`` and
+``gather_logprobs``):
 their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
 reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
 not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
@@ -9,7 +10,7 @@ import torch
 from conftest import op_targets
 from numerics import assert_close_fp32
 
-from fastrlhf.ops import available_backends, kl_penalty, ranking_loss, reference
+from fastrlhf.ops import available_backends, gather_logprobs, kl_penalty, ranking_loss, reference
 
 COMPILED_TARGETS = [p for p in op_targets(include_torch=False) if p.values[0] in ("cpp", "cuda")]
 
@@ -31,6 +32,7 @@ KL_BAD_CALLS = {
     "shape": lambda x, b: kl_penalty(x, x.T, backend=b),
     "mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 2), backend=b),
     "float mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 0.5), backend=b),
+    "whole float mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 2.0), backend=b),
     "mask shape": lambda x, b: kl_penalty(x, x, torch.ones(3, 2, dtype=torch.bool), backend=b),
     "clamp": lambda x, b: kl_penalty(x, x, clamp=-1.5, backend=b),
     "reduction": lambda x, b: kl_penalty(x, x, reduction="sum", backend=b),
@@ -50,6 +52,26 @@ RANKING_BAD_CALLS = {
     "margin": lambda r, k, b: ranking_loss(r, k, margin=float("nan"), backend=b),
     "device": lambda r, k, b: ranking_loss(r, k.to("meta"), backend=b),
 }
+
+
+GATHER_BAD_CALLS = {
+    "logits dtype": lambda x, y, b: gather_logprobs(y, y, backend=b),
+    "labels dtype": lambda x, y, b: gather_logprobs(x, y.float(), backend=b),
+    "labels shape": lambda x, y, b: gather_logprobs(x, y[:3], backend=b),
+    "scalar logits": lambda x, y, b: gather_logprobs(x[0, 0], y[0], backend=b),
+    "empty vocabulary": lambda x, y, b: gather_logprobs(x[:, :0], y, backend=b),
+    "temperature": lambda x, y, b: gather_logprobs(x, y, temperature=0.0, backend=b),
+    "infinite temperature": lambda x, y, b: gather_logprobs(x, y, temperature=float("inf"), backend=b),
+    "label range": lambda x, y, b: gather_logprobs(x, y.clone().fill_(10), backend=b),
+    "device": lambda x, y, b: gather_logprobs(x, y.to("meta"), backend=b),
+}
+
+
+@pytest.mark.parametrize("case", list(GATHER_BAD_CALLS))
+def test_gather_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    expected = _message(lambda: GATHER_BAD_CALLS[case](logits, labels, "torch"))
+    assert _message(lambda: GATHER_BAD_CALLS[case](logits, labels, "auto")) == expected
 
 
 @pytest.mark.parametrize("case", list(KL_BAD_CALLS))
@@ -189,5 +211,50 @@ def test_opcheck_ranking_loss(backend, device):
         torch.library.opcheck(
             torch.ops.fastrlhf.ranking_loss_backward.default,
             (torch.tensor(1.5, device=device), rewards.detach(), ranks, m, 0.25, without),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_inplace_backward_on_logits_that_cannot_be_viewed_flat(backend, device):
+    """[T, B, V] logits transposed from [B, T, V] flatten to [N, V] only by a copy: the in-place backward
+    writes the gradient into that copy, then back into the logits buffer."""
+    hidden = torch.randn(3, 5, 8, device=device)
+    weight = torch.randn(37, 8, device=device, requires_grad=True)
+    labels = torch.randint(0, 37, (5, 3), device=device)
+    grads = []
+    for inplace in (False, True):
+        weight.grad = None
+        logits = (hidden @ weight.T).transpose(0, 1)  # [T, B, V], not viewable as [N, V]
+        lp, ent = gather_logprobs(
+            logits, labels, 0.7, return_entropy=True, inplace_backward=inplace, backend=backend
+        )
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        grads.append(weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_gather_logprobs(backend, device):
+    logits = torch.randn(2, 3, 41, device=device, requires_grad=True)
+    labels = torch.randint(0, 41, (2, 3), device=device)
+    labels[0, 1] = -100
+    for return_entropy in (True, False):
+        args = (logits, labels, 0.8, -100, return_entropy, False)
+        torch.library.opcheck(torch.ops.fastrlhf.gather_logprobs.default, args, test_utils=OPCHECK_UTILS)
+        _lp, entropy, stats = torch.ops.fastrlhf.gather_logprobs(*args)
+        grad_entropy = torch.randn(2, 3, device=device) if return_entropy else None
+        grad_logprobs = torch.randn(2, 3, device=device)
+        backward_args = (grad_logprobs, grad_entropy, logits.detach(), labels, stats, entropy)
+        torch.library.opcheck(
+            torch.ops.fastrlhf.gather_logprobs_backward.default,
+            (*backward_args, 0.8, -100),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        inplace_args = list(backward_args)
+        inplace_args[2] = logits.detach().clone()
+        torch.library.opcheck(
+            torch.ops.fastrlhf.gather_logprobs_backward_.default,
+            (*inplace_args, 0.8, -100),
             test_utils=("test_schema", "test_faketensor"),
         )

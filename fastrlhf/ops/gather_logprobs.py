@@ -1,11 +1,13 @@
 """gather_logprobs: fused log-softmax + gather (+ entropy) over the vocabulary.
 
 Layers, from the user down:
-    gather_logprobs()                 validation, flattening to [N, V], backend choice
-    fastrlhf::gather_logprobs_fwd     torch.library custom op (fake impl → works under torch.compile)
-      + register_autograd             backward through fastrlhf::gather_logprobs_bwd(_inplace)
-    kernels                           fastrlhf._C (C++ CPU / CUDA) or ops/triton/gather_logprobs.py
-The "torch" backend is ``reference.gather_logprobs`` with plain autograd.
+    gather_logprobs()                 backend choice; for torch / triton also validation and flattening
+    cpp, cuda: fastrlhf::gather_logprobs, a TORCH_LIBRARY op (csrc/gather_logprobs_op.cpp) whose checks,
+        flattening to [N, V] and autograd formula are C++, with CPU, CUDA and Meta kernels
+    triton: fastrlhf::gather_logprobs_fwd, a torch.library custom op defined here (fake impl, autograd
+        through fastrlhf::gather_logprobs_bwd(_inplace)) over ops/triton/gather_logprobs.py
+The "torch" backend is ``reference.gather_logprobs`` with plain autograd. ``forward_kernel`` and
+``backward_kernel`` also serve ``linear_logprobs``, which runs them per chunk of logits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from fastrlhf._extension import extension
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -49,6 +51,12 @@ def gather_logprobs(
     Returns:
         ``logprobs[...]`` float32 (float64 for float64 input), and ``entropy[...]`` if asked for.
     """
+    if (
+        runs_compiled_op(backend, logits, labels)
+        and isinstance(temperature, (int, float))
+        and isinstance(ignore_index, int)
+    ):
+        return _compiled(logits, labels, temperature, ignore_index, return_entropy, inplace_backward)
     check_tensor("logits", logits, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
     device = check_same_device(logits=logits, labels=labels)
@@ -66,6 +74,8 @@ def gather_logprobs(
     ignore_index = int(ignore_index)
 
     chosen = pick_backend(backend, device, dict(logits=logits))
+    if chosen in COMPILED_OP_BACKENDS.values():
+        return _compiled(logits, labels, temperature, ignore_index, return_entropy, inplace_backward)
     if chosen == "torch":
         check_labels_in_range(labels, vocab, ignore_index)
         return reference.gather_logprobs(logits, labels, temperature, ignore_index, return_entropy)
@@ -83,8 +93,16 @@ def gather_logprobs(
     return logprobs.view(lead_shape)
 
 
+def _compiled(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+    """The cpp / cuda backends: the C++ op, which checks its own arguments."""
+    logprobs, entropy, _stats = torch.ops.fastrlhf.gather_logprobs(
+        logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+    )
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
 # ----------------------------------------------------------------------------------------------------
-# custom ops
+# the Triton backend's custom op
 # ----------------------------------------------------------------------------------------------------
 
 
