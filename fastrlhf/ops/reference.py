@@ -145,7 +145,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
     ``shift_mean=False`` adds the mean back (scales only). Unmasked positions give 0, whatever they hold.
 
-    The mean and the variance accumulate in float64: x up to 1e37 whitens without overflowing a square,
+    The mean, the centring and the variance run in float64: x up to fp32's max whitens without overflow,
     long batches lose no precision, and a constant input gives exactly 0 (its mean is exact). Fewer than
     two set positions leave no spread to estimate: the variance is taken as 0, so the result is 0 (with
     ``shift_mean=False``, the one set position keeps its value), with finite gradients. This is the one
@@ -154,15 +154,18 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     """
     valid = mask.bool()
     count = torch.count_nonzero(valid).to(torch.float64)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    mean = torch.where(valid, x, zero).sum(dtype=torch.float64) / count.clamp_min(1)
-    centered = torch.where(valid, x - mean.to(x.dtype), zero)
-    var = torch.linalg.vector_norm(centered, dtype=torch.float64).square() / (count - 1).clamp_min(1)
+    # Centred in float64 too: x - mean of fp32 values near fp32's max (3e38 against a mean of -1e38)
+    # overflows to inf in fp32, and inf * rsqrt(inf) is NaN. The whitened values are small again.
+    x64 = x.to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    mean = torch.where(valid, x64, zero).sum() / count.clamp_min(1)
+    centered = torch.where(valid, x64 - mean, zero)
+    var = torch.linalg.vector_norm(centered).square() / (count - 1).clamp_min(1)
     # 1e-8 keeps a constant input finite, the same epsilon TRL, OpenRLHF and veRL use.
-    whitened = centered * torch.rsqrt(var + 1e-8).to(x.dtype)
+    whitened = centered * torch.rsqrt(var + 1e-8)
     if not shift_mean:
-        whitened = torch.where(valid, whitened + mean.to(x.dtype), zero)
-    return whitened
+        whitened = torch.where(valid, whitened + mean, zero)
+    return whitened.to(x.dtype)
 
 
 @torch.no_grad()
