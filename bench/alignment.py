@@ -1,7 +1,9 @@
 """Alignment benchmark: does step 3 raise the score we actually care about, on tasks whose preference we know?
 
 For every synthetic task (``fastrlhf.data.tasks``: refusal, concise, format, content) and seed, on fresh
-data drawn for that seed: SFT -> reward model -> each method of step 3 from the same SFT policy and RM:
+data drawn for that seed: SFT -> reward model -> each method of step 3 from the same SFT policy and RM.
+The reward model learns from the task's hand-written ranked tiers; ``--comparisons policy`` adds, as in
+InstructGPT, the SFT policy's own samples on the RM prompts ranked by the task's labeler.
 
 | method | what runs |
 |---|---|
@@ -10,7 +12,8 @@ data drawn for that seed: SFT -> reward model -> each method of step 3 from the 
 | ``grpo`` / ``rloo`` | ``--advantage-estimator grpo`` / ``rloo``, k = 4 samples per prompt, no critic |
 
 Each run is judged on held-out prompts (prompt texts never trained on) by the task's gold reward, which
-no stage ever trains on: the mean gold score of responses sampled at the training temperature, before
+no stage optimises directly (it only stands in for the labelers who rank comparisons): the mean gold score
+of responses sampled at the training temperature, before
 (the SFT policy) and after; the share of the gap from the SFT policy's score to the best score (1.0) that
 the run closed; the KL to the SFT policy per response; the rise of the held-out text's perplexity.
 
@@ -49,11 +52,18 @@ METHODS = {
     "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": 4, "rollout_batch_size": 8},
 }
 HELD_OUT_FRACTION = 0.2  # of the distinct prompt texts, never trained on
+# Sampled answers per held-out prompt in the start and end evaluations. With `fastrlhf ppo`'s default (4),
+# 40 held-out prompts give 160 answers; gold scores spread ~0.3, so each end's mean carries ~0.025 of
+# sampling error and one run's gap closed ~0.1 (the gap is ~0.3 wide): as large as the differences the
+# table compares. 16 halves that for ~10 s of generation per evaluation.
+EVAL_SAMPLES = 16
+POLICY_SAMPLES_PER_PROMPT = 4  # K of the SFT policy's samples ranked per RM prompt (InstructGPT: 4-9)
 CSV_COLUMNS = [
     "task",
     "seed",
     "method",
     "tag",
+    "rm_data",
     "rm_accuracy",
     "gold_start",
     "gold_end",
@@ -94,8 +104,53 @@ def prepare_data(task: str, seed: int, directory: Path) -> dict[str, str]:
     return paths
 
 
-def run_unit(task: str, seed: int, methods: list[str], root: Path, overrides: dict, tag: str) -> list[dict]:
-    """SFT -> RM -> every method for one task and seed; returns one result row per method."""
+def label_policy_samples(unit: Path, data: dict[str, str], task: str, seed: int, max_tokens: int) -> str:
+    """The reward model's data the InstructGPT way: the hand-written ranked tiers plus the SFT policy's own
+    samples on the RM prompts, ranked by the task's labeler (its known preference standing in for human
+    labelers). Returns the path of the merged file; a finished one is reused.
+
+    The tiers alone never show the reward model the policy's own mistakes (a fluent answer about the wrong
+    subject, say): it scores them high and PPO drifts into them. Held-out prompt texts are never sampled."""
+    from fastrlhf.commands import LabelConfig, run_label
+    from fastrlhf.data.synthetic import write_jsonl
+    from fastrlhf.data.tasks import gold_reward_spec
+
+    merged = unit / "data" / "rm_policy.jsonl"
+    if merged.exists():
+        return str(merged)
+    with open(data["rm"], encoding="utf-8") as fh:
+        tiers = [json.loads(line) for line in fh]
+    with open(data["ppo_eval"], encoding="utf-8") as fh:
+        held = {json.loads(line)["prompt"] for line in fh}
+    prompts = {line["prompt"]: line for line in tiers if line["prompt"] not in held}  # one line per text
+    prompt_file = unit / "data" / "rm_prompts.jsonl"
+    users = {p: {"user": line["user"]} if line.get("user") else {} for p, line in prompts.items()}
+    write_jsonl(str(prompt_file), [{"prompt": p} | users[p] for p in prompts])
+    sampled = unit / "data" / "rm_policy_samples.jsonl"
+    run_label(
+        LabelConfig(
+            model=str(unit / "sft"),
+            prompts=str(prompt_file),
+            labeler=gold_reward_spec(task),
+            output=str(sampled),
+            samples_per_prompt=POLICY_SAMPLES_PER_PROMPT,
+            max_new_tokens=max_tokens,
+            seed=seed,
+        )
+    )
+    with open(sampled, encoding="utf-8") as fh:
+        labelled = [json.loads(line) for line in fh]
+    write_jsonl(str(merged), tiers + labelled)
+    return str(merged)
+
+
+def run_unit(
+    task: str, seed: int, methods: list[str], root: Path, overrides: dict, tag: str, comparisons: str
+) -> list[dict]:
+    """SFT -> RM -> every method for one task and seed; returns one result row per method.
+
+    ``comparisons``: the reward model's data, ``tiers`` (the task's hand-written ranked responses) or
+    ``policy`` (those plus the SFT policy's own samples ranked by the labeler: ``label_policy_samples``)."""
     from fastrlhf.data.tasks import gold_reward_spec, task_module
     from fastrlhf.train.pipeline import PipelineConfig, ppo_figures, run_stage
     from fastrlhf.train.ppo import PPOConfig, train_ppo
@@ -118,35 +173,40 @@ def run_unit(task: str, seed: int, methods: list[str], root: Path, overrides: di
         epochs=stages.sft_epochs,
         learning_rate=stages.sft_learning_rate,
     )
+    max_tokens = task_module(task).MAX_NEW_TOKENS
+    rm_data, rm_dir = data["rm"], unit / "rm"
+    if comparisons == "policy":
+        rm_data, rm_dir = label_policy_samples(unit, data, task, seed, max_tokens), unit / "rm-policy"
     rm = run_stage(
-        unit / "rm",
+        rm_dir,
         train_rm,
         RMConfig,
         prog,
         model=str(unit / "sft"),
-        data=data["rm"],
+        data=rm_data,
         sft_data=data["sft"],
         seed=seed,
         epochs=stages.rm_epochs,
         learning_rate=stages.rm_learning_rate,
     )
-    max_tokens = task_module(task).MAX_NEW_TOKENS
     rows = []
     for method in methods:
         flags = {
             "policy": str(unit / "sft"),
-            "reward_model": str(unit / "rm"),
+            "reward_model": str(rm_dir),
             "prompts": data["ppo_train"],
             "eval_prompts": data["ppo_eval"],
             "eval_text": data["ptx"],
             "eval_reward_fn": gold_reward_spec(task),
             "max_new_tokens": max_tokens,
             "eval_max_new_tokens": max_tokens,
+            "eval_samples": EVAL_SAMPLES,
             "seed": seed,
             **{k: v.format(**data) if isinstance(v, str) else v for k, v in METHODS[method].items()},
             **overrides,
         }
-        name = method if not tag else f"{method}-{tag}"
+        suffix = ([tag] if tag else []) + (["rm-policy"] if comparisons == "policy" else [])
+        name = "-".join([method, *suffix])
         summary = run_stage(unit / name, train_ppo, PPOConfig, prog, **flags)
         figures = ppo_figures(summary)
         start_ppl, end_ppl = figures["eval_perplexity_start"], figures["eval_perplexity_end"]
@@ -156,6 +216,7 @@ def run_unit(task: str, seed: int, methods: list[str], root: Path, overrides: di
                 "seed": seed,
                 "method": method,
                 "tag": tag,
+                "rm_data": comparisons,
                 "rm_accuracy": rm.get("eval_accuracy_end"),
                 "gold_start": figures["eval_sampled_gold_start"],
                 "gold_end": figures["eval_sampled_gold_end"],
@@ -192,7 +253,7 @@ def run_units(args, units: list[tuple[str, int]]) -> list[dict]:
     if args.workers <= 1:
         rows = []
         for task, seed in units:
-            rows += run_unit(task, seed, args.methods, args.out, args.overrides, args.tag)
+            rows += run_unit(task, seed, args.methods, args.out, args.overrides, args.tag, args.comparisons)
         return rows
     # One child process per unit, at most ``workers`` at once, each on one thread: two torch processes
     # that each spin two OpenMP threads on two cores slow each other down 10-100x.
@@ -201,7 +262,7 @@ def run_units(args, units: list[tuple[str, int]]) -> list[dict]:
     while pending or running:
         while pending and len(running) < args.workers:
             task, seed = pending.pop(0)
-            result = args.out / task / f"seed{seed}" / f"rows-{args.tag or 'default'}.json"
+            result = args.out / task / f"seed{seed}" / f"rows-{args.tag or 'default'}-{args.comparisons}.json"
             command = [sys.executable, __file__, "--child", task, str(seed), str(result)] + args.child_argv
             log = open(args.out / f"{task}-seed{seed}.log", "w")  # noqa: SIM115 - closed when the child ends
             child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -234,11 +295,14 @@ def table(rows: list[dict]) -> str:
     )
     lines = [header]
     keys = sorted(
-        {(r["task"], r["method"], r["tag"]) for r in rows}, key=lambda k: (TASK_NAMES.index(k[0]), k[1:])
+        {(r["task"], r["method"], r["tag"], r["rm_data"]) for r in rows},
+        key=lambda k: (TASK_NAMES.index(k[0]), k[1:]),
     )
-    for task, method, tag in keys:
-        group = [r for r in rows if (r["task"], r["method"], r["tag"]) == (task, method, tag)]
-        label = method if not tag else f"{method} [{tag}]"
+    for key in keys:
+        task, method, tag, rm_data = key
+        group = [r for r in rows if (r["task"], r["method"], r["tag"], r["rm_data"]) == key]
+        variant = ([f"[{tag}]"] if tag else []) + (["(RM: + policy samples)"] if rm_data == "policy" else [])
+        label = " ".join([method, *variant])
         lines.append(
             f"| {task} | {label} | {mean_std([r['rm_accuracy'] for r in group])} | "
             f"{mean_std([r['gold_start'] for r in group])} → {mean_std([r['gold_end'] for r in group])} | "
@@ -326,6 +390,12 @@ def parse_args(argv=None):
         help="a `fastrlhf ppo` flag for every method (repeatable)",
     )
     parser.add_argument("--tag", default="", help="names the run directories of a --set variant")
+    parser.add_argument(
+        "--comparisons",
+        choices=("policy", "tiers"),
+        default="tiers",
+        help="reward-model data: the hand-written tiers plus the SFT policy's ranked samples, or tiers only",
+    )
     parser.add_argument("--child", nargs=3, metavar=("TASK", "SEED", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -344,6 +414,7 @@ def parse_args(argv=None):
             parser.error(f"--set {item!r}: expected FLAG=VALUE")
         args.overrides[key.strip().replace("-", "_")] = value
     args.child_argv = ["--methods", ",".join(args.methods), "--out", str(args.out), "--tag", args.tag]
+    args.child_argv += ["--comparisons", args.comparisons]
     args.child_argv += [x for item in args.set for x in ("--set", item)]
     return args
 
@@ -356,7 +427,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
         task, seed, result = args.child
-        rows = run_unit(task, int(seed), args.methods, args.out, args.overrides, args.tag)
+        rows = run_unit(task, int(seed), args.methods, args.out, args.overrides, args.tag, args.comparisons)
         Path(result).write_text(json.dumps(rows))
         return
     units = [(task, seed) for task in args.tasks for seed in args.seeds]
