@@ -99,11 +99,19 @@ def _runnable_on(device_type: str) -> tuple[str, ...]:
     """Backends that can run on ``device_type`` tensors here.
 
     Marked constant for torch.compile: dynamo evaluates it once while tracing instead of tracing into
-    the extension's query functions, so an op call compiles with no graph break.
+    the extension's query functions, so an op call compiles with no graph break. Memoised like
+    ``available_backends``, which it reads: every op call with an explicit backend asks.
     """
-    return tuple(
-        name for name, info in available_backends().items() if info.available and device_type in info.devices
-    )
+    known = _RUNNABLE_ON.get(device_type)
+    if known is None:
+        infos = available_backends().items()
+        known = _RUNNABLE_ON[device_type] = tuple(
+            name for name, info in infos if info.available and device_type in info.devices
+        )
+    return known
+
+
+_RUNNABLE_ON: dict[str, tuple[str, ...]] = {}
 
 
 def resolve_backend(backend: str, device: torch.device, op_backends: tuple[str, ...] = BACKENDS) -> str:
@@ -156,6 +164,30 @@ def _auto_runs_compiled_op(device_type: str) -> bool:
     return known
 
 
+def _backend_override() -> str | None:
+    """``FASTRLHF_BACKEND`` as set now (tests and users change it at run time, so it is read on every call).
+
+    ``os.environ.get`` encodes the key on each call, 1-2 µs: a sixth of a small op's whole cost. Where
+    CPython backs ``os.environ`` with its usual dict of encoded keys, that dict is read directly; it is the
+    one ``os.environ[...] = ...`` and ``del`` update.
+    """
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict) and _ENV_KEY is not None:
+        raw = data.get(_ENV_KEY)
+        return None if raw is None else os.environ.decodevalue(raw)
+    return os.environ.get("FASTRLHF_BACKEND")
+
+
+def _env_key():
+    try:
+        return os.environ.encodekey("FASTRLHF_BACKEND")
+    except AttributeError:  # not CPython's os._Environ
+        return None
+
+
+_ENV_KEY = _env_key()
+
+
 def runs_compiled_op(backend: str, *inputs) -> bool:
     """The fast test of the common calls: True when the op should call its TORCH_LIBRARY op directly.
 
@@ -164,16 +196,17 @@ def runs_compiled_op(backend: str, *inputs) -> bool:
     compiled backend of the inputs' device, where it runs. ``inputs`` are the op's tensors (None allowed),
     the first one tensor-valued. The C++ op checks its own arguments. False means "not decided here":
     the op takes its Python path, whose checks and ``pick_backend`` give every other case, and every
-    error, its full treatment.
+    error, its full treatment. It runs on every call, so each test in it is the cheapest one that works.
     """
+    auto = backend == "auto"
     for t in inputs:
-        if t is not None and not isinstance(t, torch.Tensor):
+        if t is not None and (not isinstance(t, torch.Tensor) or (auto and t.dtype is torch.float64)):
             return False
-    device_type = inputs[0].device.type
-    if backend == "auto":
-        if os.environ.get("FASTRLHF_BACKEND", "auto") not in ("", "auto"):
-            return False
-        if any(t is not None and t.dtype == torch.float64 for t in inputs):
+    first = inputs[0]
+    device_type = "cpu" if first.is_cpu else first.device.type
+    if auto:
+        override = _backend_override()
+        if override and override.strip().lower() != "auto":
             return False
         return _auto_runs_compiled_op(device_type)
     return backend == COMPILED_OP_BACKENDS.get(device_type) and backend in _runnable_on(device_type)
