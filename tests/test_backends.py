@@ -48,6 +48,27 @@ def test_env_overrides_auto_but_not_an_explicit_argument(monkeypatch):
         assert resolve_backend("cpp", CPU) == "cpp"
 
 
+def test_the_fast_path_sees_the_env_as_it_is_set_at_run_time(monkeypatch):
+    """``runs_compiled_op`` reads FASTRLHF_BACKEND on every call (from os.environ's own store): a value
+    set, changed or removed after import takes effect on the next call, as in ``resolve_backend``."""
+    from fastrlhf.ops import kl_penalty
+    from fastrlhf.ops._backend import runs_compiled_op
+
+    x = torch.randn(2, 5)
+    compiled = available_backends()["cpp"].available
+    monkeypatch.delenv("FASTRLHF_BACKEND", raising=False)
+    assert runs_compiled_op("auto", x) == compiled
+    for value, expected in (("torch", False), (" Auto ", compiled), ("", compiled), ("cpp", False)):
+        monkeypatch.setenv("FASTRLHF_BACKEND", value)
+        assert runs_compiled_op("auto", x) == expected, value
+    assert not runs_compiled_op("auto", x.double()), "float64 goes to the torch reference under auto"
+    monkeypatch.setenv("FASTRLHF_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTRLHF_BACKEND='nonsense' is not one of"):
+        kl_penalty(x, x)  # the Python path gives the error
+    monkeypatch.delenv("FASTRLHF_BACKEND")
+    assert runs_compiled_op("auto", x) == compiled
+
+
 def test_env_naming_unusable_backend_is_reported(monkeypatch):
     monkeypatch.setenv("FASTRLHF_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FASTRLHF_BACKEND='cuda'"):
