@@ -1,8 +1,9 @@
 // Python module fastrlhf._C: validates tensors, allocates outputs, and dispatches each op by
 // device to the CPU kernels (csrc/cpu) or, when built with CUDA, to csrc/cuda/bindings.cpp.
 // User-facing argument checks of these entry points live in Python; the TORCH_CHECKs here guard
-// internal preconditions. kl_penalty and ranking_loss are TORCH_LIBRARY ops instead (csrc/*_op.cpp),
-// which check their own arguments: loading this module registers them as torch.ops.fastrlhf.*.
+// internal preconditions. gather_logprobs, kl_penalty, ranking_loss and gae are TORCH_LIBRARY ops instead
+// (csrc/*_op.cpp), which check their own arguments: loading this module registers them as
+// torch.ops.fastrlhf.*. The gather_logprobs entries stay here too, for linear_logprobs' chunks.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -33,7 +34,7 @@ bool compiled_with_cuda() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// gae, advantages, group_advantages. Python passes contiguous tensors on one device.
+// advantages, group_advantages. Python passes contiguous tensors on one device.
 
 #ifdef FASTRLHF_WITH_CUDA
 #define FASTRLHF_ON_CUDA(call) call
@@ -78,27 +79,6 @@ void check_estimator(int64_t estimator, double clamp) {
 
 void check_finite(double x, const char* name) {
   TORCH_CHECK(std::isfinite(x), "fastrlhf: ", name, " must be finite, got ", x);
-}
-
-std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const at::Tensor& values,
-                                               const at::Tensor& mask, double gamma, double lam) {
-  TORCH_CHECK(values.dim() == 2, "fastrlhf: values must be 2-D [B, T], got ", values.sizes());
-  check_tensor(values, "values", values.sizes(), at::kFloat, values);
-  check_tensor(rewards, "rewards", values.sizes(), at::kFloat, values);
-  check_mask(mask, values.sizes(), values, /*optional=*/false);
-  check_finite(gamma, "gamma");
-  check_finite(lam, "lam");
-  at::Tensor advantages = at::empty_like(values);
-  at::Tensor returns = at::empty_like(values);
-  if (values.numel() == 0) return {advantages, returns};
-  if (values.is_cpu()) {
-    cpu::gae_forward(make_gae_params(rewards, values, mask, gamma, lam, advantages, returns));
-  } else if (values.is_cuda()) {
-    FASTRLHF_ON_CUDA(cuda::gae_forward(rewards, values, mask, gamma, lam, advantages, returns));
-  } else {
-    fail_device("gae", values);
-  }
-  return {advantages, returns};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_forward(
@@ -179,10 +159,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy\n"
         "are [0]-sized when the entropy has no gradient.");
-  m.def("gae_forward", &fastrlhf::gae_forward, py::arg("rewards"), py::arg("values"), py::arg("mask"),
-        py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),
-        "GAE with mask-carry semantics on f32 [B, T] rewards / values and a uint8 [B, T] mask.\n"
-        "Returns (advantages f32[B, T], returns f32[B, T]); both 0 where the mask is 0.");
   m.def("advantages_forward", &fastrlhf::advantages_forward, py::arg("scores"), py::arg("logprobs"),
         py::arg("ref_logprobs"), py::arg("values"), py::arg("mask"), py::arg("kl_coef"), py::arg("estimator"),
         py::arg("clamp"), py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),

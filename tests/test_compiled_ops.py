@@ -1,5 +1,5 @@
-"""The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss`` and
-``gather_logprobs``):
+"""The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss``,
+``gather_logprobs`` and ``gae``):
 their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
 reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
 not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
@@ -10,7 +10,7 @@ import torch
 from conftest import op_targets
 from numerics import assert_close_fp32
 
-from fastrlhf.ops import available_backends, gather_logprobs, kl_penalty, ranking_loss, reference
+from fastrlhf.ops import available_backends, gae, gather_logprobs, kl_penalty, ranking_loss, reference
 
 COMPILED_TARGETS = [p for p in op_targets(include_torch=False) if p.values[0] in ("cpp", "cuda")]
 
@@ -31,6 +31,7 @@ KL_BAD_CALLS = {
     "estimator": lambda x, b: kl_penalty(x, x, estimator="k4", backend=b),
     "shape": lambda x, b: kl_penalty(x, x.T, backend=b),
     "mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 2), backend=b),
+    "complex mask": lambda x, b: kl_penalty(x, x, torch.ones(2, 3, dtype=torch.complex64), backend=b),
     "float mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 0.5), backend=b),
     "whole float mask values": lambda x, b: kl_penalty(x, x, torch.full((2, 3), 2.0), backend=b),
     "mask shape": lambda x, b: kl_penalty(x, x, torch.ones(3, 2, dtype=torch.bool), backend=b),
@@ -65,6 +66,59 @@ GATHER_BAD_CALLS = {
     "label range": lambda x, y, b: gather_logprobs(x, y.clone().fill_(10), backend=b),
     "device": lambda x, y, b: gather_logprobs(x, y.to("meta"), backend=b),
 }
+
+
+GAE_BAD_CALLS = {
+    "values dtype": lambda r, v, m, b: gae(r, v.long(), m, 1.0, 0.95, backend=b),
+    "rewards dtype": lambda r, v, m, b: gae(r.long(), v, m, 1.0, 0.95, backend=b),
+    "1-D values": lambda r, v, m, b: gae(r[0], v[0], m[0], 1.0, 0.95, backend=b),
+    "mask shape": lambda r, v, m, b: gae(r, v, m[:, :2], 1.0, 0.95, backend=b),
+    "rewards shape": lambda r, v, m, b: gae(r[:2], v, m, 1.0, 0.95, backend=b),
+    "mask values": lambda r, v, m, b: gae(r, v, m.long() * 2, 1.0, 0.95, backend=b),
+    "float mask values": lambda r, v, m, b: gae(r, v, m.float() * 0.5 + 0.25, 1.0, 0.95, backend=b),
+    "complex mask": lambda r, v, m, b: gae(r, v, m.to(torch.complex64), 1.0, 0.95, backend=b),
+    "device": lambda r, v, m, b: gae(r, v.to("meta"), m, 1.0, 0.95, backend=b),
+    "gamma above 1": lambda r, v, m, b: gae(r, v, m, 1.5, 0.95, backend=b),
+    "negative lam": lambda r, v, m, b: gae(r, v, m, 1.0, -0.25, backend=b),
+    "infinite gamma": lambda r, v, m, b: gae(r, v, m, float("inf"), 0.95, backend=b),
+    "nan lam": lambda r, v, m, b: gae(r, v, m, 1.0, float("nan"), backend=b),
+    "gamma not a number": lambda r, v, m, b: gae(r, v, m, "one", 0.95, backend=b),
+}
+
+
+@pytest.mark.parametrize("case", list(GAE_BAD_CALLS))
+def test_gae_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    rewards, values, mask = torch.randn(3, 5), torch.randn(3, 5), torch.rand(3, 5) > 0.3
+    expected = _message(lambda: GAE_BAD_CALLS[case](rewards, values, mask, "torch"))
+    assert _message(lambda: GAE_BAD_CALLS[case](rewards, values, mask, "auto")) == expected
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gae_op_matches_float64_and_tracks_no_gradient(backend, device, dtype):
+    """Holes in the mask, an empty row, a row of one token; inputs that require grad give outputs that do
+    not (no gradient flows through GAE), as on the torch path."""
+    rewards, values = torch.randn(5, 301), torch.randn(5, 301)
+    mask = torch.rand(5, 301) > 0.2
+    mask[1] = False
+    mask[2] = False
+    mask[2, 7] = True
+    r = rewards.to(device, dtype).requires_grad_(True)
+    v = values.to(device, dtype).requires_grad_(True)
+    adv, ret = gae(r, v, mask.to(device), 0.99, 0.95, backend=backend)
+    assert adv.dtype == ret.dtype == torch.float32 and not adv.requires_grad and not ret.requires_grad
+    want_adv, want_ret = reference.gae(r.detach().double(), v.detach().double(), mask.to(device), 0.99, 0.95)
+    assert_close_fp32("advantages", adv, want_adv)
+    assert_close_fp32("returns", ret, want_ret)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_gae(backend, device):
+    rewards = torch.randn(4, 13, device=device, requires_grad=True)
+    values = torch.randn(4, 13, device=device, requires_grad=True)
+    for mask in (torch.rand(4, 13, device=device) > 0.3, (torch.rand(4, 13, device=device) > 0.5).float()):
+        args = (rewards, values, mask, 0.99, 0.95)
+        torch.library.opcheck(torch.ops.fastrlhf.gae.default, args, test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("case", list(GATHER_BAD_CALLS))

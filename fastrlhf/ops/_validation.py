@@ -84,7 +84,9 @@ def check_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8)
     if mask.is_complex():
-        raise ValueError(f"{name} must be bool or a real 0/1 tensor, got {mask.dtype}")
+        raise ValueError(
+            f"{name} must be bool or a real 0/1 tensor, got {str(mask.dtype).replace('torch.', '')}"
+        )
     if mask.numel():
         if mask.is_floating_point():
             bad = bool(((mask != 0) & (mask != 1)).any())

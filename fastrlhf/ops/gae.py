@@ -1,7 +1,9 @@
 """gae: generalised advantage estimation with veRL's mask-carry semantics, and masked whitening.
 
 ``gae`` walks each row from the end (see ``reference.gae``): a C++ row loop on CPU, a block scan of affine
-maps in Triton, a per-row scan in CUDA. No gradient flows through it.
+maps in Triton, a per-row scan in CUDA. No gradient flows through it. The cpp and cuda backends run the
+TORCH_LIBRARY op ``torch.ops.fastrlhf.gae`` (csrc/gae_op.cpp), whose checks are C++; the Triton backend is
+a Python custom op.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._common import check_discount, check_sequences
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
@@ -33,6 +35,9 @@ def gae(
     Returns:
         ``(advantages[B, T], returns[B, T])`` float32 (float64 for float64 values), 0 where masked.
     """
+    numbers = isinstance(gamma, (int, float)) and isinstance(lam, (int, float))
+    if numbers and runs_compiled_op(backend, rewards, values, mask):
+        return torch.ops.fastrlhf.gae(rewards, values, mask, gamma, lam)
     check_tensor("rewards", rewards)
     mask_u8 = check_sequences(values, mask, rewards=rewards)
     device = check_same_device(rewards=rewards, values=values, mask=mask)
@@ -41,27 +46,28 @@ def gae(
     chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
     if chosen == "torch":
         return reference.gae(rewards, values, mask_u8, gamma, lam)
-    return _gae_op(
+    if chosen in COMPILED_OP_BACKENDS.values():
+        return torch.ops.fastrlhf.gae(rewards, values, mask, gamma, lam)
+    return _gae_triton_op(
         rewards.detach().float().contiguous(),
         values.detach().float().contiguous(),
         mask_u8.contiguous(),
         gamma,
         lam,
-        chosen,
     )
 
 
 @kernel_op("fastrlhf::gae_fwd")
-def _gae_op(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, backend: str
+def _gae_triton_op(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards, values float32 ``[B, T]``, mask uint8 ``[B, T]`` → (advantages, returns) float32."""
-    adv, ret = kernel_module(backend, "gae").gae_forward(rewards, values, mask, gamma, lam)
+    adv, ret = kernel_module("triton", "gae").gae_forward(rewards, values, mask, gamma, lam)
     return adv, ret
 
 
-@_gae_op.register_fake
-def _(rewards, values, mask, gamma, lam, backend):
+@_gae_triton_op.register_fake
+def _(rewards, values, mask, gamma, lam):
     return torch.empty_like(values), torch.empty_like(values)
 
 
