@@ -7,82 +7,86 @@ directory, an invalid flag value) print one clear line and exit with status 2.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
 
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, its config dataclass and its run function, both as
+    ``"module:name"`` and imported only when the command runs (``fastrlhf --help`` imports no torch).
+
+    ``run(config)`` returns what the command prints: a dict (as JSON), any other value, or None (nothing:
+    the pipeline prints its own table)."""
+
+    help: str
+    config: str
+    run: str
+
+    def config_class(self):
+        return _load(self.config)
+
+    def run_function(self):
+        return _load(self.run)
+
+
+def _load(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 COMMANDS = {
-    "sft": "Step 1: supervised fine-tuning on prompt -> demonstration.",
-    "rm": "Step 2: reward model on K ranked responses per prompt.",
-    "ppo": "Step 3: PPO against the reward model, KL penalty to the SFT policy, optional PPO-ptx.",
-    "pipeline": "SFT -> RM -> PPO (and PPO-ptx) on tiny and the bundled data, with a summary table.",
-    "generate": "Sample responses to prompts with a model.",
-    "label": "Rank K sampled responses per prompt with a labeler function, into the RM's format.",
-    "score": 'Add a reward model\'s "reward" to {prompt, response} lines.',
-    "data": "Dataset hygiene: prefix dedupe, per-user cap, user-disjoint split, tokenisation report.",
+    "sft": Command(
+        "Step 1: supervised fine-tuning on prompt -> demonstration.",
+        "fastrlhf.train.sft:SFTConfig",
+        "fastrlhf.train.sft:train_sft",
+    ),
+    "rm": Command(
+        "Step 2: reward model on K ranked responses per prompt.",
+        "fastrlhf.train.rm:RMConfig",
+        "fastrlhf.train.rm:train_rm",
+    ),
+    "ppo": Command(
+        "Step 3: PPO against the reward model, KL penalty to the SFT policy, optional PPO-ptx.",
+        "fastrlhf.train.ppo:PPOConfig",
+        "fastrlhf.train.ppo:train_ppo",
+    ),
+    "pipeline": Command(
+        "SFT -> RM -> PPO (and PPO-ptx) on tiny and the bundled data, with a summary table.",
+        "fastrlhf.train.pipeline:PipelineConfig",
+        "fastrlhf.train.pipeline:run_pipeline_command",
+    ),
+    "generate": Command(
+        "Sample responses to prompts with a model.",
+        "fastrlhf.commands:GenerateConfig",
+        "fastrlhf.commands:run_generate",
+    ),
+    "label": Command(
+        "Rank K sampled responses per prompt with a labeler function, into the RM's format.",
+        "fastrlhf.commands:LabelConfig",
+        "fastrlhf.commands:run_label",
+    ),
+    "score": Command(
+        'Add a reward model\'s "reward" to {prompt, response} lines.',
+        "fastrlhf.commands:ScoreConfig",
+        "fastrlhf.commands:run_score",
+    ),
+    "data": Command(
+        "Dataset hygiene: prefix dedupe, per-user cap, user-disjoint split, tokenisation report.",
+        "fastrlhf.commands:DataConfig",
+        "fastrlhf.commands:run_data",
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: fastrlhf <command> [--help] [flags]", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<9} {command.help}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
-
-
-def _config_class(command: str):
-    if command == "sft":
-        from fastrlhf.train.sft import SFTConfig
-
-        return SFTConfig
-    if command == "rm":
-        from fastrlhf.train.rm import RMConfig
-
-        return RMConfig
-    if command == "ppo":
-        from fastrlhf.train.ppo import PPOConfig
-
-        return PPOConfig
-    if command == "pipeline":
-        from fastrlhf.train.pipeline import PipelineConfig
-
-        return PipelineConfig
-    from fastrlhf import commands
-
-    return {
-        "generate": commands.GenerateConfig,
-        "label": commands.LabelConfig,
-        "score": commands.ScoreConfig,
-        "data": commands.DataConfig,
-    }[command]
-
-
-def _run(command: str, config):
-    if command == "sft":
-        from fastrlhf.train.sft import train_sft
-
-        return train_sft(config)
-    if command == "rm":
-        from fastrlhf.train.rm import train_rm
-
-        return train_rm(config)
-    if command == "ppo":
-        from fastrlhf.train.ppo import train_ppo
-
-        return train_ppo(config)
-    if command == "pipeline":
-        from fastrlhf.train.pipeline import run_pipeline
-
-        run_pipeline(config)  # prints its table; the stages' summaries are in the run directory
-        return None
-    from fastrlhf import commands
-
-    return {
-        "generate": commands.run_generate,
-        "label": commands.run_label,
-        "score": commands.run_score,
-        "data": commands.run_data,
-    }[command](config)
 
 
 # Exit codes (docs/reliability.md); 1 is an internal error, with its traceback; 128 + N a signal N.
@@ -123,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     from fastrlhf.train.signals import RunInterrupted
 
     try:
-        config = parse_config(_config_class(command), rest, prog=f"fastrlhf {command}")
+        entry = COMMANDS[command]
+        config = parse_config(entry.config_class(), rest, prog=f"fastrlhf {command}")
         set_max_line_mib(config.max_line_mib)  # one limit for every reader this command runs
-        result = _run(command, config)
+        result = entry.run_function()(config)
     except RunInterrupted as stop:  # SIGTERM/SIGINT: a checkpoint was written first
         print(f"fastrlhf {command}: {stop}", file=sys.stderr)
         return stop.exit_code

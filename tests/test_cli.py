@@ -34,13 +34,11 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_explains_every_flag(command, capsys):
-    from fastrlhf.cli import _config_class
-
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for field in dataclasses.fields(_config_class(command)):
+    for field in dataclasses.fields(COMMANDS[command].config_class()):
         assert f"--{field.name}" in text or f"--{field.name.replace('_', '-')}" in text, field.name
         assert field.metadata["help"].split()[0] in text, f"{command} --{field.name}: help text not shown"
 

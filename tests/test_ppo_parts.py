@@ -107,3 +107,19 @@ def test_config_refuses_what_ppo_cannot_do_right(tmp_path, flags, message):
 def test_reinforce_plus_plus_and_gae_need_no_group():
     for estimator in ("gae", "reinforce++"):
         PPOConfig(output="unused", advantage_estimator=estimator, samples_per_prompt=1, **RULE)
+
+
+def test_lora_mode_without_a_rank_gets_the_default_rank(tmp_path):
+    from fastrlhf.models.loading import DEFAULT_LORA_RANK
+    from fastrlhf.train.config import parse_config
+
+    def parsed(*flags):
+        argv = ["--output", str(tmp_path), "--reward-model", "none"]
+        argv += ["--reward-fn", "ppo_rewards:digit_fraction"]
+        return parse_config(PPOConfig, [*argv, *flags], prog="fastrlhf ppo")
+
+    assert parsed("--actor-critic", "lora").lora_r == DEFAULT_LORA_RANK
+    assert parsed("--actor-critic", "lora", "--lora-r", "4").lora_r == 4
+    assert parsed("--actor-critic", "separate").lora_r == 0  # full fine-tuning stays the default elsewhere
+    # A quantized frozen base needs adapters; in lora mode the default rank provides them.
+    assert parsed("--actor-critic", "lora", "--quantization", "4bit").lora_r == DEFAULT_LORA_RANK

@@ -25,6 +25,11 @@ ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATION = ("none", "8bit", "4bit")
 
 
+# The adapters' rank when `--actor-critic lora` is asked for without --lora-r: the rank common in LoRA
+# RLHF recipes (TRL's and OpenRLHF's examples use 8-64); alpha stays 16, so the scale alpha/r is 1.
+DEFAULT_LORA_RANK = 16
+
+
 @dataclasses.dataclass
 class ModelOptions:
     """How to load and adapt the model; the trainers' configs inherit these flags."""
@@ -44,7 +49,11 @@ class ModelOptions:
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
     lora_r: int = dataclasses.field(
-        default=0, metadata={"help": "LoRA rank; 0 trains all weights, > 0 trains only LoRA adapters (peft)."}
+        default=0,
+        metadata={
+            "help": "LoRA rank; 0 trains all weights, > 0 trains only LoRA adapters (peft). "
+            f"ppo --actor-critic lora without a rank uses {DEFAULT_LORA_RANK}."
+        },
     )
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout on the LoRA input."})

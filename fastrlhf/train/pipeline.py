@@ -78,6 +78,12 @@ def run_stage(directory: Path, train, config_cls, prog: str, **flags) -> dict:
     return train(parse_config(config_cls, argv, prog=prog))
 
 
+def run_pipeline_command(config: PipelineConfig) -> None:
+    """``fastrlhf pipeline``: run it; the table it prints is the output (the summaries are in the run
+    directory), so the command prints nothing more."""
+    run_pipeline(config)
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run the stages (reusing finished ones); returns the summary and prints the table."""
     from fastrlhf.data.tasks import BUNDLED_TASK, gold_reward_spec

@@ -29,7 +29,7 @@ from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
 from fastrlhf.errors import InputError
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
-from fastrlhf.models.loading import ModelOptions, load_tokenizer
+from fastrlhf.models.loading import DEFAULT_LORA_RANK, ModelOptions, load_tokenizer
 from fastrlhf.models.reward_model import RewardModel, is_reward_model
 from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import RunArguments, flag
@@ -84,7 +84,9 @@ class PPOConfig(RunArguments):
     ptx_batch_size: int = flag(4, "Pretraining sequences per micro-batch.")
     eval_text: str = flag("sample", "Text JSONL whose held-out lines measure the LM perplexity before/after.")
     actor_critic: str = flag(
-        "separate", "Memory mode: separate (own critic), shared (one trunk), lora (adapters)."
+        "separate",
+        "Memory mode: separate (own critic), shared (one trunk), lora (adapters; rank --lora-r, "
+        f"{DEFAULT_LORA_RANK} when unset).",
     )
     steps: int = flag(60, "PPO steps (one rollout and its update each).")
     save_every: int = flag(
@@ -152,6 +154,9 @@ class PPOConfig(RunArguments):
     learning_rate: float = flag(1e-4, "Peak learning rate.")
 
     def __post_init__(self):
+        if self.actor_critic == "lora" and self.lora_r == 0:
+            # Asking for adapters is enough: they get the default rank (recorded in config.yaml).
+            self.lora_r = DEFAULT_LORA_RANK
         super().__post_init__()
         if self.actor_critic not in MODES:
             raise InputError(f"actor_critic: expected one of {MODES}, got {self.actor_critic!r}")
@@ -263,15 +268,26 @@ def train_ppo(config: PPOConfig) -> dict:
     with StopOnSignals() as stop:
         while step < config.steps:
             prompt_rows = prompt_order(
-                len(data.train_ids), step, config.rollout_batch_size, accelerator.process_index,
-                accelerator.num_processes, config.seed,
+                len(data.train_ids),
+                step,
+                config.rollout_batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                config.seed,
             )
             rollout = collect_rollout(
-                models.unwrapped.generation_model(), models.reward_model, models.reward_fn, data.tokenizer,
-                [data.train_ids[i] for i in prompt_rows], [data.train_prompts[i] for i in prompt_rows],
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                batch_size=config.rollout_batch_size, samples_per_prompt=config.samples_per_prompt,
-                reward_fn_weight=config.reward_fn_weight, device=device,
+                models.unwrapped.generation_model(),
+                models.reward_model,
+                models.reward_fn,
+                data.tokenizer,
+                [data.train_ids[i] for i in prompt_rows],
+                [data.train_prompts[i] for i in prompt_rows],
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                batch_size=config.rollout_batch_size,
+                samples_per_prompt=config.samples_per_prompt,
+                reward_fn_weight=config.reward_fn_weight,
+                device=device,
             )
             update_start = time.perf_counter()
             normalizer.update(accelerator.gather(rollout.scores))
@@ -279,13 +295,24 @@ def train_ppo(config: PPOConfig) -> dict:
                 calibrate_critic(models.unwrapped, normalizer, accelerator.gather(rollout.scores))
             experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
             stats, first_epoch_approx_kl, grad_norm = ppo_update(
-                models.model, accelerator, models.optimizer, models.scheduler, rollout, experience, config,
-                kl.value, ptx_stream, models.ema, run.guard, step + 1,
+                models.model,
+                accelerator,
+                models.optimizer,
+                models.scheduler,
+                rollout,
+                experience,
+                config,
+                kl.value,
+                ptx_stream,
+                models.ema,
+                run.guard,
+                step + 1,
             )
             mean_kl = float(accelerator.gather(experience.kl).mean())
             metrics = step_metrics(rollout, experience, stats, data, config, kl.value, mean_kl) | {
                 "policy/first_epoch_approx_kl": first_epoch_approx_kl,
-                "tokens_per_s/training": float(rollout.mask.sum()) * config.ppo_epochs
+                "tokens_per_s/training": float(rollout.mask.sum())
+                * config.ppo_epochs
                 / (time.perf_counter() - update_start),
                 "memory/peak_mib": peak_memory_mib(device),
                 "lr": models.scheduler.get_last_lr()[0],
