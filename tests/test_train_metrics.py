@@ -190,3 +190,23 @@ def test_group_with_only_nonfinite_values_is_skipped(tmp_path):
     with MetricsLogger(tmp_path) as logger:
         logger.log(1, loss=float("nan"))
     assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path, {"loss": ["loss"]}) == []
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics_as_events(tmp_path):
+    """``--report-to tensorboard`` hands every logged metric to TensorBoard: the event files under the run
+    directory hold a scalar per step, equal to the metrics.jsonl line of that step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trainer_runs import run_sft
+
+    run = tmp_path / "sft"
+    run_sft(run, max_steps=3, log_every=1, report_to="tensorboard")
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {run}"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    logged = [m for m in read_metrics(run / "metrics.jsonl") if "train/loss" in m]
+    assert len(logged) == 3
+    scalars = {e.step: e.value for e in accumulator.Scalars("train/loss")}
+    for line in logged:
+        assert scalars[line["step"]] == pytest.approx(line["train/loss"], rel=1e-6)

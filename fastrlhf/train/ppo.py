@@ -551,7 +551,15 @@ def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, k
     return metrics
 
 
-PROGRESS_BAR = {"score": "score/mean", "gold": "gold/mean", "KL": "kl/ref", "clip": "policy/clip_fraction"}
+# The progress bar's postfix, in words a reader knows: the RM score, the gold score when a --eval-reward-fn
+# knows one, the KL to the SFT policy (nats per response), the clipped share of tokens, and the speed.
+PROGRESS_BAR = {
+    "score": "score/mean",
+    "gold": "gold/mean",
+    "KL": "kl/ref",
+    "clip fraction": "policy/clip_fraction",
+    "tokens/s": "tokens_per_s/training",
+}
 PLOT_GROUPS = {
     "score": ["score/mean", "gold/mean", "eval/sampled_rm", "eval/sampled_gold"],
     "kl": ["kl/ref"],

@@ -163,7 +163,7 @@ def train_rm(config: RMConfig) -> dict:
         loss_fn,
         evaluate,
         total_steps,
-        bar=("train/loss", "train/accuracy", "eval/accuracy"),
+        bar={"loss": "train/loss", "accuracy": "train/accuracy", "held-out accuracy": "eval/accuracy"},
         desc="rm",
     )
 

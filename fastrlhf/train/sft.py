@@ -33,7 +33,7 @@ class SFTConfig(TrainArguments):
     epochs: int = flag(8, "Passes over the training data (InstructGPT: 16).")
     ptx_data: str | None = flag(
         None,
-        "Pretraining text JSONL ({\"text\"}) trained on next to the demonstrations as plain language "
+        'Pretraining text JSONL ({"text"}) trained on next to the demonstrations as plain language '
         "modelling, so the policy keeps (or, for tiny, gets) the text distribution whose perplexity PPO's "
         "alignment tax is measured on; every 10th line is held out, as in `fastrlhf ppo`.",
     )
@@ -103,7 +103,7 @@ def train_sft(config: SFTConfig) -> dict:
         loss_fn,
         evaluate,
         total_steps,
-        bar=("train/loss", "eval/loss"),
+        bar={"loss": "train/loss", "held-out loss": "eval/loss", "tokens/s": "train/items_per_s"},
         desc="sft",
     )
     model_dir = run.save_model(policy, tokenizer)
