@@ -69,7 +69,9 @@ class LabelConfig(InputOptions):
 @dataclasses.dataclass
 class ScoreConfig(InputOptions):
     reward_model: str | None = flag(
-        None, "A reward model saved by `fastrlhf rm` (its model/ dir or the run dir)."
+        None,
+        "A reward model: `fastrlhf rm` output (its model/ dir or the run dir) or any "
+        "AutoModelForSequenceClassification directory with one label.",
     )
     data: str | None = flag(
         None, 'JSONL of {"prompt", "response"} (e.g. generate\'s output); other fields kept.'
@@ -196,15 +198,13 @@ def run_score(config: ScoreConfig) -> Path:
     from fastrlhf.inference.score import score_pairs
     from fastrlhf.models.loading import ModelOptions, load_tokenizer
     from fastrlhf.models.reward_model import RewardModel, is_reward_model
+    from fastrlhf.models.reward_model_format import NOT_A_REWARD_MODEL
     from fastrlhf.train.run import quiet_libraries
 
     quiet_libraries()
     model = resolve_model(config.reward_model)
     if not is_reward_model(model):
-        raise InputError(
-            f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm` "
-            "(no score_head.safetensors)"
-        )
+        raise InputError(f"reward_model: {config.reward_model} {NOT_A_REWARD_MODEL}")
     records = read_jsonl(config.data, "sft")
     raw_lines = _raw_objects(config.data)
     tokenizer = load_tokenizer(model)

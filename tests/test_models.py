@@ -27,7 +27,7 @@ from fastrlhf.models.loading import (
     resolve_dtype,
 )
 from fastrlhf.models.policy import CausalLMPolicy, decoder_and_head
-from fastrlhf.models.reward_model import HEAD_FILE, META_FILE, RewardModel, is_reward_model
+from fastrlhf.models.reward_model import RewardModel, is_reward_model
 from fastrlhf.models.tiny import build_tiny_model
 
 LAYERS = 2
@@ -523,20 +523,25 @@ def test_reward_model_round_trip(model_dir, tmp_path):
     out = tmp_path / "rm"
     rm.save_pretrained(out)
     assert is_reward_model(out)
-    meta = json.loads((out / META_FILE).read_text())
-    assert meta["hidden_size"] == 32 and meta["normalization_bias"] == pytest.approx(0.7315)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["fastrlhf_reward"]["normalization_bias"] == pytest.approx(0.7315)
+    assert config["fastrlhf_reward"]["score_offset"] == pytest.approx(0.7315 + 0.125)
 
     reloaded = RewardModel.from_pretrained(str(out))
-    assert reloaded.normalization_bias.item() == rm.normalization_bias.item()
+    # the two constants come back as one: the whole offset in the normalisation bias
+    assert reloaded.normalization_bias.item() == pytest.approx(0.7315 + 0.125)
+    assert reloaded.head.proj.bias.item() == 0.0
     assert torch.equal(reloaded.head.proj.weight, rm.head.proj.weight)
-    assert torch.equal(reloaded.head.proj.bias, rm.head.proj.bias)
     sequences = _sequences(rm.config.vocab_size, [6, 11, 3], [2, 5, 1])
     batch = pad_batch(sequences, pad_token_id=0)
     rm.eval()
     reloaded.eval()
     with torch.no_grad():
-        assert torch.equal(reloaded(**model_inputs(batch)), rm(**model_inputs(batch)))
-    # the trunk is an ordinary HF directory
+        torch.testing.assert_close(
+            reloaded(**model_inputs(batch)), rm(**model_inputs(batch)), atol=1e-6, rtol=0
+        )
+    # the trunk loads as an ordinary HF base model
     trunk = AutoModel.from_pretrained(out).eval()
     with torch.no_grad():
         ids = batch["input_ids"][:1]
@@ -547,10 +552,10 @@ def test_reward_model_head_shape_mismatch_names_the_file(model_dir, tmp_path):
     rm = RewardModel.from_pretrained(model_dir)
     out = tmp_path / "rm"
     rm.save_pretrained(out)
-    tensors = load_file(out / HEAD_FILE)
-    tensors["weight"] = torch.zeros(1, 33)
-    save_file(tensors, out / HEAD_FILE)
-    with pytest.raises(ValueError, match=HEAD_FILE):
+    tensors = load_file(out / "model.safetensors")
+    tensors["score.weight"] = torch.zeros(1, 33)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"rm: head weight has shape \(1, 33\)"):
         RewardModel.from_pretrained(str(out))
 
 

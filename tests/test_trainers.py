@@ -103,8 +103,8 @@ def test_rm_saves_head_and_normalisation_bias_and_demonstrations_score_zero(rm_r
 
     output, summary = rm_run
     model_dir = output / "model"
-    head = load_file(model_dir / "score_head.safetensors")
-    assert float(head["normalization_bias"]) == pytest.approx(summary["normalization_bias"])
+    saved = json.loads((model_dir / "config.json").read_text())["fastrlhf_reward"]
+    assert saved["normalization_bias"] == pytest.approx(summary["normalization_bias"])
     assert summary["normalization_bias"] != 0.0
     reward_model = RewardModel.from_pretrained(str(model_dir))
     tokenizer = load_tokenizer(str(model_dir))

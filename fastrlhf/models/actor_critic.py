@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 
 import torch
 from torch import nn
@@ -34,7 +33,8 @@ from fastrlhf.errors import InputError
 from fastrlhf.models.heads import ScalarHead
 from fastrlhf.models.loading import ModelOptions, add_lora, load_causal_lm
 from fastrlhf.models.policy import decoder_and_head
-from fastrlhf.models.reward_model import HEAD_FILE, RewardModel
+from fastrlhf.models.reward_model import RewardModel
+from fastrlhf.models.reward_model_format import read_score_head
 from fastrlhf.models.tiny import resolve_model
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,16 @@ def value_head_from_reward_model(reward_model_path: str | None, hidden_size: int
     head = ScalarHead(hidden_size)
     if reward_model_path is None:
         return head
-    path = os.path.join(resolve_model(reward_model_path), HEAD_FILE)
-    if not os.path.exists(path):
+    saved = read_score_head(resolve_model(reward_model_path))
+    if saved is not None and saved.weight.shape != head.proj.weight.shape:
+        log.info("value head: reward model hidden size differs from the policy's; starting a fresh head")
         return head
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    if tensors["weight"].shape == head.proj.weight.shape:
+    if saved is not None:
         with torch.no_grad():
-            head.proj.weight.copy_(tensors["weight"])
+            head.proj.weight.copy_(saved.weight)
             # The values start as the reward model's scores; train_ppo maps them onto the normalised
             # scores' scale at the first rollout (ActorCritic.rescale_values).
-            head.proj.bias.copy_(tensors["bias"] + tensors["normalization_bias"])
-    else:
-        log.info("value head: reward model hidden size differs from the policy's; starting a fresh head")
+            head.proj.bias.fill_(saved.offset)
     return head
 
 

@@ -2,28 +2,29 @@
 
 The score of a (prompt, response) sequence is the head's output at its last non-pad token, plus a
 normalisation bias. After training, the bias is set so that demonstrations score 0 on average, as
-InstructGPT does; it is stored with the checkpoint and applied by every later use (``score``, PPO).
+InstructGPT does; it is saved with the model and applied by every later use (``score``, PPO).
 
-On disk a reward model is a normal HF directory for the trunk (``AutoModel`` loads it) plus
-``score_head.safetensors`` (the head's weight and bias, and the normalisation bias) and
-``reward_model.json`` (format marker and the bias, human-readable).
+On disk a reward model is an ``AutoModelForSequenceClassification`` directory with one label; the
+older fastrlhf format (trunk plus ``score_head.safetensors``) is still read. ``reward_model_format``
+says how the score's constant is kept exact.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 
-from fastrlhf.errors import InputError
 from fastrlhf.models.heads import ScalarHead, last_token_index
 from fastrlhf.models.loading import ModelOptions, load_causal_lm
+from fastrlhf.models.reward_model_format import (
+    is_reward_model,
+    read_score_head,
+    write_sequence_classification,
+)
 
-HEAD_FILE = "score_head.safetensors"
-META_FILE = "reward_model.json"
-FORMAT = "fastrlhf-reward-model"
+__all__ = ["RewardModel", "is_reward_model"]
 
 
 class RewardModel(nn.Module):
@@ -67,39 +68,31 @@ class RewardModel(nn.Module):
 
     # ---- HF-directory save / load -------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the trunk (LoRA merged in), the head and the bias into ``directory``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
+        """Write an ``AutoModelForSequenceClassification`` directory (LoRA merged in), with ``tokenizer``
+        when given; ``self`` is left unchanged."""
         trunk = self.trunk
         if hasattr(trunk, "merge_and_unload"):
             # A merged copy: the saved directory is a plain HF model, and self keeps its adapters.
             import copy
 
             trunk = copy.deepcopy(trunk).merge_and_unload()
-        trunk.save_pretrained(directory)
-        tensors = {
-            "weight": self.head.proj.weight.detach().float().cpu().contiguous(),
-            "bias": self.head.proj.bias.detach().float().cpu().contiguous(),
-            "normalization_bias": self.normalization_bias.detach().float().cpu().reshape(1),
-        }
-        save_file(tensors, os.path.join(directory, HEAD_FILE), metadata={"format": FORMAT})
-        meta = {
-            "format": FORMAT,
-            "version": 1,
-            "hidden_size": self.head.proj.in_features,
-            "normalization_bias": float(self.normalization_bias),
-        }
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        normalization_bias = float(self.normalization_bias)
+        write_sequence_classification(
+            directory,
+            trunk,
+            self.head.proj.weight,
+            offset=float(self.head.proj.bias.detach().double()) + normalization_bias,
+            normalization_bias=normalization_bias,
+            tokenizer=tokenizer,
+        )
 
     @classmethod
     def from_pretrained(
         cls, model: str, options: ModelOptions | None = None, device_index: int = 0
     ) -> RewardModel:
-        """Load a saved reward model, or start one from a causal LM (then the head is freshly initialised)."""
-        from safetensors.torch import load_file
+        """Load a reward model (either format, transformers' sequence classifiers with one label included),
+        or start one from a causal LM (then the head is freshly initialised)."""
         from transformers import AutoModel
 
         from fastrlhf.models.tiny import resolve_model
@@ -107,22 +100,11 @@ class RewardModel(nn.Module):
         path = resolve_model(model)
         trunk = load_causal_lm(path, options, auto_class=AutoModel, device_index=device_index)
         reward_model = cls(trunk)
-        head_path = os.path.join(path, HEAD_FILE)
-        if os.path.exists(head_path):
-            tensors = load_file(head_path)
-            expected = reward_model.head.proj.weight.shape
-            if tensors["weight"].shape != expected:
-                raise InputError(
-                    f"{head_path}: head weight has shape {tuple(tensors['weight'].shape)}, "
-                    f"the trunk needs {tuple(expected)}"
-                )
+        saved = read_score_head(path, reward_model.head.proj.in_features)
+        if saved is not None:
+            # One constant: the head's bias is 0 and the normalisation bias carries the whole offset.
             with torch.no_grad():
-                reward_model.head.proj.weight.copy_(tensors["weight"])
-                reward_model.head.proj.bias.copy_(tensors["bias"])
-                reward_model.normalization_bias.copy_(tensors["normalization_bias"].reshape(()))
+                reward_model.head.proj.weight.copy_(saved.weight)
+                reward_model.head.proj.bias.zero_()
+                reward_model.normalization_bias.fill_(saved.offset)
         return reward_model
-
-
-def is_reward_model(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a saved reward model (a head next to the trunk)."""
-    return os.path.exists(os.path.join(path, HEAD_FILE))

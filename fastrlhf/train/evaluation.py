@@ -37,8 +37,16 @@ class EvalSet:
 
 
 def evaluate_policy(
-    model, tokenizer, data: EvalSet, *, temperature: float, samples: int, max_new_tokens: int, seed: int,
-    batch_size: int, device
+    model,
+    tokenizer,
+    data: EvalSet,
+    *,
+    temperature: float,
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    device,
 ) -> dict:
     """Scores of the policy's responses to the held-out prompts, and the held-out text's perplexity.
 

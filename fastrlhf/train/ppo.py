@@ -31,6 +31,7 @@ from fastrlhf.errors import InputError
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
 from fastrlhf.models.loading import DEFAULT_LORA_RANK, ModelOptions, load_tokenizer
 from fastrlhf.models.reward_model import RewardModel, is_reward_model
+from fastrlhf.models.reward_model_format import NOT_A_REWARD_MODEL
 from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import RunArguments, flag
 from fastrlhf.train.datasets import split_texts
@@ -55,7 +56,9 @@ class PPOConfig(RunArguments):
         "tiny", "The SFT model to start from (a local HF directory, an SFT run dir, or 'tiny')."
     )
     reward_model: str | None = flag(
-        None, "The reward model (`fastrlhf rm` output); 'none' with --reward-fn only."
+        None,
+        "The reward model: `fastrlhf rm` output or any AutoModelForSequenceClassification directory with "
+        "one label; 'none' with --reward-fn only.",
     )
     prompts: str = flag(
         "sample", "PPO prompt JSONL ({\"prompt\"}, extra fields ignored); 'sample' = bundled."
@@ -432,7 +435,7 @@ def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
         return None
     path = resolve_model(config.reward_model)
     if not is_reward_model(path):
-        raise InputError(f"reward_model: {config.reward_model} is not a reward model saved by `fastrlhf rm`")
+        raise InputError(f"reward_model: {config.reward_model} {NOT_A_REWARD_MODEL}")
     reward_model = RewardModel.from_pretrained(
         path, ModelOptions(dtype=config.dtype, attn_implementation=config.attn_implementation)
     )

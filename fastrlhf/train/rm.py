@@ -184,7 +184,7 @@ def train_rm(config: RMConfig) -> dict:
         )
     unwrapped.set_normalization_bias(bias)
     model_dir = run.save_model(
-        reward_model, tokenizer, save_fn=lambda model, path: model.save_pretrained(path)
+        reward_model, tokenizer, save_fn=lambda model, path: model.save_pretrained(path, tokenizer)
     )
     trainable, total = trainable_parameters(unwrapped)
     summary = {

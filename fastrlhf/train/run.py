@@ -378,8 +378,9 @@ class TrainingRun:
             check_finite_parameters(unwrapped, "the final model")
             tmp = self.run_dir / f".{FINAL_MODEL_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            (save_fn or save_causal_lm)(unwrapped, tmp)
+            # The tokenizer first: a custom save_fn may replace it (a reward model gives it its own pad).
             tokenizer.save_pretrained(tmp)
+            (save_fn or save_causal_lm)(unwrapped, tmp)
             old = self.run_dir / f".{FINAL_MODEL_DIR}.old"
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
