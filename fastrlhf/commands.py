@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from fastrlhf.errors import InputError
+from fastrlhf.models.loading import TRUST_REMOTE_CODE_HELP
 from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import InputOptions, flag
 from fastrlhf.train.io import atomic_output, atomic_write_json
@@ -30,6 +31,7 @@ class GenerateConfig(InputOptions):
     max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
     seed: int = flag(0, "Sampling seed.")
     dtype: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+    trust_remote_code: bool = flag(False, TRUST_REMOTE_CODE_HELP)
 
     def __post_init__(self):
         if not self.output:
@@ -55,6 +57,7 @@ class LabelConfig(InputOptions):
     max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
     seed: int = flag(0, "Sampling seed.")
     dtype: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+    trust_remote_code: bool = flag(False, TRUST_REMOTE_CODE_HELP)
 
     def __post_init__(self):
         for name in ("labeler", "output"):
@@ -81,6 +84,7 @@ class ScoreConfig(InputOptions):
     max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens (as in RM training).")
     max_response_tokens: int = flag(256, "Longer responses keep their first tokens.")
     dtype: str = flag("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+    trust_remote_code: bool = flag(False, TRUST_REMOTE_CODE_HELP)
 
     def __post_init__(self):
         for name in ("reward_model", "data", "output"):
@@ -101,6 +105,7 @@ class DataConfig(InputOptions):
         None, "With a model (or 'tiny'): also report tokenisation, truncation and padding."
     )
     batch_size: int = flag(16, "Batch size for the padding report.")
+    trust_remote_code: bool = flag(False, TRUST_REMOTE_CODE_HELP)
     max_prompt_tokens: int = flag(256, "Truncation policy for the report: prompt keeps its last N tokens.")
     max_response_tokens: int = flag(
         256, "Truncation policy for the report: response keeps its first N tokens."
@@ -125,8 +130,8 @@ def run_generate(config: GenerateConfig) -> Path:
     quiet_libraries()
     model = resolve_model(config.model)
     records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
-    tokenizer = load_tokenizer(model)
-    lm = load_causal_lm(model, ModelOptions(dtype=config.dtype))
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    lm = load_causal_lm(model, ModelOptions(dtype=config.dtype, trust_remote_code=config.trust_remote_code))
     if torch.cuda.is_available():
         lm = lm.cuda()
     truncation = TruncationPolicy(config.max_prompt_tokens, 1)
@@ -166,8 +171,8 @@ def run_label(config: LabelConfig) -> dict:
     labeler = load_reward_fn(config.labeler)
     model = resolve_model(config.model)
     records = read_jsonl(data_path(config.prompts, "ppo", "prompts"), "ppo")
-    tokenizer = load_tokenizer(model)
-    lm = load_causal_lm(model, ModelOptions(dtype=config.dtype))
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    lm = load_causal_lm(model, ModelOptions(dtype=config.dtype, trust_remote_code=config.trust_remote_code))
     if torch.cuda.is_available():
         lm = lm.cuda()
     truncation = TruncationPolicy(config.max_prompt_tokens, 1)
@@ -207,8 +212,10 @@ def run_score(config: ScoreConfig) -> Path:
         raise InputError(f"reward_model: {config.reward_model} {NOT_A_REWARD_MODEL}")
     records = read_jsonl(config.data, "sft")
     raw_lines = _raw_objects(config.data)
-    tokenizer = load_tokenizer(model)
-    reward_model = RewardModel.from_pretrained(model, ModelOptions(dtype=config.dtype))
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    reward_model = RewardModel.from_pretrained(
+        model, ModelOptions(dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    )
     if torch.cuda.is_available():
         reward_model = reward_model.cuda()
     truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
@@ -261,7 +268,7 @@ def run_data(config: DataConfig) -> dict:
         from fastrlhf.train.run import quiet_libraries
 
         quiet_libraries()
-        tokenizer = load_tokenizer(resolve_model(config.model))
+        tokenizer = load_tokenizer(resolve_model(config.model), config.trust_remote_code)
         truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
         if config.kind in ("sft", "chat"):
             sequences, token_report = tokenize_sft(train, tokenizer, truncation)

@@ -13,6 +13,8 @@ import torch
 
 # The tiny model is built on first use under FASTRLHF_HOME; tests build their own, never touching ~/.cache.
 os.environ.setdefault("FASTRLHF_HOME", tempfile.mkdtemp(prefix="fastrlhf-test-home-"))
+# Model code loaded with trust_remote_code is copied into HF_MODULES_CACHE: a temporary one, likewise.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="fastrlhf-test-hf-modules-"))
 
 if "triton" in sys.modules:  # pragma: no cover - would make the setting below ineffective
     raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")

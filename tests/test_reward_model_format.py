@@ -273,11 +273,3 @@ def test_the_older_format_is_still_read(llama_dir, tmp_path):
         atol=1e-6,
         rtol=0,
     )
-
-
-def test_a_causal_lm_is_not_a_reward_model_and_the_cli_says_what_is(llama_dir):
-    from fastrlhf.commands import ScoreConfig, run_score
-
-    assert not is_reward_model(llama_dir) and read_score_head(llama_dir) is None
-    with pytest.raises(ValueError, match="AutoModelForSequenceClassification with one label"):
-        run_score(ScoreConfig(reward_model=llama_dir, data="unused.jsonl", output="unused.jsonl"))

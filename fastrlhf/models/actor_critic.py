@@ -31,8 +31,8 @@ from torch import nn
 
 from fastrlhf.errors import InputError
 from fastrlhf.models.heads import ScalarHead
-from fastrlhf.models.loading import ModelOptions, add_lora, load_causal_lm
-from fastrlhf.models.policy import decoder_and_head
+from fastrlhf.models.loading import ModelOptions, add_lora, load_causal_lm, load_config
+from fastrlhf.models.policy import decoder_and_head, require_plain_logits
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.models.reward_model_format import read_score_head
 from fastrlhf.models.tiny import resolve_model
@@ -232,12 +232,8 @@ def build_actor_critic(
     """
     if mode not in MODES:
         raise InputError(f"actor_critic: expected one of {MODES}, got {mode!r}")
-    frozen_options = ModelOptions(
-        dtype=options.dtype,
-        attn_implementation=options.attn_implementation,
-        quantization=options.quantization if mode == "lora" else "none",
-        lora_r=options.lora_r if mode == "lora" else 0,
-    )
+    # Before any weights load: a model whose logits are post-processed cannot be trained here.
+    require_plain_logits(load_config(policy, options.trust_remote_code), policy)
     if mode == "lora":
         if options.lora_r <= 0:
             raise InputError("actor_critic=lora: the adapters need a rank, pass --lora-r > 0 (e.g. 16)")
@@ -265,11 +261,14 @@ def build_actor_critic(
     reference = _frozen(
         load_causal_lm(
             policy,
-            ModelOptions(dtype=options.dtype, attn_implementation=options.attn_implementation),
+            ModelOptions(
+                dtype=options.dtype,
+                attn_implementation=options.attn_implementation,
+                trust_remote_code=options.trust_remote_code,
+            ),
             device_index=device_index,
         )
     )
-    del frozen_options
     if not with_critic:
         return ActorCritic(mode, lm, reference_lm=reference)
     if mode == "shared":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
+import os
 
 import torch
 
@@ -28,6 +30,11 @@ QUANTIZATION = ("none", "8bit", "4bit")
 # The adapters' rank when `--actor-critic lora` is asked for without --lora-r: the rank common in LoRA
 # RLHF recipes (TRL's and OpenRLHF's examples use 8-64); alpha stays 16, so the scale alpha/r is 1.
 DEFAULT_LORA_RANK = 16
+
+TRUST_REMOTE_CODE_HELP = (
+    "Run the Python code a model directory ships (config.json's auto_map) to load it; off by default, "
+    "as that code runs with your permissions."
+)
 
 
 @dataclasses.dataclass
@@ -68,6 +75,7 @@ class ModelOptions:
             "or none."
         },
     )
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     dropout: float | None = dataclasses.field(
         default=None,
         metadata={
@@ -113,7 +121,36 @@ def resolve_attention(name: str) -> str:
     return "sdpa"
 
 
-def load_tokenizer(model: str):
+def require_trust_for_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse, with the flag to pass, a model directory whose config or tokenizer maps to its own code."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        with open(file) as f:
+            auto_map = json.load(f).get("auto_map")
+        if auto_map:
+            files = sorted(
+                {str(v[0] if isinstance(v, list) else v).split(".")[0] + ".py" for v in auto_map.values()}
+            )
+            raise InputError(
+                f"{file}: the model ships its own code ({', '.join(files)}, named in auto_map) and loading "
+                "it runs that code; pass --trust-remote-code true if you trust it"
+            )
+
+
+def load_config(model: str, trust_remote_code: bool = False):
+    """The transformers config of a local model directory (or ``tiny``), without loading weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model(model)
+    require_trust_for_remote_code(path, trust_remote_code)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
     """The tokenizer of a local model directory (or ``tiny``), with a pad token guaranteed.
 
     A tokenizer without a pad token gets its eos as pad: the trainers never read pad positions (masks
@@ -121,7 +158,9 @@ def load_tokenizer(model: str):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    path = resolve_model(model)
+    require_trust_for_remote_code(path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise InputError(f"model {model!r}: the tokenizer has neither a pad nor an eos token")
@@ -143,6 +182,18 @@ def _quantization_config(options: ModelOptions, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def _supports_sdpa(path: str, auto_class) -> bool:
+    """Whether the class ``auto_class`` maps ``path``'s config to runs under sdpa (True when unknown)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model_class = auto_class._model_mapping[type(config)]
+    except (KeyError, ValueError, OSError):  # remote code, or an unmapped config: let transformers decide
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
+
+
 def load_causal_lm(
     model: str, options: ModelOptions | None = None, *, auto_class=None, device_index: int = 0
 ):
@@ -160,7 +211,14 @@ def load_causal_lm(
     attention = resolve_attention(options.attn_implementation)
     if attention == "flash_attention_2" and dtype == torch.float32:
         raise InputError("attn_implementation=flash_attention_2 needs --dtype bfloat16 or float16")
-    kwargs = {"dtype": dtype, "attn_implementation": attention}
+    require_trust_for_remote_code(path, options.trust_remote_code)
+    if options.attn_implementation == "auto" and attention == "sdpa" and not _supports_sdpa(path, auto_class):
+        attention = "eager"  # e.g. Gemma 2: sdpa cannot soft-cap attention scores
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": attention,
+        "trust_remote_code": options.trust_remote_code,
+    }
     quantization = _quantization_config(options, dtype)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device_index})

@@ -12,6 +12,33 @@ from torch import nn
 
 from fastrlhf import ops
 from fastrlhf.data.batching import IGNORE_INDEX
+from fastrlhf.errors import InputError
+
+
+def logits_postprocessing(config) -> str | None:
+    """What a model does to its logits after the lm_head (soft-capping, scaling), or None when nothing."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        return f"soft-caps its logits (final_logit_softcapping={cap})"
+    for name in ("logit_scale", "logits_scaling"):  # Cohere multiplies by one, Granite divides by the other
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"scales its logits ({name}={value})"
+    return None
+
+
+def require_plain_logits(config, model: str) -> None:
+    """Refuse a model whose logits are not ``hidden @ lm_head.T``: its log-probs would be silently wrong.
+
+    Called before a trainer loads the weights, so the refusal comes first."""
+    reason = logits_postprocessing(config)
+    if reason is not None:
+        raise InputError(
+            f"model {model!r} ({config.model_type}) {reason} after the lm_head; fastrlhf trains on "
+            "log_softmax(hidden @ lm_head.T), which would differ from the model's own log-probs. Such a "
+            "model can generate and be scored, not trained with sft or ppo"
+        )
 
 
 def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -21,18 +48,8 @@ def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     if decoder is None or not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(lm).__name__}: cannot find the decoder and a Linear lm_head")
-    config = lm.config
-    # Log-probs are taken from hidden @ lm_head.T directly; models that post-process their logits would
-    # get silently wrong log-probs, so they are refused rather than mis-trained.
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (
-        1,
-        1.0,
-        None,
-    ):
-        raise ValueError(
-            f"{config.model_type}: logit soft-capping / scaling after the lm_head is not supported"
-        )
+        raise InputError(f"{type(lm).__name__}: cannot find the decoder and a Linear lm_head")
+    require_plain_logits(lm.config, type(lm).__name__)
     return decoder, head
 
 

@@ -11,6 +11,7 @@ says how the score's constant is kept exact.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -19,12 +20,16 @@ from torch import nn
 from fastrlhf.models.heads import ScalarHead, last_token_index
 from fastrlhf.models.loading import ModelOptions, load_causal_lm
 from fastrlhf.models.reward_model_format import (
+    has_sequence_classifier,
     is_reward_model,
     read_score_head,
+    write_legacy,
     write_sequence_classification,
 )
 
 __all__ = ["RewardModel", "is_reward_model"]
+
+log = logging.getLogger(__name__)
 
 
 class RewardModel(nn.Module):
@@ -78,7 +83,15 @@ class RewardModel(nn.Module):
 
             trunk = copy.deepcopy(trunk).merge_and_unload()
         normalization_bias = float(self.normalization_bias)
-        write_sequence_classification(
+        write = write_sequence_classification
+        if not has_sequence_classifier(trunk.config):
+            log.warning(
+                "%s has no AutoModelForSequenceClassification; the reward model is saved in fastrlhf's own "
+                "format (trunk + score_head.safetensors), which only fastrlhf reads",
+                type(trunk).__name__,
+            )
+            write = write_legacy
+        write(
             directory,
             trunk,
             self.head.proj.weight,

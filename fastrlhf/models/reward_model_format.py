@@ -22,6 +22,8 @@ its own pad token (``<|reward_pad|>``), with an embedding row added when the voc
 
 **Read**: the format above (foreign models included: their offset is 0), and the older fastrlhf
 format: a trunk directory plus ``score_head.safetensors`` (head weight, head bias, normalisation bias).
+That older format is still what an architecture without any sequence classifier (custom code that ships
+none) is written in.
 """
 
 from __future__ import annotations
@@ -209,12 +211,24 @@ def _embedding_row_for(trunk: nn.Module, token_id: int):
         trunk.config.vocab_size = vocab_size
 
 
+def has_sequence_classifier(config) -> bool:
+    """Whether transformers (or the model's own code, already trusted to load it) has a sequence
+    classifier for ``config``'s architecture."""
+    from transformers import AutoModelForSequenceClassification
+
+    if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):
+        return True
+    return type(config) in AutoModelForSequenceClassification._model_mapping
+
+
 def _sequence_classifier(trunk: nn.Module, weight: torch.Tensor, config):
     """transformers' ``AutoModelForSequenceClassification`` for ``config`` around ``trunk`` (not copied)."""
     from transformers import AutoModelForSequenceClassification
 
+    # A model with its own code was loaded with --trust-remote-code: its classifier is that same code.
+    remote = bool(getattr(config, "auto_map", None))
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=remote)
     setattr(model, model.base_model_prefix, trunk)
     model.score = nn.Linear(weight.shape[1], 1, bias=False)
     with torch.no_grad():
@@ -300,5 +314,30 @@ def write_sequence_classification(
                 with torch.no_grad():
                     norm[1].bias.copy_(original_bias)
             trunk.train(was_training)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def write_legacy(
+    directory: str | os.PathLike,
+    trunk: nn.Module,
+    weight: torch.Tensor,
+    offset: float,
+    normalization_bias: float,
+    tokenizer=None,
+) -> None:
+    """The older format, for architectures without a sequence classifier: ``trunk``'s directory plus
+    ``score_head.safetensors`` (weight ``[1, H]``, bias, normalisation bias)."""
+    from safetensors.torch import save_file
+
+    trunk.save_pretrained(directory)
+    tensors = {
+        "weight": weight.detach().float().cpu().contiguous(),
+        "bias": torch.tensor([offset - normalization_bias], dtype=torch.float32),
+        "normalization_bias": torch.tensor([normalization_bias], dtype=torch.float32),
+    }
+    save_file(
+        tensors, os.path.join(directory, LEGACY_HEAD_FILE), metadata={"format": "fastrlhf-reward-model"}
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

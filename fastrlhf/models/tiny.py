@@ -159,9 +159,13 @@ def _is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> str:
+def build_tiny_model(
+    out_dir: str | os.PathLike, seed: int = 0, architecture: str = "llama", **overrides
+) -> str:
     """Initialise ``tiny`` (``tiny_config(**overrides)``) from ``seed`` and save it with its tokenizer as an
     HF directory at ``out_dir``; returns the directory. The global torch RNG is left as it was.
+    ``architecture`` other than ``llama`` builds that architecture at tiny's sizes instead
+    (``architectures.architecture_config(architecture, **overrides)``).
 
     The directory appears atomically (built next to it, then renamed), so a crash never leaves half a
     model. A model already at ``out_dir`` is kept as it is. Concurrent builders (the processes of one
@@ -183,23 +187,28 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> 
             raise FileExistsError(
                 f"out_dir {out_dir!r} exists, is not empty and holds no model (no config.json)"
             )
-        _build_into(out_dir, parent, seed, overrides)
+        _build_into(out_dir, parent, seed, architecture, overrides)
         # Safe to remove while held: a process still waiting on it finds the model once it gets the lock,
         # and one arriving later finds the model before it looks for a lock.
         os.unlink(lock_path)
     return out_dir
 
 
-def _build_into(out_dir: str, parent: str, seed: int, overrides: dict) -> str:
+def _build_into(out_dir: str, parent: str, seed: int, architecture: str, overrides: dict) -> str:
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from fastrlhf.models.architectures import architecture_config
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        config = tiny_config(**overrides)
+        if architecture == "llama":
+            config = tiny_config(**overrides)
+        else:
+            config = architecture_config(architecture, **overrides)
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         model.generation_config.pad_token_id = config.pad_token_id
         model.save_pretrained(tmp)
         load_tiny_tokenizer().save_pretrained(tmp)

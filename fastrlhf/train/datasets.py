@@ -76,7 +76,7 @@ def load_tokenized(config, tokenize) -> SupervisedData:
     truncation) -> (items, report)`` both splits with ``config.model``'s tokenizer."""
     from fastrlhf.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     truncation = TruncationPolicy(config.max_prompt_tokens, config.max_response_tokens)
     train_records, eval_records = load_train_eval(
         config.data, config.eval_data, config.data_format, config.validation_fraction, config.seed

@@ -29,7 +29,8 @@ from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
 from fastrlhf.errors import InputError
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
-from fastrlhf.models.loading import DEFAULT_LORA_RANK, ModelOptions, load_tokenizer
+from fastrlhf.models.loading import DEFAULT_LORA_RANK, ModelOptions, load_config, load_tokenizer
+from fastrlhf.models.policy import require_plain_logits
 from fastrlhf.models.reward_model import RewardModel, is_reward_model
 from fastrlhf.models.reward_model_format import NOT_A_REWARD_MODEL
 from fastrlhf.models.tiny import resolve_model
@@ -252,7 +253,9 @@ class PPOModels:
 
 def train_ppo(config: PPOConfig) -> dict:
     """Run PPO (or a critic-free estimator); returns the summary (also in summary.json)."""
-    data = load_ppo_data(config)  # all inputs read and checked before the run directory is touched
+    # All inputs read and checked before the run directory is touched.
+    require_plain_logits(load_config(config.policy, config.trust_remote_code), config.policy)
+    data = load_ppo_data(config)
     run = TrainingRun(config)
     accelerator, device = run.accelerator, run.device
     models = build_ppo_models(config, accelerator, data)
@@ -348,7 +351,7 @@ def train_ppo(config: PPOConfig) -> dict:
 
 def load_ppo_data(config: PPOConfig) -> PPOData:
     """Tokenised train and held-out prompts, ptx and perplexity texts, and the judges of the evaluation."""
-    tokenizer = load_tokenizer(resolve_model(config.policy))
+    tokenizer = load_tokenizer(resolve_model(config.policy), config.trust_remote_code)
     truncation = TruncationPolicy(config.max_prompt_tokens, 1)
     train_prompts, eval_prompts = split_prompts(config)
     train_ids, _ = tokenize_prompts(train_prompts, tokenizer, truncation)
@@ -437,7 +440,12 @@ def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:
     if not is_reward_model(path):
         raise InputError(f"reward_model: {config.reward_model} {NOT_A_REWARD_MODEL}")
     reward_model = RewardModel.from_pretrained(
-        path, ModelOptions(dtype=config.dtype, attn_implementation=config.attn_implementation)
+        path,
+        ModelOptions(
+            dtype=config.dtype,
+            attn_implementation=config.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+        ),
     )
     reward_model.eval().requires_grad_(False)
     return reward_model.to(device)

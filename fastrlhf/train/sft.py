@@ -16,8 +16,8 @@ from accelerate.utils import send_to_device
 from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
 from fastrlhf.data.tokenize import tokenize_sft
 from fastrlhf.errors import InputError
-from fastrlhf.models.loading import load_causal_lm, resolve_attention, trainable_parameters
-from fastrlhf.models.policy import CausalLMPolicy
+from fastrlhf.models.loading import load_causal_lm, load_config, resolve_attention, trainable_parameters
+from fastrlhf.models.policy import CausalLMPolicy, require_plain_logits
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader, split_texts
 from fastrlhf.train.run import TrainingRun, evaluating
@@ -48,6 +48,7 @@ class SFTConfig(TrainArguments):
 def train_sft(config: SFTConfig) -> dict:
     """Fine-tune ``config.model`` on ``config.data``; returns the summary (also in summary.json)."""
     # All inputs are read and checked before the run directory is touched.
+    require_plain_logits(load_config(config.model, config.trust_remote_code), config.model)
     data = load_tokenized(config, tokenize_sft)
     tokenizer, train_seqs, eval_seqs, train_report = data.tokenizer, data.train, data.eval, data.report
     text_seqs, _ = split_texts(config.ptx_data, config.ptx_data, tokenizer) if config.ptx_data else ([], [])
