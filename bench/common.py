@@ -49,7 +49,10 @@ def device_name(device: str) -> str:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
                     break
-    return f"{model} ({torch.get_num_threads()} threads)"
+    # torch's huge-page switch changes what every fresh CPU buffer costs (eager's several-fold more than
+    # the fused kernels'), so rows measured under it name it and stay apart from the default's.
+    thp = ", THP_MEM_ALLOC_ENABLE=1" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
+    return f"{model} ({torch.get_num_threads()} threads{thp})"
 
 
 def peer_versions() -> str:

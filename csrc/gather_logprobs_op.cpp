@@ -18,6 +18,7 @@
 
 #include "gather_logprobs_entry.h"
 #include "op_checks.h"
+#include "output_alloc.h"
 
 namespace fastrlhf {
 namespace {
@@ -101,7 +102,7 @@ Tensor gather_logprobs_backward_kernel(const Tensor& grad_logprobs, const std::o
                                        const Tensor& entropy, double temperature, int64_t ignore_index) {
   const GatherCall c = prepare(logits, labels, temperature, ignore_index, /*check_labels=*/false);
   auto [g, h, e] = flat_grads(grad_logprobs, grad_entropy, entropy);
-  Tensor dlogits = at::empty(c.logits.sizes(), c.logits.options());
+  Tensor dlogits = empty_output(c.logits.sizes(), c.logits.options());
   gather_logprobs_backward(g, h, c.logits, c.labels, stats.contiguous(), e, c.inv_temperature, ignore_index, dlogits);
   return dlogits.view(logits.sizes());
 }

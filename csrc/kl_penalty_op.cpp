@@ -25,6 +25,7 @@
 #include "common/kl.h"
 #include "cpu/dispatch.h"
 #include "op_checks.h"
+#include "output_alloc.h"
 #include "tensor_params.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
@@ -119,7 +120,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const KLCall& c) {
   const auto f32 = c.logprobs.options().dtype(at::kFloat);
   const int64_t n = c.logprobs.numel();
   if (c.reduction == Reduction::kNone) {
-    Tensor kl = at::empty(c.out_sizes, f32);
+    Tensor kl = empty_output(c.out_sizes, f32);
     KLPenaltyParams p{};
     p.logprobs = c.logprobs.const_data_ptr();
     p.ref_logprobs = c.ref_logprobs.const_data_ptr();
@@ -223,8 +224,8 @@ bool is_uniform(const Tensor& t) {
 std::tuple<Tensor, Tensor> backward_cpu(const KLCall& c, const Tensor& grad_in, const Tensor& normalizer,
                                         bool ref_grad) {
   const auto f32 = c.logprobs.options().dtype(at::kFloat);
-  Tensor d_logprobs = at::empty(c.logprobs.sizes(), f32);
-  Tensor d_ref = ref_grad ? at::empty(c.logprobs.sizes(), f32) : at::empty({0}, f32);
+  Tensor d_logprobs = empty_output(c.logprobs.sizes(), f32);
+  Tensor d_ref = ref_grad ? empty_output(c.logprobs.sizes(), f32) : at::empty({0}, f32);
   const int64_t n = c.logprobs.numel();
   if (n == 0) return {d_logprobs, d_ref};
   const Tensor grad = grad_in.to(at::kFloat);
