@@ -5,9 +5,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <atomic>
 #include <charconv>
+#include <cstdlib>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -110,24 +115,64 @@ inline double check_finite(const char* name, double value) {
   return value;
 }
 
+// Raises the "must hold only 0 and 1" error for the mask element `bad` (a one-element tensor).
+[[noreturn]] inline void bad_mask_value(const char* name, const at::Tensor& mask, const at::Tensor& bad) {
+  std::ostringstream found;
+  if (mask.is_floating_point()) {
+    found << py_float(bad.item<double>());
+  } else {
+    found << bad.item<int64_t>();
+  }
+  TORCH_CHECK_VALUE(false, name, " must hold only 0 and 1 (it is a mask), found ", found.str());
+  std::abort();  // not reached: TORCH_CHECK_VALUE(false, ...) throws
+}
+
+// CPU: check and convert in one pass over the mask. The ATen composition below costs five ops and a
+// device-to-host read, ~25 us on a 2 x 8 float mask, three times a whole GAE call on a bool mask.
+// Blocks are checked branch-free (so the loop vectorises) and searched only when one fails; the
+// error names the first bad element in row-major order, as the ATen path does.
+inline at::Tensor mask_as_bytes_cpu(const char* name, const at::Tensor& mask) {
+  constexpr int64_t kBlock = 4096;
+  const at::Tensor src = mask.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kByte));
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  const int64_t n = src.numel();
+  std::atomic<int64_t> first_bad{n};
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mask_as_bytes", [&] {
+    const scalar_t* values = src.const_data_ptr<scalar_t>();
+    at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t block = lo; block < hi; ++block) {
+        const int64_t begin = block * kBlock, end = std::min(n, begin + kBlock);
+        int not_binary = 0;  // a count, not a bool: GCC vectorises this form, 4x the && / |= ones
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t v = values[i];
+          not_binary += (v != scalar_t(0)) & (v != scalar_t(1));
+          dst[i] = v == scalar_t(1);
+        }
+        if (not_binary == 0) continue;
+        int64_t i = begin;
+        while (values[i] == scalar_t(0) || values[i] == scalar_t(1)) ++i;
+        int64_t seen = first_bad.load();
+        while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
+        }
+        return;  // later blocks of this chunk cannot hold an earlier bad element
+      }
+    });
+  });
+  if (first_bad.load() < n) bad_mask_value(name, src, src.view(-1)[first_bad.load()]);
+  return out;
+}
+
 // A 0/1 mask of any real or bool dtype as a contiguous uint8 tensor (a bool mask is reinterpreted,
 // not copied). Values other than 0 and 1 are an error; a meta tensor has no values to check.
 inline at::Tensor mask_as_bytes(const char* name, const at::Tensor& mask) {
   if (mask.scalar_type() == at::kBool) return mask.contiguous().view(at::kByte);
   TORCH_CHECK_VALUE(!mask.is_complex(), name, " must be bool or a real 0/1 tensor, got ",
                     py_dtype(mask.scalar_type()));
+  if (mask.is_cpu() && mask.numel() > 0) return mask_as_bytes_cpu(name, mask);
   if (mask.numel() > 0 && !mask.is_meta()) {
     const at::Tensor bad = mask.ne(0).logical_and(mask.ne(1));
-    if (bad.any().item<bool>()) {
-      const at::Tensor first = mask.masked_select(bad).flatten()[0];
-      std::ostringstream found;
-      if (mask.is_floating_point()) {
-        found << py_float(first.item<double>());
-      } else {
-        found << first.item<int64_t>();
-      }
-      TORCH_CHECK_VALUE(false, name, " must hold only 0 and 1 (it is a mask), found ", found.str());
-    }
+    if (bad.any().item<bool>()) bad_mask_value(name, mask, mask.masked_select(bad).flatten()[0]);
   }
   return mask.to(at::kByte).contiguous();
 }

@@ -312,3 +312,44 @@ def test_opcheck_gather_logprobs(backend, device):
             (*inplace_args, 0.8, -100),
             test_utils=("test_schema", "test_faketensor"),
         )
+
+
+MASK_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+]
+
+
+@pytest.mark.parametrize("dtype", MASK_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5), (64, 4111)])  # one block of the C++ check, and 65 of them
+def test_a_0_1_mask_of_any_dtype_gives_what_its_bool_mask_gives(dtype, shape):
+    logprobs, ref = -torch.rand(shape) * 3, -torch.rand(shape) * 3
+    keep = torch.rand(shape) > 0.3
+    expected = kl_penalty(logprobs, ref, keep, "k3", reduction="seq-mean")
+    as_dtype = kl_penalty(logprobs, ref, keep.to(dtype), "k3", reduction="seq-mean")
+    assert torch.equal(as_dtype, expected)
+    strided = keep.to(dtype).T.contiguous().T  # same values, column-major
+    assert not strided.is_contiguous()
+    assert torch.equal(kl_penalty(logprobs, ref, strided, "k3", reduction="seq-mean"), expected)
+
+
+@pytest.mark.parametrize("dtype", MASK_DTYPES)
+@pytest.mark.parametrize("bad_value", [2, -1, 0.5, float("nan")])
+def test_the_first_bad_mask_value_is_named_wherever_it_lies(dtype, bad_value):
+    is_fraction = bad_value != bad_value or bad_value != int(bad_value)
+    if is_fraction and not dtype.is_floating_point:
+        pytest.skip("an integer mask cannot hold a fraction or NaN")
+    shape = (64, 4111)
+    x = torch.randn(shape)
+    mask = (torch.rand(shape) > 0.3).to(dtype)
+    flat = mask.view(-1)
+    flat[200_000] = bad_value  # in a later block and a later thread's chunk
+    flat[150_001] = bad_value * 3  # the first bad one
+    expected = _message(lambda: kl_penalty(x, x, mask, backend="torch"))
+    assert _message(lambda: kl_penalty(x, x, mask, backend="auto")) == expected
+    assert _message(lambda: gae(x, x, mask, 1.0, 0.9, backend="auto")) == expected
