@@ -8,7 +8,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import crash_after_checkpoint, launch_two_processes, read_lines, run_rm, run_sft
+from trainer_runs import (
+    ACCELERATE_CONFIGS,
+    crash_after_checkpoint,
+    launch_two_processes,
+    read_lines,
+    run_rm,
+    run_sft,
+)
 
 from fastrlhf.data import synthetic
 from fastrlhf.data.tasks import BUNDLED_TASK, task_module
@@ -158,8 +165,12 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process launch is exercised on Linux")
 def test_same_command_under_accelerate_launch_with_two_processes(tmp_path):
     output = tmp_path / "ddp"
-    summary = launch_two_processes("sft", output, max_steps=6, batch_size=8)
+    summary = launch_two_processes(
+        "sft", output, config_file=ACCELERATE_CONFIGS / "ddp.yaml", max_steps=6, batch_size=8
+    )
     assert summary["processes"] == 2, "accelerate formed a 2-process (gloo) group"
+    assert summary["distributed_type"] == "MULTI_CPU"
+    assert len(summary["peak_memory_mib_per_process"]) == 2
     assert summary["steps"] == 6
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
     assert (output / "model" / "model.safetensors").is_file()

@@ -63,28 +63,25 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
 
 
-def launch_two_processes(command: str, output: Path, **flags) -> dict:
+# The launcher configs the docs ship, as a user passes them to `accelerate launch --config_file`.
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
+
+
+def launch_two_processes(command: str, output: Path, config_file: Path | None = None, **flags) -> dict:
     """``accelerate launch --multi_gpu --num_processes 2 -m fastrlhf.cli <command> --output <output> ...``
-    with no GPU visible (accelerate then forms a gloo group on CPU); asserts it succeeded and returns the
-    run's summary. tests/ joins PYTHONPATH so that rule rewards such as ``ppo_rewards:...`` import."""
+    (or ``--config_file config_file``, a 2-process config) with no GPU visible (accelerate then forms a
+    gloo group on CPU); asserts it succeeded and returns the run's summary. tests/ joins PYTHONPATH so
+    that rule rewards such as ``ppo_rewards:...`` import."""
     import os
     import subprocess
     import sys
 
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        launch += ["--config_file", str(config_file)]
+    else:
+        launch += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+        launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     argv = launch + ["-m", "fastrlhf.cli", command] + to_argv(output=str(output), **flags)
     tests_dir = str(Path(__file__).parent)
     env = {

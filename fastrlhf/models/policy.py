@@ -69,6 +69,11 @@ class CausalLMPolicy(nn.Module):
     def config(self):
         return self.lm.config
 
+    @property
+    def _no_split_modules(self):
+        """The LM's layer classes: what FSDP's transformer wrap policy shards one unit each."""
+        return getattr(self.lm, "_no_split_modules", None)
+
     def hidden_states(self, **inputs) -> torch.Tensor:
         """``[B, T, H]`` final hidden states; ``inputs`` as ``fastrlhf.data.batching.model_inputs`` gives."""
         decoder, _ = decoder_and_head(self.lm)

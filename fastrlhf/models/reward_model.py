@@ -46,6 +46,11 @@ class RewardModel(nn.Module):
     def config(self):
         return self.trunk.config
 
+    @property
+    def _no_split_modules(self):
+        """The trunk's layer classes: what FSDP's transformer wrap policy shards one unit each."""
+        return getattr(self.trunk, "_no_split_modules", None)
+
     def hidden_states(self, **inputs) -> torch.Tensor:
         inputs.setdefault("use_cache", False)
         return self.trunk(**inputs).last_hidden_state

@@ -89,9 +89,26 @@ def clip_and_check(
     return guard.step_is_finite(step, losses, checked), grad_norm
 
 
-def check_finite_parameters(model: torch.nn.Module, what: str) -> None:
+def check_finite_parameters(model: torch.nn.Module, what: str, accelerator=None) -> None:
     """Raise ``NonFiniteError`` naming the first parameter of ``model`` holding a NaN or inf; ``what``
-    says what was about to be written (a checkpoint, the final model)."""
-    for name, parameter in model.named_parameters():
-        if not bool(torch.isfinite(parameter.detach()).all()):
-            raise NonFiniteError(f"{what}: parameter {name} holds non-finite values; refusing to save it")
+    says what was about to be written (a checkpoint, the final model).
+
+    Sharded parameters (FSDP2 DTensors) are checked shard by shard, without a collective per parameter.
+    With ``accelerator`` given, every process must call it, and all raise together when any shard is
+    bad: a process raising alone would leave the others waiting in the save's collectives."""
+    from fastrlhf.train.sharding import local_tensor
+
+    bad = next(
+        (
+            name
+            for name, parameter in model.named_parameters()
+            if not bool(torch.isfinite(local_tensor(parameter.detach())).all())
+        ),
+        None,
+    )
+    if accelerator is not None and accelerator.num_processes > 1:
+        flag = torch.tensor([float(bad is not None)], device=accelerator.device)
+        if float(accelerator.reduce(flag, reduction="sum")) > 0 and bad is None:
+            bad = "(a shard on another process)"
+    if bad is not None:
+        raise NonFiniteError(f"{what}: parameter {bad} holds non-finite values; refusing to save it")

@@ -43,6 +43,7 @@ from fastrlhf.train.optim import build_optimizer, param_groups
 from fastrlhf.train.rewards import NORMALIZATIONS, ScoreNormalizer, call_reward_fn, load_reward_fn
 from fastrlhf.train.rollout import collect_rollout
 from fastrlhf.train.run import TrainingRun, peak_memory_mib
+from fastrlhf.train.sharding import fsdp_requested
 from fastrlhf.train.signals import StopOnSignals
 from fastrlhf.train.update import ppo_update, ptx_batches
 
@@ -256,6 +257,13 @@ def train_ppo(config: PPOConfig) -> dict:
     # All inputs read and checked before the run directory is touched.
     require_plain_logits(load_config(config.policy, config.trust_remote_code), config.policy)
     data = load_ppo_data(config)
+    if fsdp_requested():
+        # Rollouts call generate(), and the experience pass reads lm_head.weight outside the module's
+        # forward: on FSDP-sharded weights both need the head's calls routed through FSDP's hooks first.
+        raise InputError(
+            "ppo: FSDP (the accelerate config's distributed_type: FSDP) is not supported by ppo yet; "
+            "sft and rm train under it. Launch ppo with DDP (examples/accelerate/ddp.yaml)"
+        )
     run = TrainingRun(config)
     accelerator, device = run.accelerator, run.device
     models = build_ppo_models(config, accelerator, data)

@@ -34,6 +34,7 @@ from fastrlhf.train.io import fsync_dir
 from fastrlhf.train.lock import RunDirectoryLock
 from fastrlhf.train.metrics import MetricsLogger, write_summary
 from fastrlhf.train.plots import plot_metrics
+from fastrlhf.train.sharding import enable_fsdp2_on_cpu, gathered_copy, meta_replica
 from fastrlhf.train.signals import RunInterrupted, StopOnSignals
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class TrainingRun:
             # with several processes (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine).
             cpu=not torch.cuda.is_available(),
         )
+        enable_fsdp2_on_cpu(self.accelerator)
         set_seed(args.seed)
         # Taken before anything in the directory is read or written: a second run fails here, at once.
         self.lock = RunDirectoryLock(self.run_dir) if self.is_main else None
@@ -80,9 +82,11 @@ class TrainingRun:
         if trackers:
             self.accelerator.init_trackers(self.run_dir.name)
         self.start_time = time.perf_counter()
+        self.start_memory_mib = resident_memory_mib() if self.device.type == "cpu" else 0.0
         self.metrics: MetricsLogger | None = None
         self.progress = None
         self.guard = NonFiniteGuard(self.accelerator, args.max_nonfinite_steps)
+        self._replicas: dict[int, torch.nn.Module] = {}  # id(prepared model) -> meta_replica, under FSDP
 
     @property
     def is_main(self) -> bool:
@@ -126,7 +130,7 @@ class TrainingRun:
         """Write a resumable checkpoint; ``model``, when given, is checked for non-finite weights first;
         ``modules`` (``{file name: nn.Module}``, e.g. an EMA) are saved as safetensors."""
         if model is not None:
-            check_finite_parameters(model, f"checkpoint at step {step}")
+            check_finite_parameters(model, f"checkpoint at step {step}", self.accelerator)
         save_checkpoint(
             self.accelerator,
             self.run_dir,
@@ -179,6 +183,16 @@ class TrainingRun:
             self.progress.set_postfix(
                 {label: f"{values[k]:.4g}" for label, k in labels.items() if k in values}, refresh=False
             )
+
+    def window_means(self, window: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``train/<key>``: each micro-batch stat of the logging window, averaged over the window and then
+        over the processes, so a logged training loss is the global batch's (each process's micro-batches
+        weigh the same, as their gradients do), not the main process's alone."""
+        keys = list(window[0])
+        means = torch.stack([torch.stack([w[k] for w in window]).float().mean() for k in keys])
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means.to(self.device), reduction="mean").cpu()
+        return {f"train/{k}": value for k, value in zip(keys, means, strict=True)}
 
     def reduce_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
         """The global mean of per-process sums ``total / count`` over all processes."""
@@ -272,10 +286,7 @@ class TrainingRun:
                     self.progress.update(1)
                     if step % args.log_every == 0:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
-                        metrics = {
-                            f"train/{k}": torch.stack([w[k] for w in window]).float().mean()
-                            for k in window[0]
-                        }
+                        metrics = self.window_means(window)
                         metrics.update(
                             {
                                 "lr": scheduler.get_last_lr()[0],
@@ -337,10 +348,20 @@ class TrainingRun:
         optimizer = self.optimizer(model)
         total_steps = self.total_steps(train_loader)
         scheduler = self.scheduler(optimizer, total_steps)
+        replica = meta_replica(model) if self.shards_models else None
         model, optimizer, train_loader, scheduler = self.accelerator.prepare(
             model, optimizer, train_loader, scheduler
         )
+        if replica is not None:
+            self._replicas[id(model)] = replica
         return model, optimizer, scheduler, train_loader, total_steps
+
+    @property
+    def shards_models(self) -> bool:
+        """Whether ``prepare`` shards the models (FSDP), so that saving one must gather it first."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     def scheduler(self, optimizer, total_steps: int):
         """Cosine decay to ``--final-lr-fraction`` over ``total_steps`` optimizer steps, after the warmup.
@@ -373,29 +394,49 @@ class TrainingRun:
         """
         final = self.run_dir / FINAL_MODEL_DIR
         self.accelerator.wait_for_everyone()
+        unwrapped = self.accelerator.unwrap_model(model)
+        replica = self._replicas.get(id(model))
+        if replica is not None:  # sharded (FSDP): gathered once, into a plain module on the main process
+            unwrapped = gathered_copy(unwrapped, replica, self.accelerator)
         if self.is_main:
-            unwrapped = self.accelerator.unwrap_model(model)
-            check_finite_parameters(unwrapped, "the final model")
-            tmp = self.run_dir / f".{FINAL_MODEL_DIR}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            # The tokenizer first: a custom save_fn may replace it (a reward model gives it its own pad).
-            tokenizer.save_pretrained(tmp)
-            (save_fn or save_causal_lm)(unwrapped, tmp)
-            old = self.run_dir / f".{FINAL_MODEL_DIR}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(self.run_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            self._write_final_model(unwrapped, tokenizer, final, save_fn)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _write_final_model(self, unwrapped, tokenizer, final: Path, save_fn) -> None:
+        """Main process: check, then write into a temp dir and rename it into place."""
+        check_finite_parameters(unwrapped, "the final model")
+        tmp = self.run_dir / f".{FINAL_MODEL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # The tokenizer first: a custom save_fn may replace it (a reward model gives it its own pad).
+        tokenizer.save_pretrained(tmp)
+        (save_fn or save_causal_lm)(unwrapped, tmp)
+        old = self.run_dir / f".{FINAL_MODEL_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(self.run_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def memory_per_process(self) -> dict[str, list[float]]:
+        """Every process's peak memory so far (MiB) and, on CPU, its resident set when the run started
+        (torch and the libraries, before any model): what a sharding engine saves shows in the difference.
+        Collective: every process must call it."""
+        mine = torch.tensor([peak_memory_mib(self.device), self.start_memory_mib], dtype=torch.float64)
+        every = self.accelerator.gather(mine.to(self.device).reshape(1, 2)).cpu().reshape(-1, 2)
+        return {
+            "peak_memory_mib_per_process": [round(float(x), 1) for x in every[:, 0]],
+            "start_memory_mib_per_process": [round(float(x), 1) for x in every[:, 1]],
+        }
 
     def finish(self, summary: dict, plot_groups: dict[str, list[str]]) -> dict:
         summary = {
             "seconds": round(time.perf_counter() - self.start_time, 2),
             "processes": self.accelerator.num_processes,
+            "distributed_type": self.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP
             "device": str(self.device),
+            **self.memory_per_process(),
             **summary,
         }
         if self.progress is not None:
@@ -407,6 +448,15 @@ class TrainingRun:
         if self.lock is not None:
             self.lock.release()
         return summary
+
+
+def resident_memory_mib() -> float:
+    """This process's resident set size now (MiB); 0 where /proc is missing (not Linux)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -1,0 +1,137 @@
+"""Peak per-process memory of `fastrlhf sft` under DDP and under FSDP2, two processes, one machine.
+
+    python bench/distributed_memory.py                 # a ~60M-parameter Llama, AdamW, 4 steps
+    python bench/distributed_memory.py --hidden 768 --layers 12
+
+The model (58M parameters by default) is built locally from a config, with tiny's tokenizer and
+vocabulary at larger sizes, so that its parameters, gradients and AdamW state (16 bytes per fp32
+parameter) dominate. Each engine runs the same command through the shipped launcher config
+(``examples/accelerate/ddp.yaml``, ``fsdp2.yaml``). The run's own summary reports every process's peak
+(CPU: peak resident set; GPU: peak allocated) and, on CPU, its resident set when the run started
+(torch and the libraries, before any model). Both the raw peak and the peak above that start are
+compared, since on CPU the start (~0.45 GiB here) is paid whatever the engine.
+
+Output: a markdown table, and rows appended to ``bench/results/distributed_memory.csv`` naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE.parent / "examples" / "accelerate"
+# (label, launcher config, extra environment). FSDP2 on CPU pins glibc's mmap threshold itself
+# (fastrlhf.train.sharding.release_freed_memory_to_the_os); DDP is measured both as it ships and with
+# the same threshold, so the comparison is not one of allocators.
+ENGINES = [
+    ("DDP", CONFIGS / "ddp.yaml", {}),
+    ("DDP, MALLOC_MMAP_THRESHOLD_=131072", CONFIGS / "ddp.yaml", {"MALLOC_MMAP_THRESHOLD_": "131072"}),
+    ("FSDP2", CONFIGS / "fsdp2.yaml", {}),
+]
+
+
+def build_model(directory: Path, hidden: int, layers: int) -> tuple[str, int]:
+    """A Llama of ``layers`` x ``hidden`` with tiny's vocabulary, saved as an HF directory; returns
+    (directory, parameter count)."""
+    from fastrlhf.models.tiny import build_tiny_model
+
+    path = build_tiny_model(
+        directory,
+        seed=0,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 64, 1),
+    )
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        count = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    return path, count
+
+
+def run_engine(config: Path, extra_env: dict, model: str, output: Path, steps: int, batch_size: int) -> dict:
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    argv += ["-m", "fastrlhf.cli", "sft", "--model", model, "--output", str(output)]
+    argv += ["--max-steps", str(steps), "--batch-size", str(batch_size), "--optimizer", "adamw"]
+    argv += ["--save-every", str(steps + 1)]  # the end-of-run checkpoint only
+    env = {**os.environ, **extra_env}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"{config.name} failed:\n{result.stderr[-4000:]}")
+    return json.loads((output / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--csv", default=str(HERE / "results" / "distributed_memory.csv"))
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(HERE))
+    import torch
+    from common import device_name
+
+    from fastrlhf import __version__
+
+    machine = device_name("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fastrlhf-distributed-memory-") as tmp:
+        root = Path(tmp)
+        os.environ.setdefault("FASTRLHF_HOME", str(root / "home"))
+        model, parameters = build_model(root / "model", args.hidden, args.layers)
+        for index, (engine, config, extra_env) in enumerate(ENGINES):
+            summary = run_engine(config, extra_env, model, root / f"run{index}", args.steps, args.batch_size)
+            peaks = summary["peak_memory_mib_per_process"]
+            starts = summary["start_memory_mib_per_process"]
+            rows.append(
+                {
+                    "engine": engine,
+                    "distributed_type": summary["distributed_type"],
+                    "processes": summary["processes"],
+                    "parameters": parameters,
+                    "peak_mib_max": max(peaks),
+                    "above_start_mib_max": round(max(p - s for p, s in zip(peaks, starts, strict=True)), 1),
+                    "peaks_mib": " ".join(f"{p:.0f}" for p in peaks),
+                    "seconds": summary["seconds"],
+                    "machine": machine,
+                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+                    "fastrlhf": __version__,
+                    "torch": torch.__version__,
+                }
+            )
+    ddp = rows[0]
+    print(f"\n{parameters / 1e6:.1f}M parameters, AdamW fp32, {args.steps} steps; {machine}\n")
+    print("| engine | peak per process (MiB) | vs DDP | above the run's start (MiB) | vs DDP | seconds |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['engine']} | {row['peak_mib_max']:.0f} ({row['peaks_mib']}) | "
+            f"{row['peak_mib_max'] / ddp['peak_mib_max']:.2f}x | {row['above_start_mib_max']:.0f} | "
+            f"{row['above_start_mib_max'] / ddp['above_start_mib_max']:.2f}x | {row['seconds']:.1f} |"
+        )
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    new = not os.path.exists(args.csv)
+    with open(args.csv, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
