@@ -18,7 +18,6 @@ Output: the markdown table (for docs/compat.md), and rows in ``bench/results/arc
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -206,13 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    from common import write_csv
+
+    write_csv(rows, args.csv, columns=list(rows[0]))
     print(
         f"\n{machine['machine']}, torch {machine['torch']}, transformers {machine['transformers']}, "
         f"{machine['date']}\n"

@@ -150,16 +150,18 @@ def run_in_subprocess(module_file: str, case: dict, timeout: float = 900) -> dic
         return json.load(open(answer.name))
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """Append rows to the long-format CSV (header written when the file is new)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_csv(rows: list[dict], path: str, columns: list[str] | None = None) -> None:
+    """Append rows to a CSV (header written when the file is new). ``columns``: the file's columns,
+    default the runner's long format (``CSV_COLUMNS``); a row's missing keys are left empty."""
+    columns = columns or CSV_COLUMNS
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in columns})
 
 
 def base_row(op: str, device: str) -> dict:

@@ -17,7 +17,6 @@ Output: a markdown table, and rows appended to ``bench/results/distributed_memor
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(HERE))
     import torch
-    from common import device_name
+    from common import device_name, write_csv
 
     from fastrlhf import __version__
 
@@ -124,13 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['peak_mib_max'] / ddp['peak_mib_max']:.2f}x | {row['above_start_mib_max']:.0f} | "
             f"{row['above_start_mib_max'] / ddp['above_start_mib_max']:.2f}x | {row['seconds']:.1f} |"
         )
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.csv, columns=list(rows[0]))
 
 
 if __name__ == "__main__":

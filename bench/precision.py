@@ -14,7 +14,6 @@ formula run in the dtype (the test suite's 2x rule compares against it).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 
 import torch
@@ -102,12 +101,9 @@ def main() -> None:
                     flush=True,
                 )
     if args.csv:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        from common import write_csv
+
+        write_csv(rows, args.csv, columns=list(rows[0]))
 
 
 if __name__ == "__main__":
