@@ -93,9 +93,16 @@ def test_reward_model_under_fsdp2_matches_one_process(sft_fsdp2, tmp_path):
     assert summary["normalization_bias"] == pytest.approx(single_summary["normalization_bias"], abs=2e-3)
 
 
-def test_ppo_refuses_fsdp_before_touching_the_run_directory(tmp_path, monkeypatch):
+def test_ppo_refuses_an_ema_under_fsdp_before_touching_the_run_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     output = tmp_path / "ppo"
-    with pytest.raises(InputError, match="ppo: FSDP .* not supported by ppo yet"):
-        run_ppo(output, policy="tiny", reward_model="none", reward_fn="ppo_rewards:digit_fraction", steps=1)
+    with pytest.raises(InputError, match="ema_decay: an EMA of the policy is not supported under FSDP"):
+        run_ppo(
+            output,
+            policy="tiny",
+            reward_model="none",
+            reward_fn="ppo_rewards:digit_fraction",
+            steps=1,
+            ema_decay=0.99,
+        )
     assert not output.exists()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import crash_after_checkpoint, launch_two_processes, read_lines, run_ppo
+from trainer_runs import ACCELERATE_CONFIGS, crash_after_checkpoint, launch_two_processes, read_lines, run_ppo
 
 from fastrlhf.cli import main
 from fastrlhf.train.checkpoint import latest_checkpoint
@@ -404,24 +404,47 @@ def test_adaptive_kl_controller_moves_toward_the_target():
         KLController(-1.0)
 
 
-def test_ppo_under_accelerate_launch_with_two_processes(tmp_path):
-    """DDP (gloo on CPU) with the most involved path: lora adapters, PPO-ptx and gradient accumulation."""
-    output = tmp_path / "ddp"
-    summary = launch_two_processes(
-        "ppo",
-        output,
-        policy="tiny",
-        reward_model="none",
-        reward_fn="ppo_rewards:digit_fraction",
-        actor_critic="lora",
-        lora_r=8,
-        ptx_data="sample",
-        steps=3,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        gradient_accumulation_steps=2,
+# The most involved path: lora adapters, PPO-ptx and gradient accumulation.
+TWO_PROCESS_PPO = dict(
+    policy="tiny",
+    reward_model="none",
+    reward_fn="ppo_rewards:digit_fraction",
+    actor_critic="lora",
+    lora_r=8,
+    ptx_data="sample",
+    steps=3,
+    rollout_batch_size=8,
+    minibatch_size=4,
+    gradient_accumulation_steps=2,
+)
+
+
+def test_ppo_under_accelerate_launch_with_two_processes_ddp_and_fsdp2(tmp_path):
+    """DDP and FSDP2 (gloo on CPU), each through its shipped launcher config, on the same seeds: the
+    same rollouts, losses and final policy, so sharding changes nothing but where the weights live."""
+    outputs = {engine: tmp_path / engine for engine in ("ddp", "fsdp2")}
+    summaries = {
+        engine: launch_two_processes(
+            "ppo", output, config_file=ACCELERATE_CONFIGS / f"{engine}.yaml", **TWO_PROCESS_PPO
+        )
+        for engine, output in outputs.items()
+    }
+    assert summaries["fsdp2"]["distributed_type"] == "FSDP"
+    curves = {}
+    for engine, summary in summaries.items():
+        assert summary["processes"] == 2 and summary["steps"] == 3
+        steps = [m for m in read_lines(outputs[engine] / "metrics.jsonl") if "score/mean" in m]
+        assert [m["step"] for m in steps] == [1, 2, 3], "only the main process writes metrics"
+        assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in steps)
+        curves[engine] = steps
+    for ddp, fsdp in zip(curves["ddp"], curves["fsdp2"], strict=True):
+        assert fsdp["score/mean"] == pytest.approx(ddp["score/mean"], abs=1e-5)
+        assert fsdp["policy/loss"] == pytest.approx(ddp["policy/loss"], abs=1e-4)
+    final = {
+        engine: load_file(str(output / "model" / "model.safetensors")) for engine, output in outputs.items()
+    }
+    assert final["ddp"].keys() == final["fsdp2"].keys()
+    worst = max(
+        float((final["ddp"][k].double() - final["fsdp2"][k].double()).abs().max()) for k in final["ddp"]
     )
-    assert summary["processes"] == 2 and summary["steps"] == 3
-    steps = [m for m in read_lines(output / "metrics.jsonl") if "score/mean" in m]
-    assert [m["step"] for m in steps] == [1, 2, 3], "only the main process writes metrics"
-    assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in steps)
+    assert worst < 1e-4

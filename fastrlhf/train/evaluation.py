@@ -21,6 +21,7 @@ from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
 from fastrlhf.train.rewards import call_reward_fn
 from fastrlhf.train.rollout import collect_rollout, seeded_sampling
+from fastrlhf.train.sharding import gathered_for_generation
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ def evaluate_policy(
     if not data.prompts:
         return result | {"perplexity": _perplexity(model, data, tokenizer, batch_size, device)}
     for kind, sampling_temperature, k in (("greedy", 0.0, 1), ("sampled", temperature, samples)):
-        with seeded_sampling(seed):
+        with seeded_sampling(seed), gathered_for_generation(model):
             rollout = collect_rollout(
                 model.generation_model(),
                 data.reward_model,

@@ -43,7 +43,7 @@ from fastrlhf.train.optim import build_optimizer, param_groups
 from fastrlhf.train.rewards import NORMALIZATIONS, ScoreNormalizer, call_reward_fn, load_reward_fn
 from fastrlhf.train.rollout import collect_rollout
 from fastrlhf.train.run import TrainingRun, peak_memory_mib
-from fastrlhf.train.sharding import fsdp_requested
+from fastrlhf.train.sharding import fsdp_requested, gathered_for_generation
 from fastrlhf.train.signals import StopOnSignals
 from fastrlhf.train.update import ppo_update, ptx_batches
 
@@ -257,16 +257,15 @@ def train_ppo(config: PPOConfig) -> dict:
     # All inputs read and checked before the run directory is touched.
     require_plain_logits(load_config(config.policy, config.trust_remote_code), config.policy)
     data = load_ppo_data(config)
-    if fsdp_requested():
-        # Rollouts call generate(), and the experience pass reads lm_head.weight outside the module's
-        # forward: on FSDP-sharded weights both need the head's calls routed through FSDP's hooks first.
+    if fsdp_requested() and config.ema_decay:
+        # AveragedModel deep-copies the policy, which under FSDP is a set of sharded units.
         raise InputError(
-            "ppo: FSDP (the accelerate config's distributed_type: FSDP) is not supported by ppo yet; "
-            "sft and rm train under it. Launch ppo with DDP (examples/accelerate/ddp.yaml)"
+            "ema_decay: an EMA of the policy is not supported under FSDP (the accelerate config's "
+            "distributed_type: FSDP) yet; drop --ema-decay or launch with DDP (examples/accelerate/ddp.yaml)"
         )
     run = TrainingRun(config)
     accelerator, device = run.accelerator, run.device
-    models = build_ppo_models(config, accelerator, data)
+    models = build_ppo_models(config, accelerator, data, run)
     kl = KLController(config.kl_coef, config.target_kl or None, config.kl_horizon)
     normalizer = ScoreNormalizer(config.reward_norm)
     state = run.restore(modules=checkpointed_modules(models))
@@ -289,20 +288,21 @@ def train_ppo(config: PPOConfig) -> dict:
                 accelerator.num_processes,
                 config.seed,
             )
-            rollout = collect_rollout(
-                models.unwrapped.generation_model(),
-                models.reward_model,
-                models.reward_fn,
-                data.tokenizer,
-                [data.train_ids[i] for i in prompt_rows],
-                [data.train_prompts[i] for i in prompt_rows],
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                batch_size=config.rollout_batch_size,
-                samples_per_prompt=config.samples_per_prompt,
-                reward_fn_weight=config.reward_fn_weight,
-                device=device,
-            )
+            with gathered_for_generation(models.unwrapped):
+                rollout = collect_rollout(
+                    models.unwrapped.generation_model(),
+                    models.reward_model,
+                    models.reward_fn,
+                    data.tokenizer,
+                    [data.train_ids[i] for i in prompt_rows],
+                    [data.train_prompts[i] for i in prompt_rows],
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    batch_size=config.rollout_batch_size,
+                    samples_per_prompt=config.samples_per_prompt,
+                    reward_fn_weight=config.reward_fn_weight,
+                    device=device,
+                )
             update_start = time.perf_counter()
             normalizer.update(accelerator.gather(rollout.scores))
             if step == 0 and config.calibrate_critic and models.unwrapped.has_critic:
@@ -348,8 +348,15 @@ def train_ppo(config: PPOConfig) -> dict:
 
     end_eval = evaluate(models, data, config, device)
     run.log(step, eval_metrics(end_eval))
-    final_lm = models.ema.module if models.ema is not None else models.unwrapped.policy_lm
-    model_dir = run.save_model(final_lm, data.tokenizer, save_fn=_save_policy)
+    if models.ema is not None:
+        model_dir = run.save_model(models.ema.module, data.tokenizer, save_fn=_save_policy)
+    else:
+        model_dir = run.save_model(
+            models.model,
+            data.tokenizer,
+            save_fn=_save_policy,
+            part=lambda actor_critic: actor_critic.policy_lm,
+        )
     summary = summarize(run, config, models, data, start_eval, end_eval, kl.value, model_dir, step)
     return run.finish(summary, PLOT_GROUPS)
 
@@ -391,9 +398,12 @@ def load_ppo_data(config: PPOConfig) -> PPOData:
     )
 
 
-def build_ppo_models(config: PPOConfig, accelerator, data: PPOData | None = None) -> PPOModels:
+def build_ppo_models(
+    config: PPOConfig, accelerator, data: PPOData | None = None, run: TrainingRun | None = None
+) -> PPOModels:
     """The reward model, the actor (and critic for GAE) of ``--actor-critic``, optimizer, schedule, EMA,
-    prepared by ``accelerator``. With ``data``, its evaluation set gets the reward model too."""
+    prepared by ``accelerator`` (through ``run`` when given, which can then gather a sharded model to
+    save it). With ``data``, its evaluation set gets the reward model too."""
     device = accelerator.device
     reward_model = load_frozen_reward_model(config, device)
     rm_path = resolve_model(config.reward_model) if reward_model is not None else None
@@ -421,7 +431,11 @@ def build_ppo_models(config: PPOConfig, accelerator, data: PPOData | None = None
     scheduler = build_scheduler(
         optimizer, config.steps * optimizer_steps * n, config.warmup_steps * n, config.final_lr_fraction
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if run is not None:
+        leave_out = (model.reference_lm,) if model.reference_lm is not None else ()
+        model, optimizer, scheduler = run.prepare_models(model, optimizer, scheduler, leave_out=leave_out)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     if reference := unwrapped.reference_lm:
         reference.to(device)

@@ -348,13 +348,20 @@ class TrainingRun:
         optimizer = self.optimizer(model)
         total_steps = self.total_steps(train_loader)
         scheduler = self.scheduler(optimizer, total_steps)
-        replica = meta_replica(model) if self.shards_models else None
-        model, optimizer, train_loader, scheduler = self.accelerator.prepare(
+        model, optimizer, train_loader, scheduler = self.prepare_models(
             model, optimizer, train_loader, scheduler
         )
-        if replica is not None:
-            self._replicas[id(model)] = replica
         return model, optimizer, scheduler, train_loader, total_steps
+
+    def prepare_models(self, model, *others, leave_out: tuple = ()):
+        """``accelerator.prepare(model, *others)``; under FSDP it first keeps a meta-device replica of
+        ``model`` (``leave_out``: submodules the replica needs not hold, e.g. a frozen reference kept
+        outside the prepared parameters), so that ``save_model`` can gather it later."""
+        replica = meta_replica(model, leave_out) if self.shards_models else None
+        prepared = self.accelerator.prepare(model, *others)
+        if replica is not None:
+            self._replicas[id(prepared[0] if others else prepared)] = replica
+        return prepared
 
     @property
     def shards_models(self) -> bool:
@@ -386,11 +393,13 @@ class TrainingRun:
 
     # ---- the end ---------------------------------------------------------------------------------
 
-    def save_model(self, model, tokenizer, save_fn=None) -> Path:
+    def save_model(self, model, tokenizer, save_fn=None, part=None) -> Path:
         """Write the final HF model into ``<output>/model`` atomically (a temp dir renamed into place).
 
         ``save_fn(unwrapped, directory)`` writes a custom model (the reward model); by default the
         unwrapped model's ``save_pretrained``, with LoRA adapters merged so the result loads anywhere.
+        ``part(unwrapped)``, when given, picks the submodule to write (PPO's policy out of its
+        actor-critic). Every process must call it.
         """
         final = self.run_dir / FINAL_MODEL_DIR
         self.accelerator.wait_for_everyone()
@@ -399,7 +408,7 @@ class TrainingRun:
         if replica is not None:  # sharded (FSDP): gathered once, into a plain module on the main process
             unwrapped = gathered_copy(unwrapped, replica, self.accelerator)
         if self.is_main:
-            self._write_final_model(unwrapped, tokenizer, final, save_fn)
+            self._write_final_model(part(unwrapped) if part else unwrapped, tokenizer, final, save_fn)
         self.accelerator.wait_for_everyone()
         return final
 

@@ -1,4 +1,5 @@
-"""FSDP2 on a CPU launch: accelerate's sharded engine, switched on where accelerate itself does not.
+"""What training needs around FSDP2: switching it on for a CPU launch, gathering a sharded model to save
+it (``meta_replica``, ``gathered_copy``) and to generate with it (``gathered_for_generation``).
 
 ``accelerate launch --config_file examples/accelerate/fsdp2.yaml`` exports ``ACCELERATE_USE_FSDP=true``
 and ``FSDP_VERSION=2``. On a GPU, accelerate then shards every prepared model with ``fully_shard``. On
@@ -10,6 +11,7 @@ sharded checkpoints and gathered final model, so that path is what the CPU tests
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -80,11 +82,13 @@ def release_freed_memory_to_the_os() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
-def meta_replica(model: nn.Module) -> nn.Module:
+def meta_replica(model: nn.Module, leave_out: tuple = ()) -> nn.Module:
     """A copy of ``model``'s structure whose parameters and buffers live on the meta device: no memory,
     taken before sharding, so that ``gathered_copy`` can later rebuild a plain module (LoRA adapters,
-    reward heads and tied weights included) without knowing how it was built."""
-    memo = {}
+    reward heads and tied weights included) without knowing how it was built. The modules in
+    ``leave_out`` (held outside ``model.parameters()``, such as a frozen reference in a list) are not
+    copied: the replica holds None in their place."""
+    memo = {id(module): None for module in leave_out}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = (
@@ -128,3 +132,39 @@ def gathered_copy(model: nn.Module, replica: nn.Module, accelerator) -> nn.Modul
 def local_tensor(tensor):
     """This process's shard of a DTensor, or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module):
+    """Within the block every FSDP unit of ``model`` (an FSDP2 root) holds its whole parameters on every
+    process and no forward inside gathers or reshards. So ``generate`` may run on the root's
+    submodules (the policy LM: not the root's own forward), and the processes may take different numbers
+    of decoding steps, which per-layer collectives would deadlock. A no-op when ``model`` is not sharded.
+
+    Collective on entry and exit: every process must enter it. Memory: the whole model per process for
+    the block's length, as in generation under ZeRO-3."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    states = [unit._get_fsdp_state() for unit in units]
+    # A unit's first forward would otherwise find no initialised root and take itself for one.
+    states[0]._lazy_init()
+    # set_reshard_after_forward has no getter: keep what it overwrites, to put back afterwards.
+    saved = [(s, s._auto_reshard_after_forward) for s in states]
+    saved_groups = [(g, g.post_forward_mesh_info) for s in states for g in s._fsdp_param_groups]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+        for state, auto in saved:
+            state._auto_reshard_after_forward = auto
+        for group, mesh_info in saved_groups:
+            group.post_forward_mesh_info = mesh_info
