@@ -87,6 +87,7 @@ class TrainingRun:
         self.progress = None
         self.guard = NonFiniteGuard(self.accelerator, args.max_nonfinite_steps)
         self._replicas: dict[int, torch.nn.Module] = {}  # id(prepared model) -> meta_replica, under FSDP
+        self.memory: dict[str, list[float]] = {}  # memory_per_process() at the final save
 
     @property
     def is_main(self) -> bool:
@@ -402,6 +403,9 @@ class TrainingRun:
         actor-critic). Every process must call it.
         """
         final = self.run_dir / FINAL_MODEL_DIR
+        # Read here, while the processes still meet at barriers after it: a gloo collective as the
+        # run's last step, just before the process group is destroyed, once left a process hanging.
+        self.memory = self.memory_per_process()
         self.accelerator.wait_for_everyone()
         unwrapped = self.accelerator.unwrap_model(model)
         replica = self._replicas.get(id(model))
@@ -429,7 +433,8 @@ class TrainingRun:
         shutil.rmtree(old, ignore_errors=True)
 
     def memory_per_process(self) -> dict[str, list[float]]:
-        """Every process's peak memory so far (MiB) and, on CPU, its resident set when the run started
+        """Every process's peak memory so far (MiB; ``save_model`` takes it before the final save, and the
+        summary reports that) and, on CPU, its resident set when the run started
         (torch and the libraries, before any model): what a sharding engine saves shows in the difference.
         Collective: every process must call it."""
         mine = torch.tensor([peak_memory_mib(self.device), self.start_memory_mib], dtype=torch.float64)
@@ -445,7 +450,7 @@ class TrainingRun:
             "processes": self.accelerator.num_processes,
             "distributed_type": self.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP
             "device": str(self.device),
-            **self.memory_per_process(),
+            **self.memory,
             **summary,
         }
         if self.progress is not None:
