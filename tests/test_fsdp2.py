@@ -7,12 +7,19 @@ held-out loss and the same weights, and a sharded checkpoint must resume to the 
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import pytest
 from safetensors.torch import load_file
-from trainer_runs import ACCELERATE_CONFIGS, launch_two_processes, read_lines, run_ppo, run_rm, run_sft
+from trainer_runs import (
+    ACCELERATE_CONFIGS,
+    interrupted_copy,
+    launch_two_processes,
+    read_lines,
+    run_ppo,
+    run_rm,
+    run_sft,
+)
 
 from fastrlhf.errors import InputError
 
@@ -62,11 +69,7 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes_exactly(sft_fsdp2, tmp_
     assert max_weight_difference(sharded, single) < 1e-4
 
     # Interrupted after the step-10 checkpoint, resumed from it: the same weights as the run that went on.
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(sharded / f"checkpoint-{SAVE_EVERY:08d}", resumed / f"checkpoint-{SAVE_EVERY:08d}")
-    for name in ("config.yaml", "metrics.jsonl"):
-        shutil.copy(sharded / name, resumed / name)
+    resumed = interrupted_copy(sharded, SAVE_EVERY, tmp_path / "resumed")
     launch_two_processes("sft", resumed, config_file=FSDP2, resume=True, **SFT_FLAGS)
     assert max_weight_difference(sharded, resumed) <= 1e-5
     assert train_losses(resumed) == pytest.approx(fsdp_curve, abs=1e-5)

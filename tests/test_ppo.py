@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import ACCELERATE_CONFIGS, crash_after_checkpoint, launch_two_processes, read_lines, run_ppo
+from trainer_runs import (
+    ACCELERATE_CONFIGS,
+    crash_after_checkpoint,
+    interrupted_copy,
+    launch_two_processes,
+    read_lines,
+    run_ppo,
+)
 
 from fastrlhf.cli import main
 from fastrlhf.train.checkpoint import latest_checkpoint
@@ -416,12 +423,21 @@ TWO_PROCESS_PPO = dict(
     rollout_batch_size=8,
     minibatch_size=4,
     gradient_accumulation_steps=2,
+    save_every=2,
 )
+
+
+def final_weights_difference(a_dir, b_dir) -> float:
+    a = load_file(str(a_dir / "model" / "model.safetensors"))
+    b = load_file(str(b_dir / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 def test_ppo_under_accelerate_launch_with_two_processes_ddp_and_fsdp2(tmp_path):
     """DDP and FSDP2 (gloo on CPU), each through its shipped launcher config, on the same seeds: the
-    same rollouts, losses and final policy, so sharding changes nothing but where the weights live."""
+    same rollouts, losses and final policy, so sharding changes nothing but where the weights live.
+    An FSDP2 run resumed from its sharded step-2 checkpoint ends with the uninterrupted run's weights."""
     outputs = {engine: tmp_path / engine for engine in ("ddp", "fsdp2")}
     summaries = {
         engine: launch_two_processes(
@@ -440,11 +456,44 @@ def test_ppo_under_accelerate_launch_with_two_processes_ddp_and_fsdp2(tmp_path):
     for ddp, fsdp in zip(curves["ddp"], curves["fsdp2"], strict=True):
         assert fsdp["score/mean"] == pytest.approx(ddp["score/mean"], abs=1e-5)
         assert fsdp["policy/loss"] == pytest.approx(ddp["policy/loss"], abs=1e-4)
-    final = {
-        engine: load_file(str(output / "model" / "model.safetensors")) for engine, output in outputs.items()
-    }
-    assert final["ddp"].keys() == final["fsdp2"].keys()
-    worst = max(
-        float((final["ddp"][k].double() - final["fsdp2"][k].double()).abs().max()) for k in final["ddp"]
+    assert final_weights_difference(outputs["ddp"], outputs["fsdp2"]) < 1e-4
+
+    resumed = interrupted_copy(outputs["fsdp2"], 2, tmp_path / "fsdp2_resumed")
+    config = ACCELERATE_CONFIGS / "fsdp2.yaml"
+    launch_two_processes("ppo", resumed, config_file=config, resume=True, **TWO_PROCESS_PPO)
+    assert final_weights_difference(outputs["fsdp2"], resumed) <= 1e-5
+    rows = [m for m in read_lines(resumed / "metrics.jsonl") if "score/mean" in m]
+    assert [m["score/mean"] for m in rows] == pytest.approx([m["score/mean"] for m in curves["fsdp2"]])
+
+
+def test_ppo_under_fsdp2_shards_the_frozen_reference_and_reward_model(tmp_path):
+    """Separate mode with a reward model, every frozen model sharded (``--shard-frozen-above-mib 0``):
+    the same rollouts, scores and final policy as DDP, where each process holds them whole."""
+    _saved_reward_model(tmp_path / "rm")
+    flags = dict(
+        policy="tiny",
+        reward_model=tmp_path / "rm",
+        actor_critic="separate",
+        steps=2,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        shard_frozen_above_mib=0,
     )
-    assert worst < 1e-4
+    outputs = {engine: tmp_path / engine for engine in ("ddp", "fsdp2")}
+    summaries = {
+        engine: launch_two_processes("ppo", out, config_file=ACCELERATE_CONFIGS / f"{engine}.yaml", **flags)
+        for engine, out in outputs.items()
+    }
+    assert summaries["ddp"]["sharded_frozen_models"] == []
+    assert summaries["fsdp2"]["sharded_frozen_models"] == ["reference", "reward_model"]
+    curves = {
+        engine: [m for m in read_lines(output / "metrics.jsonl") if "score/mean" in m]
+        for engine, output in outputs.items()
+    }
+    for ddp, fsdp in zip(curves["ddp"], curves["fsdp2"], strict=True):
+        for key in ("score/mean", "kl/ref", "policy/loss", "value/loss"):
+            assert fsdp[key] == pytest.approx(ddp[key], abs=1e-4), key
+    # The evaluation scores every held-out response with the sharded reward model too.
+    for key in ("eval_sampled_rm_start", "eval_sampled_rm_end"):
+        assert summaries["fsdp2"][key] == pytest.approx(summaries["ddp"][key], abs=1e-4), key
+    assert final_weights_difference(outputs["ddp"], outputs["fsdp2"]) < 1e-4

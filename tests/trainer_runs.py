@@ -63,6 +63,19 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(TrainingRun, "checkpoint", checkpoint_then_crash)
 
 
+def interrupted_copy(run_dir: Path, step: int, into: Path) -> Path:
+    """``into`` as ``run_dir`` stood when interrupted right after its step-``step`` checkpoint: that
+    checkpoint, the config and the metrics (a resumed run drops the rows past its checkpoint)."""
+    import shutil
+
+    name = f"checkpoint-{step:08d}"
+    into.mkdir(parents=True)
+    shutil.copytree(Path(run_dir) / name, into / name)
+    for file in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(Path(run_dir) / file, into / file)
+    return into
+
+
 # The launcher configs the docs ship, as a user passes them to `accelerate launch --config_file`.
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
 

@@ -30,7 +30,7 @@ from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
 from fastrlhf.errors import InputError
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
 from fastrlhf.models.loading import DEFAULT_LORA_RANK, ModelOptions, load_config, load_tokenizer
-from fastrlhf.models.policy import require_plain_logits
+from fastrlhf.models.policy import decoder_and_head, require_plain_logits
 from fastrlhf.models.reward_model import RewardModel, is_reward_model
 from fastrlhf.models.reward_model_format import NOT_A_REWARD_MODEL
 from fastrlhf.models.tiny import resolve_model
@@ -43,7 +43,12 @@ from fastrlhf.train.optim import build_optimizer, param_groups
 from fastrlhf.train.rewards import NORMALIZATIONS, ScoreNormalizer, call_reward_fn, load_reward_fn
 from fastrlhf.train.rollout import collect_rollout
 from fastrlhf.train.run import TrainingRun, peak_memory_mib
-from fastrlhf.train.sharding import fsdp_requested, gathered_for_generation
+from fastrlhf.train.sharding import (
+    DEFAULT_SHARD_FROZEN_ABOVE_MIB,
+    fsdp_requested,
+    gathered_for_generation,
+    shard_frozen,
+)
 from fastrlhf.train.signals import StopOnSignals
 from fastrlhf.train.update import ppo_update, ptx_batches
 
@@ -157,6 +162,11 @@ class PPOConfig(RunArguments):
     eval_max_new_tokens: int = flag(24, "Response tokens in the start/end evaluation.")
     ema_decay: float = flag(0.0, "EMA of the policy weights saved as the final model (paper: 0.992; 0: off).")
     learning_rate: float = flag(1e-4, "Peak learning rate.")
+    shard_frozen_above_mib: float = flag(
+        DEFAULT_SHARD_FROZEN_ABOVE_MIB,
+        "Under FSDP, shard the frozen reference and reward model when their parameters exceed this many "
+        "MiB (0: always); smaller ones are replicated on every process.",
+    )
 
     def __post_init__(self):
         if self.actor_critic == "lora" and self.lora_r == 0:
@@ -188,6 +198,8 @@ class PPOConfig(RunArguments):
             raise InputError("reward_model: give a reward model, or --reward-model none with --reward-fn")
         if self.ema_decay and not 0 < self.ema_decay < 1:
             raise InputError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not self.shard_frozen_above_mib >= 0:  # NaN too
+            raise InputError(f"shard_frozen_above_mib must be >= 0, got {self.shard_frozen_above_mib}")
         choices = {
             "kl_estimator": ("k1", "k2", "k3", "abs"),
             "advantage_estimator": ESTIMATORS,
@@ -250,6 +262,7 @@ class PPOModels:
     reward_fn: object | None
     ema: torch.nn.Module | None
     parameter_bytes: dict
+    sharded_frozen: tuple[str, ...] = ()  # the frozen models sharded under FSDP (the others: replicated)
 
 
 def train_ppo(config: PPOConfig) -> dict:
@@ -437,8 +450,17 @@ def build_ppo_models(
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    threshold, sharded = config.shard_frozen_above_mib, []
     if reference := unwrapped.reference_lm:
         reference.to(device)
+        # The reference runs through its decoder (its lm_head is read directly): that is the unit root.
+        decoder, _ = decoder_and_head(reference)
+        if shard_frozen(decoder, reference._no_split_modules, threshold, "reference"):
+            sharded.append("reference")
+    if reward_model is not None and shard_frozen(
+        reward_model, reward_model._no_split_modules, threshold, "reward_model"
+    ):
+        sharded.append("reward_model")
     ema = None
     if config.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -447,7 +469,9 @@ def build_ppo_models(
     if data is not None:
         data.evaluation.reward_model = reward_model
     reward_fn = data.evaluation.reward_fn if data is not None else None
-    return PPOModels(model, unwrapped, optimizer, scheduler, reward_model, reward_fn, ema, parameter_bytes)
+    return PPOModels(
+        model, unwrapped, optimizer, scheduler, reward_model, reward_fn, ema, parameter_bytes, tuple(sharded)
+    )
 
 
 def checkpointed_modules(models: PPOModels) -> dict:
@@ -641,6 +665,7 @@ def summarize(run, config, models, data, start_eval, end_eval, kl_coef, model_di
         "ema_decay": config.ema_decay or None,
         "kl_coef_end": kl_coef,
         "parameter_bytes": models.parameter_bytes,
+        "sharded_frozen_models": list(models.sharded_frozen),
         "peak_memory_mib": peak_memory_mib(run.device),
         "optimizer": type(models.optimizer.optimizer).__name__,
         "train_prompts": len(data.train_ids),

@@ -129,6 +129,47 @@ def gathered_copy(model: nn.Module, replica: nn.Module, accelerator) -> nn.Modul
     return plain
 
 
+# Frozen models above this size are sharded under FSDP; smaller ones are replicated on every process.
+DEFAULT_SHARD_FROZEN_ABOVE_MIB = 256.0
+
+
+def shard_frozen(module: nn.Module, layer_classes, above_mib: float, what: str) -> bool:
+    """Shard a frozen (inference-only) ``module`` across the processes with ``fully_shard`` when its
+    parameters exceed ``above_mib`` MiB and the run is under FSDP; returns whether it did. Each layer
+    whose class is named in ``layer_classes`` (a model's ``_no_split_modules``) becomes one unit and the
+    rest the root unit; every unit gathers its weights for its forward and frees them after it
+    (``reshard_after_forward`` also on the root: with no backward to come, keeping them would only
+    hold memory).
+
+    Why a threshold: a sharded frozen model costs one all-gather per unit at every forward (the
+    rollout's scoring, the reference log-probs), a replicated one costs its whole size on every process.
+    Below a few hundred MiB the memory is cheaper than the communication.
+
+    Collective afterwards: every process must run each forward of ``module``, as a prepared model's.
+    ``module``'s own forward must be what is called (its root unit gathers the embeddings and norms)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import fully_shard
+
+    if PartialState().distributed_type != DistributedType.FSDP:
+        return False
+    size_mib = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    if size_mib <= above_mib:
+        log.info("%s: %.1f MiB of parameters, replicated (at most %g MiB)", what, size_mib, above_mib)
+        return False
+    names = set(layer_classes or ())
+    layers = [m for m in module.modules() if type(m).__name__ in names]
+    if not layers:
+        from fastrlhf.errors import InputError
+
+        raise InputError(f"{what}: none of its modules is a {sorted(names)} layer to shard")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(module, reshard_after_forward=True)
+    log.info("%s: %.1f MiB of parameters, sharded in %d units", what, size_mib, len(layers) + 1)
+    return True
+
+
 def local_tensor(tensor):
     """This process's shard of a DTensor, or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
