@@ -1,4 +1,4 @@
-"""Peak per-process memory of `fastrlhf sft` under DDP and under FSDP2, two processes, one machine.
+"""Peak per-process memory of `fastrlhf sft` under DDP, FSDP2 and DeepSpeed ZeRO-2/3, two processes.
 
     python bench/distributed_memory.py                 # a ~60M-parameter Llama, AdamW, 4 steps
     python bench/distributed_memory.py --hidden 768 --layers 12
@@ -6,7 +6,8 @@
 The model (58M parameters by default) is built locally from a config, with tiny's tokenizer and
 vocabulary at larger sizes, so that its parameters, gradients and AdamW state (16 bytes per fp32
 parameter) dominate. Each engine runs the same command through the shipped launcher config
-(``examples/accelerate/ddp.yaml``, ``fsdp2.yaml``). The run's own summary reports every process's peak
+(``examples/accelerate/ddp.yaml``, ``fsdp2.yaml``, ``zero2.yaml``, ``zero3.yaml``; the ZeRO rows
+need ``deepspeed`` installed and are left out without it). The run's own summary reports every process's peak
 (CPU: peak resident set; GPU: peak allocated) and, on CPU, its resident set when the run started
 (torch and the libraries, before any model). Both the raw peak and the peak above that start are
 compared, since on CPU the start (~0.45 GiB here) is paid whatever the engine.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,14 +29,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "examples" / "accelerate"
-# (label, launcher config, extra environment). FSDP2 on CPU pins glibc's mmap threshold itself
-# (fastrlhf.train.sharding.release_freed_memory_to_the_os); DDP is measured both as it ships and with
-# the same threshold, so the comparison is not one of allocators.
+# (label, launcher config, extra environment). FSDP2 and ZeRO on CPU pin glibc's mmap threshold
+# themselves (fastrlhf.train.sharding.release_freed_memory_to_the_os); DDP is measured both as it ships
+# and with the same threshold, so the comparison is not one of allocators.
 ENGINES = [
     ("DDP", CONFIGS / "ddp.yaml", {}),
     ("DDP, MALLOC_MMAP_THRESHOLD_=131072", CONFIGS / "ddp.yaml", {"MALLOC_MMAP_THRESHOLD_": "131072"}),
     ("FSDP2", CONFIGS / "fsdp2.yaml", {}),
 ]
+if importlib.util.find_spec("deepspeed"):
+    ENGINES += [(f"DeepSpeed ZeRO-{stage}", CONFIGS / f"zero{stage}.yaml", {}) for stage in (2, 3)]
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> tuple[str, int]:

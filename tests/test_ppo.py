@@ -3,6 +3,7 @@ PPO-ptx's gradient, resume, and bad inputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -434,29 +435,41 @@ def final_weights_difference(a_dir, b_dir) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def test_ppo_under_accelerate_launch_with_two_processes_ddp_and_fsdp2(tmp_path):
-    """DDP and FSDP2 (gloo on CPU), each through its shipped launcher config, on the same seeds: the
-    same rollouts, losses and final policy, so sharding changes nothing but where the weights live.
-    An FSDP2 run resumed from its sharded step-2 checkpoint ends with the uninterrupted run's weights."""
-    outputs = {engine: tmp_path / engine for engine in ("ddp", "fsdp2")}
+# The sharding engines each PPO launch test compares with DDP: FSDP2, and DeepSpeed ZeRO-2 where installed
+# (CI requires it; ZeRO-3 is refused for PPO, see tests/test_deepspeed.py).
+ENGINES = ("fsdp2", "zero2") if importlib.util.find_spec("deepspeed") else ("fsdp2",)
+DISTRIBUTED_TYPES = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED"}
+
+
+def launch_engines(tmp_path, engines, **flags) -> tuple[dict, dict, dict]:
+    """Each engine's 2-process PPO run: ``(run dirs, summaries, per-step metric rows)``."""
+    outputs = {engine: tmp_path / engine for engine in engines}
     summaries = {
-        engine: launch_two_processes(
-            "ppo", output, config_file=ACCELERATE_CONFIGS / f"{engine}.yaml", **TWO_PROCESS_PPO
-        )
-        for engine, output in outputs.items()
+        engine: launch_two_processes("ppo", out, config_file=ACCELERATE_CONFIGS / f"{engine}.yaml", **flags)
+        for engine, out in outputs.items()
     }
-    assert summaries["fsdp2"]["distributed_type"] == "FSDP"
     curves = {}
     for engine, summary in summaries.items():
-        assert summary["processes"] == 2 and summary["steps"] == 3
+        assert summary["distributed_type"] == DISTRIBUTED_TYPES[engine]
+        assert summary["processes"] == 2 and summary["steps"] == flags["steps"]
         steps = [m for m in read_lines(outputs[engine] / "metrics.jsonl") if "score/mean" in m]
-        assert [m["step"] for m in steps] == [1, 2, 3], "only the main process writes metrics"
-        assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in steps)
+        assert [m["step"] for m in steps] == list(range(1, flags["steps"] + 1)), "main process only"
         curves[engine] = steps
-    for ddp, fsdp in zip(curves["ddp"], curves["fsdp2"], strict=True):
-        assert fsdp["score/mean"] == pytest.approx(ddp["score/mean"], abs=1e-5)
-        assert fsdp["policy/loss"] == pytest.approx(ddp["policy/loss"], abs=1e-4)
-    assert final_weights_difference(outputs["ddp"], outputs["fsdp2"]) < 1e-4
+    return outputs, summaries, curves
+
+
+def test_ppo_under_accelerate_launch_with_two_processes_ddp_fsdp2_and_zero2(tmp_path):
+    """DDP, FSDP2 and ZeRO-2 (gloo on CPU), each through its shipped launcher config, on the same seeds:
+    the same rollouts, losses and final policy, so sharding changes nothing but where the weights and
+    optimizer state live. An FSDP2 run resumed from its sharded step-2 checkpoint ends with the
+    uninterrupted run's weights."""
+    outputs, _, curves = launch_engines(tmp_path, ("ddp", *ENGINES), **TWO_PROCESS_PPO)
+    for engine in ENGINES:
+        assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in curves[engine])
+        for ddp, sharded in zip(curves["ddp"], curves[engine], strict=True):
+            assert sharded["score/mean"] == pytest.approx(ddp["score/mean"], abs=1e-5), engine
+            assert sharded["policy/loss"] == pytest.approx(ddp["policy/loss"], abs=1e-4), engine
+        assert final_weights_difference(outputs["ddp"], outputs[engine]) < 1e-4, engine
 
     resumed = interrupted_copy(outputs["fsdp2"], 2, tmp_path / "fsdp2_resumed")
     config = ACCELERATE_CONFIGS / "fsdp2.yaml"
@@ -466,9 +479,11 @@ def test_ppo_under_accelerate_launch_with_two_processes_ddp_and_fsdp2(tmp_path):
     assert [m["score/mean"] for m in rows] == pytest.approx([m["score/mean"] for m in curves["fsdp2"]])
 
 
-def test_ppo_under_fsdp2_shards_the_frozen_reference_and_reward_model(tmp_path):
-    """Separate mode with a reward model, every frozen model sharded (``--shard-frozen-above-mib 0``):
-    the same rollouts, scores and final policy as DDP, where each process holds them whole."""
+def test_ppo_shards_the_frozen_reference_and_reward_model_under_fsdp2(tmp_path):
+    """Separate mode with a reward model and a calibrated critic, every frozen model sharded under FSDP2
+    (``--shard-frozen-above-mib 0``; ZeRO-2 replicates them): the same rollouts, scores and final
+    policy as DDP, where each process holds them whole. Under ZeRO-2 the critic's calibration, written
+    into the weights after the first rollout, must reach DeepSpeed's fp32 master copy."""
     _saved_reward_model(tmp_path / "rm")
     flags = dict(
         policy="tiny",
@@ -479,21 +494,16 @@ def test_ppo_under_fsdp2_shards_the_frozen_reference_and_reward_model(tmp_path):
         minibatch_size=4,
         shard_frozen_above_mib=0,
     )
-    outputs = {engine: tmp_path / engine for engine in ("ddp", "fsdp2")}
-    summaries = {
-        engine: launch_two_processes("ppo", out, config_file=ACCELERATE_CONFIGS / f"{engine}.yaml", **flags)
-        for engine, out in outputs.items()
-    }
-    assert summaries["ddp"]["sharded_frozen_models"] == []
+    outputs, summaries, curves = launch_engines(tmp_path, ("ddp", *ENGINES), **flags)
     assert summaries["fsdp2"]["sharded_frozen_models"] == ["reference", "reward_model"]
-    curves = {
-        engine: [m for m in read_lines(output / "metrics.jsonl") if "score/mean" in m]
-        for engine, output in outputs.items()
-    }
-    for ddp, fsdp in zip(curves["ddp"], curves["fsdp2"], strict=True):
-        for key in ("score/mean", "kl/ref", "policy/loss", "value/loss"):
-            assert fsdp[key] == pytest.approx(ddp[key], abs=1e-4), key
-    # The evaluation scores every held-out response with the sharded reward model too.
-    for key in ("eval_sampled_rm_start", "eval_sampled_rm_end"):
-        assert summaries["fsdp2"][key] == pytest.approx(summaries["ddp"][key], abs=1e-4), key
-    assert final_weights_difference(outputs["ddp"], outputs["fsdp2"]) < 1e-4
+    for engine in ("ddp", *ENGINES):
+        if engine != "fsdp2":
+            assert summaries[engine]["sharded_frozen_models"] == []
+    for engine in ENGINES:
+        for ddp, sharded in zip(curves["ddp"], curves[engine], strict=True):
+            for key in ("score/mean", "kl/ref", "policy/loss", "value/loss"):
+                assert sharded[key] == pytest.approx(ddp[key], rel=1e-5, abs=1e-4), (engine, key)
+        # The evaluation scores every held-out response with the (sharded, under FSDP2) reward model.
+        for key in ("eval_sampled_rm_start", "eval_sampled_rm_end"):
+            assert summaries[engine][key] == pytest.approx(summaries["ddp"][key], abs=1e-4), (engine, key)
+        assert final_weights_difference(outputs["ddp"], outputs[engine]) < 1e-4, engine

@@ -249,7 +249,11 @@ def add_lora(lm, options: ModelOptions, adapter_name: str = "default"):
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """``(trainable, total)`` parameter counts; a parameter partitioned by ZeRO-3 counts whole."""
+
+    def count(parameter) -> int:
+        return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return trainable, total

@@ -51,6 +51,7 @@ from fastrlhf.train.sharding import (
 )
 from fastrlhf.train.signals import StopOnSignals
 from fastrlhf.train.update import ppo_update, ptx_batches
+from fastrlhf.train.zero import refresh_master_weights, requested_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,14 @@ def train_ppo(config: PPOConfig) -> dict:
             "ema_decay: an EMA of the policy is not supported under FSDP (the accelerate config's "
             "distributed_type: FSDP) yet; drop --ema-decay or launch with DDP (examples/accelerate/ddp.yaml)"
         )
+    if requested_zero_stage() == 3:
+        # ZeRO-3 partitions every weight and gathers it only inside its module's forward; the fused
+        # log-prob and PPO-loss ops read the lm_head's weight after the model's forward returns.
+        raise InputError(
+            "DeepSpeed ZeRO-3: ppo is not supported under ZeRO-3 (the fused PPO loss reads the lm_head "
+            "weight outside the model's forward, where ZeRO-3 holds only a partition of it); launch with "
+            "examples/accelerate/zero2.yaml or fsdp2.yaml, which shards every weight"
+        )
     run = TrainingRun(config)
     accelerator, device = run.accelerator, run.device
     models = build_ppo_models(config, accelerator, data, run)
@@ -320,6 +329,7 @@ def train_ppo(config: PPOConfig) -> dict:
             normalizer.update(accelerator.gather(rollout.scores))
             if step == 0 and config.calibrate_critic and models.unwrapped.has_critic:
                 calibrate_critic(models.unwrapped, normalizer, accelerator.gather(rollout.scores))
+                refresh_master_weights(accelerator)
             experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
             stats, first_epoch_approx_kl, grad_norm = ppo_update(
                 models.model,
@@ -446,7 +456,9 @@ def build_ppo_models(
     )
     if run is not None:
         leave_out = (model.reference_lm,) if model.reference_lm is not None else ()
-        model, optimizer, scheduler = run.prepare_models(model, optimizer, scheduler, leave_out=leave_out)
+        model, optimizer, scheduler = run.prepare_models(
+            model, optimizer, scheduler, leave_out=leave_out, micro_batch_size=config.micro_batch_size
+        )
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)

@@ -36,6 +36,7 @@ from fastrlhf.train.metrics import MetricsLogger, write_summary
 from fastrlhf.train.plots import plot_metrics
 from fastrlhf.train.sharding import enable_fsdp2_on_cpu, gathered_copy, meta_replica
 from fastrlhf.train.signals import RunInterrupted, StopOnSignals
+from fastrlhf.train.zero import configure_deepspeed, enable_deepspeed_on_cpu, whole_model_construction
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class TrainingRun:
             cpu=not torch.cuda.is_available(),
         )
         enable_fsdp2_on_cpu(self.accelerator)
+        enable_deepspeed_on_cpu(self.accelerator)
         set_seed(args.seed)
         # Taken before anything in the directory is read or written: a second run fails here, at once.
         self.lock = RunDirectoryLock(self.run_dir) if self.is_main else None
@@ -354,10 +356,13 @@ class TrainingRun:
         )
         return model, optimizer, scheduler, train_loader, total_steps
 
-    def prepare_models(self, model, *others, leave_out: tuple = ()):
-        """``accelerator.prepare(model, *others)``; under FSDP it first keeps a meta-device replica of
-        ``model`` (``leave_out``: submodules the replica needs not hold, e.g. a frozen reference kept
-        outside the prepared parameters), so that ``save_model`` can gather it later."""
+    def prepare_models(self, model, *others, leave_out: tuple = (), micro_batch_size: int | None = None):
+        """``accelerator.prepare(model, *others)``; under FSDP or ZeRO-3 it first keeps a meta-device
+        replica of ``model`` (``leave_out``: submodules the replica needs not hold, e.g. a frozen reference
+        kept outside the prepared parameters), so that ``save_model`` can gather it later. Under DeepSpeed
+        the micro-batch per process (default ``--batch-size``) and ``--max-grad-norm`` go into its config."""
+        micro_batch_size = micro_batch_size or self.args.batch_size
+        configure_deepspeed(self.accelerator, micro_batch_size, self.args.max_grad_norm)
         replica = meta_replica(model, leave_out) if self.shards_models else None
         prepared = self.accelerator.prepare(model, *others)
         if replica is not None:
@@ -366,10 +371,14 @@ class TrainingRun:
 
     @property
     def shards_models(self) -> bool:
-        """Whether ``prepare`` shards the models (FSDP), so that saving one must gather it first."""
+        """Whether ``prepare`` shards the parameters (FSDP, ZeRO-3), so that saving a model must gather it
+        first. (ZeRO-1/2 shard only gradients and optimizer state: every process holds whole weights.)"""
         from accelerate.utils import DistributedType
 
-        return self.accelerator.distributed_type == DistributedType.FSDP
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return kind == DistributedType.FSDP
 
     def scheduler(self, optimizer, total_steps: int):
         """Cosine decay to ``--final-lr-fraction`` over ``total_steps`` optimizer steps, after the warmup.
@@ -412,7 +421,8 @@ class TrainingRun:
         if replica is not None:  # sharded (FSDP): gathered once, into a plain module on the main process
             unwrapped = gathered_copy(unwrapped, replica, self.accelerator)
         if self.is_main:
-            self._write_final_model(part(unwrapped) if part else unwrapped, tokenizer, final, save_fn)
+            with whole_model_construction(self.accelerator):
+                self._write_final_model(part(unwrapped) if part else unwrapped, tokenizer, final, save_fn)
         self.accelerator.wait_for_everyone()
         return final
 

@@ -90,7 +90,10 @@ def meta_replica(model: nn.Module, leave_out: tuple = ()) -> nn.Module:
     copied: the replica holds None in their place."""
     memo = {id(module): None for module in leave_out}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(tensor, device="meta")
+        # A model that transformers loaded partitioned for ZeRO-3 holds empty parameters that know
+        # their whole shape.
+        shape = getattr(tensor, "ds_shape", tensor.shape)
+        meta = torch.empty(shape, dtype=tensor.dtype, device="meta")
         memo[id(tensor)] = (
             nn.Parameter(meta, requires_grad=tensor.requires_grad)
             if isinstance(tensor, nn.Parameter)
@@ -100,15 +103,23 @@ def meta_replica(model: nn.Module, leave_out: tuple = ()) -> nn.Module:
 
 
 def gathered_copy(model: nn.Module, replica: nn.Module, accelerator) -> nn.Module | None:
-    """The whole of a sharded ``model`` as a plain CPU module on the main process (None on the others):
-    ``replica`` (``meta_replica`` of it before sharding, consumed) filled from the gathered full state dict.
+    """The whole of a sharded (FSDP2 or ZeRO-3) ``model`` as a plain CPU module on the main process (None
+    on the others): ``replica`` (``meta_replica`` of it before sharding, consumed) filled from the
+    gathered full state dict.
 
     Collective: every process must call it. Only the main process holds the full weights, in CPU
     memory, so code written for a plain module (``save_pretrained``, LoRA merging, the reward model's
     classifier export with its probe forwards) runs on it unchanged."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from accelerate.utils import DistributedType
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from fastrlhf.train.zero import zero3_full_state_dict
+
+        full = zero3_full_state_dict(model, accelerator)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
     # assign=True: the replica's meta tensors become the gathered ones, with no second copy of the model.
@@ -171,7 +182,9 @@ def shard_frozen(module: nn.Module, layer_classes, above_mib: float, what: str) 
 
 
 def local_tensor(tensor):
-    """This process's shard of a DTensor, or the tensor itself."""
+    """This process's shard of a DTensor (FSDP2) or of a ZeRO-3 parameter, or the tensor itself."""
+    if hasattr(tensor, "ds_tensor"):
+        return tensor.ds_tensor
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 

@@ -16,7 +16,6 @@ set against its own loss scale; on this definition the two do not compare (see t
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import random
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ from fastrlhf import ops
 from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
 from fastrlhf.train.guards import NonFiniteGuard, clip_and_check
 from fastrlhf.train.rollout import Rollout, micro_batches, select_rows
+from fastrlhf.train.zero import gradient_sync
 
 if TYPE_CHECKING:
     from fastrlhf.train.experience import Experience
@@ -99,9 +99,8 @@ def backward_micro_batch(
     keep = micro["mask"]
     ones = torch.ones(int(keep.sum()), dtype=torch.bool, device=keep.device)
     kl_in_loss = config.kl_penalty == "loss" and kl_coef > 0
-    # Under DDP only the micro-batch's last backward may all-reduce; no_sync is a no-op otherwise.
-    ppo_sync = contextlib.nullcontext() if sync and ptx is None else accelerator.no_sync(model)
-    with ppo_sync:
+    # Only the micro-batch's last backward may reduce the gradients and end the accumulation.
+    with gradient_sync(accelerator, model, sync and ptx is None):
         hidden, values = model(**micro["inputs"])
         policy = ops.linear_ppo_policy_loss(
             hidden[keep],
@@ -139,7 +138,7 @@ def backward_micro_batch(
             stats.update({"value/loss": value.loss.detach(), "value/clip_fraction": value.clip_fraction})
         accelerator.backward(loss)
     if ptx is not None:
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with gradient_sync(accelerator, model, sync):
             hidden, values = model(**ptx["inputs"])
             selected = ptx["targets"] != IGNORE_INDEX
             lm_logprobs = ops.linear_logprobs(
