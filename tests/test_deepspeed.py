@@ -11,15 +11,15 @@ from __future__ import annotations
 import sys
 
 import pytest
-from safetensors.torch import load_file
 from trainer_runs import (
     ACCELERATE_CONFIGS,
+    final_weights_difference,
     interrupted_copy,
     launch_two_processes,
-    read_lines,
     run_ppo,
     run_rm,
     run_sft,
+    train_losses,
 )
 
 from fastrlhf.errors import InputError
@@ -29,19 +29,6 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo launches a
 
 STEPS, SAVE_EVERY = 12, 6
 SFT_FLAGS = dict(max_steps=STEPS, save_every=SAVE_EVERY, batch_size=4)
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    return {
-        row["step"]: row["train/loss"] for row in read_lines(run_dir / "metrics.jsonl") if "train/loss" in row
-    }
-
-
-def max_weight_difference(a_dir, b_dir) -> float:
-    a = load_file(str(a_dir / "model" / "model.safetensors"))
-    b = load_file(str(b_dir / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +55,7 @@ def test_sft_under_zero_matches_one_process(stage, sft_single, tmp_path):
     assert summary["eval_loss_end"] == pytest.approx(single_summary["eval_loss_end"], abs=1e-4)
     # Measured: 2.3e-5 (ZeRO-2), 9.9e-5 (ZeRO-3, 20 steps). AdamW turns float noise in a near-zero
     # gradient into a step of up to one learning rate, so the bound is a fraction of it.
-    assert max_weight_difference(sharded, single) < 2e-4
+    assert final_weights_difference(sharded, single) < 2e-4
 
     if stage == 2:
         # Interrupted after the step-6 checkpoint, resumed from it: the uninterrupted run's weights.
@@ -76,7 +63,7 @@ def test_sft_under_zero_matches_one_process(stage, sft_single, tmp_path):
         launch_two_processes(
             "sft", resumed, config_file=ACCELERATE_CONFIGS / "zero2.yaml", resume=True, **SFT_FLAGS
         )
-        assert max_weight_difference(sharded, resumed) <= 1e-5
+        assert final_weights_difference(sharded, resumed) <= 1e-5
         assert train_losses(resumed) == pytest.approx(zero_curve, abs=1e-5)
 
 
@@ -94,7 +81,7 @@ def test_reward_model_under_zero3_matches_one_process(sft_single, tmp_path):
         assert zero_curve[step] == pytest.approx(single_curve[step], abs=1e-4), step
     for key in ("eval_accuracy_end", "eval_loss_end"):
         assert summary[key] == pytest.approx(single_summary[key], abs=1e-4), key
-    assert max_weight_difference(sharded, tmp_path / "rm_single") <= 1e-3  # see test_fsdp2's reward model
+    assert final_weights_difference(sharded, tmp_path / "rm_single") <= 1e-3  # see test_fsdp2's reward model
     assert summary["normalization_bias"] == pytest.approx(single_summary["normalization_bias"], abs=2e-3)
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import sys
 
 import pytest
-from safetensors.torch import load_file
 from trainer_runs import (
     ACCELERATE_CONFIGS,
+    final_weights_difference,
     interrupted_copy,
     launch_two_processes,
-    read_lines,
     run_ppo,
     run_rm,
     run_sft,
+    train_losses,
 )
 
 from fastrlhf.errors import InputError
@@ -30,17 +30,6 @@ STEPS, SAVE_EVERY = 20, 10
 # Within the first epoch: at an epoch's end accelerate pads the last process's short batch with repeated
 # examples (even_batches), which one process accumulating the same batches does not see.
 SFT_FLAGS = dict(max_steps=STEPS, save_every=SAVE_EVERY, batch_size=4)
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    rows = read_lines(run_dir / "metrics.jsonl")
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
-
-
-def max_weight_difference(a_dir, b_dir, file="model.safetensors") -> float:
-    a, b = load_file(str(a_dir / "model" / file)), load_file(str(b_dir / "model" / file))
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +55,12 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes_exactly(sft_fsdp2, tmp_
         assert fsdp_curve[step] == pytest.approx(single_curve[step], abs=1e-4), step
     assert summary["eval_loss_end"] == pytest.approx(single_summary["eval_loss_end"], abs=1e-4)
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
-    assert max_weight_difference(sharded, single) < 1e-4
+    assert final_weights_difference(sharded, single) < 1e-4
 
     # Interrupted after the step-10 checkpoint, resumed from it: the same weights as the run that went on.
     resumed = interrupted_copy(sharded, SAVE_EVERY, tmp_path / "resumed")
     launch_two_processes("sft", resumed, config_file=FSDP2, resume=True, **SFT_FLAGS)
-    assert max_weight_difference(sharded, resumed) <= 1e-5
+    assert final_weights_difference(sharded, resumed) <= 1e-5
     assert train_losses(resumed) == pytest.approx(fsdp_curve, abs=1e-5)
 
 
@@ -92,7 +81,7 @@ def test_reward_model_under_fsdp2_matches_one_process(sft_fsdp2, tmp_path):
     # AdamW divides each gradient by its running RMS: a gradient that is ~0 in exact arithmetic, and
     # float noise in either run, moves its weight by up to one learning rate (1e-3 here) either way.
     # Those weights, not a sharding error, bound the gathered model's agreement.
-    assert max_weight_difference(sharded, single) <= 1e-3
+    assert final_weights_difference(sharded, single) <= 1e-3
     assert summary["normalization_bias"] == pytest.approx(single_summary["normalization_bias"], abs=2e-3)
 
 

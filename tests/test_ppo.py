@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from trainer_runs import (
     ACCELERATE_CONFIGS,
     crash_after_checkpoint,
+    final_weights_difference,
     interrupted_copy,
     launch_two_processes,
     read_lines,
@@ -426,13 +427,6 @@ TWO_PROCESS_PPO = dict(
     gradient_accumulation_steps=2,
     save_every=2,
 )
-
-
-def final_weights_difference(a_dir, b_dir) -> float:
-    a = load_file(str(a_dir / "model" / "model.safetensors"))
-    b = load_file(str(b_dir / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 # The sharding engines each PPO launch test compares with DDP: FSDP2, and DeepSpeed ZeRO-2 where installed

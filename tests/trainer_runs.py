@@ -108,6 +108,22 @@ def launch_two_processes(command: str, output: Path, config_file: Path | None = 
     return json.loads((Path(output) / "summary.json").read_text())
 
 
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """``{step: train/loss}`` of a run's metrics."""
+    rows = read_lines(Path(run_dir) / "metrics.jsonl")
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def final_weights_difference(a_dir: Path, b_dir: Path) -> float:
+    """The largest absolute difference between two runs' final models (``<run>/model``), in float64."""
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(a_dir) / "model" / "model.safetensors"))
+    b = load_file(str(Path(b_dir) / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
 def to_argv(**flags) -> list[str]:
     argv = []
     for name, value in flags.items():
