@@ -15,13 +15,10 @@ from trainer_runs import (
     final_weights_difference,
     interrupted_copy,
     launch_two_processes,
-    run_ppo,
     run_rm,
     run_sft,
     train_losses,
 )
-
-from fastrlhf.errors import InputError
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo launches are exercised on Linux")
 
@@ -83,18 +80,3 @@ def test_reward_model_under_fsdp2_matches_one_process(sft_fsdp2, tmp_path):
     # Those weights, not a sharding error, bound the gathered model's agreement.
     assert final_weights_difference(sharded, single) <= 1e-3
     assert summary["normalization_bias"] == pytest.approx(single_summary["normalization_bias"], abs=2e-3)
-
-
-def test_ppo_refuses_an_ema_under_fsdp_before_touching_the_run_directory(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    output = tmp_path / "ppo"
-    with pytest.raises(InputError, match="ema_decay: an EMA of the policy is not supported under FSDP"):
-        run_ppo(
-            output,
-            policy="tiny",
-            reward_model="none",
-            reward_fn="ppo_rewards:digit_fraction",
-            steps=1,
-            ema_decay=0.99,
-        )
-    assert not output.exists()

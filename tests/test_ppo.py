@@ -413,7 +413,8 @@ def test_adaptive_kl_controller_moves_toward_the_target():
         KLController(-1.0)
 
 
-# The most involved path: lora adapters, PPO-ptx and gradient accumulation.
+# The most involved path: lora adapters, PPO-ptx, gradient accumulation and an EMA of the policy (so the
+# saved policies compared are the averages).
 TWO_PROCESS_PPO = dict(
     policy="tiny",
     reward_model="none",
@@ -426,6 +427,7 @@ TWO_PROCESS_PPO = dict(
     minibatch_size=4,
     gradient_accumulation_steps=2,
     save_every=2,
+    ema_decay=0.9,
 )
 
 
@@ -455,8 +457,8 @@ def launch_engines(tmp_path, engines, **flags) -> tuple[dict, dict, dict]:
 def test_ppo_under_accelerate_launch_with_two_processes_ddp_fsdp2_and_zero2(tmp_path):
     """DDP, FSDP2 and ZeRO-2 (gloo on CPU), each through its shipped launcher config, on the same seeds:
     the same rollouts, losses and final policy, so sharding changes nothing but where the weights and
-    optimizer state live. An FSDP2 run resumed from its sharded step-2 checkpoint ends with the
-    uninterrupted run's weights."""
+    optimizer state live. An FSDP2 run resumed from its sharded step-2 checkpoint (the EMA's shards in
+    it too) ends with the uninterrupted run's weights."""
     outputs, _, curves = launch_engines(tmp_path, ("ddp", *ENGINES), **TWO_PROCESS_PPO)
     for engine in ENGINES:
         assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in curves[engine])

@@ -19,8 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model, save_model
-
 from fastrlhf.train.io import atomic_write_text, fsync_dir
 from fastrlhf.train.metrics import jsonable
 
@@ -54,9 +52,11 @@ def save_checkpoint(
     checkpoints remain. Checkpoints with a step above ``step`` are deleted too: they belong to a run
     that was resumed from an earlier point, and ``latest_checkpoint`` must not return to them.
 
-    ``modules``: ``{file name: nn.Module}`` saved besides accelerate's state as safetensors (an EMA of
-    the weights), restored by ``load_checkpoint_modules``; unlike accelerate's custom objects (pickles,
-    loaded with ``weights_only=False``), resuming them runs no code.
+    ``modules``: ``{name: object}`` saved besides accelerate's state (an EMA of the weights), each by its
+    own ``save_checkpoint(path, accelerator)`` (collective) into ``<checkpoint>/<name>`` as tensors
+    (safetensors, or torch.distributed.checkpoint when sharded), restored by ``load_checkpoint_modules``;
+    unlike accelerate's custom objects (pickles, loaded with ``weights_only=False``), resuming them runs
+    no code.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -80,10 +80,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # no process may write into tmp while the main one cleans up
 
     accelerator.save_state(str(tmp))
+    for name, module in (modules or {}).items():
+        module.save_checkpoint(tmp / name, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for name, module in (modules or {}).items():
-            save_model(module, str(tmp / name))
         atomic_write_text(tmp / TRAINER_STATE_NAME, state_text)
         _fsync_tree(tmp)
         _move_into_place(tmp, final)
@@ -94,12 +94,10 @@ def save_checkpoint(
 
 
 def load_checkpoint_modules(path: str | os.PathLike, modules: dict[str, Any]) -> None:
-    """Load the ``{file name: nn.Module}`` that ``save_checkpoint(modules=...)`` wrote into ``path``."""
+    """Load the ``{name: object}`` that ``save_checkpoint(modules=...)`` wrote into ``path`` (every
+    process)."""
     for name, module in modules.items():
-        file = Path(path) / name
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} holds no {name}: was it saved by a run with the same flags?")
-        load_model(module, str(file))
+        module.load_checkpoint(Path(path) / name)
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, Any]:

@@ -14,6 +14,7 @@ Then the KL coefficient adapts toward ``--target-kl``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -36,6 +37,7 @@ from fastrlhf.models.reward_model_format import NOT_A_REWARD_MODEL
 from fastrlhf.models.tiny import resolve_model
 from fastrlhf.train.arguments import RunArguments, flag
 from fastrlhf.train.datasets import split_texts
+from fastrlhf.train.ema import WeightEMA
 from fastrlhf.train.evaluation import EvalSet, compare, evaluate_policy
 from fastrlhf.train.experience import ESTIMATORS, KL_PLACEMENTS, explained_variance, make_experience
 from fastrlhf.train.kl_control import KLController
@@ -45,8 +47,8 @@ from fastrlhf.train.rollout import collect_rollout
 from fastrlhf.train.run import TrainingRun, peak_memory_mib
 from fastrlhf.train.sharding import (
     DEFAULT_SHARD_FROZEN_ABOVE_MIB,
-    fsdp_requested,
     gathered_for_generation,
+    reshard_all,
     shard_frozen,
 )
 from fastrlhf.train.signals import StopOnSignals
@@ -261,7 +263,7 @@ class PPOModels:
     scheduler: object
     reward_model: RewardModel | None
     reward_fn: object | None
-    ema: torch.nn.Module | None
+    ema: WeightEMA | None
     parameter_bytes: dict
     sharded_frozen: tuple[str, ...] = ()  # the frozen models sharded under FSDP (the others: replicated)
 
@@ -271,12 +273,6 @@ def train_ppo(config: PPOConfig) -> dict:
     # All inputs read and checked before the run directory is touched.
     require_plain_logits(load_config(config.policy, config.trust_remote_code), config.policy)
     data = load_ppo_data(config)
-    if fsdp_requested() and config.ema_decay:
-        # AveragedModel deep-copies the policy, which under FSDP is a set of sharded units.
-        raise InputError(
-            "ema_decay: an EMA of the policy is not supported under FSDP (the accelerate config's "
-            "distributed_type: FSDP) yet; drop --ema-decay or launch with DDP (examples/accelerate/ddp.yaml)"
-        )
     if requested_zero_stage() == 3:
         # ZeRO-3 partitions every weight and gathers it only inside its module's forward; the fused
         # log-prob and PPO-loss ops read the lm_head's weight after the model's forward returns.
@@ -371,9 +367,11 @@ def train_ppo(config: PPOConfig) -> dict:
 
     end_eval = evaluate(models, data, config, device)
     run.log(step, eval_metrics(end_eval))
-    if models.ema is not None:
-        model_dir = run.save_model(models.ema.module, data.tokenizer, save_fn=_save_policy)
-    else:
+    # With an EMA, the averaged weights are what is saved (swapped in, then gathered like the trained ones),
+    # into the shards the averages were taken of.
+    reshard_all(models.unwrapped)
+    averaged = models.ema.swapped_into(models.unwrapped.policy_lm) if models.ema else contextlib.nullcontext()
+    with averaged:
         model_dir = run.save_model(
             models.model,
             data.tokenizer,
@@ -473,11 +471,7 @@ def build_ppo_models(
         reward_model, reward_model._no_split_modules, threshold, "reward_model"
     ):
         sharded.append("reward_model")
-    ema = None
-    if config.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(unwrapped.policy_lm, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+    ema = WeightEMA(unwrapped.policy_lm, config.ema_decay) if config.ema_decay else None
     if data is not None:
         data.evaluation.reward_model = reward_model
     reward_fn = data.evaluation.reward_fn if data is not None else None
@@ -488,7 +482,7 @@ def build_ppo_models(
 
 def checkpointed_modules(models: PPOModels) -> dict:
     """What a PPO checkpoint holds besides accelerate's state: the EMA of the policy, as safetensors."""
-    return {"ema.safetensors": models.ema} if models.ema is not None else {}
+    return {"ema": models.ema} if models.ema is not None else {}
 
 
 def load_frozen_reward_model(config: PPOConfig, device) -> RewardModel | None:

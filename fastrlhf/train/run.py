@@ -116,7 +116,7 @@ class TrainingRun:
 
     def restore(self, modules: dict | None = None) -> dict:
         """Load the checkpoint chosen at start (``--resume``); returns its trainer state, or {} when fresh.
-        ``modules``: ``{file name: nn.Module}`` that ``checkpoint(modules=...)`` saves as safetensors."""
+        ``modules``: ``{name: object}`` that ``checkpoint(modules=...)`` saves (``WeightEMA``)."""
         if self.resume_from is None:
             state = {}
         else:

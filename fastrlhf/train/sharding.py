@@ -188,6 +188,17 @@ def local_tensor(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit in ``model``, so that its parameters are the
+    sharded DTensors again. A root unit stays gathered after a forward that no backward followed (the
+    evaluation's perplexity pass). A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 @contextlib.contextmanager
 def gathered_for_generation(model: nn.Module):
     """Within the block every FSDP unit of ``model`` (an FSDP2 root) holds its whole parameters on every

@@ -79,7 +79,7 @@ def ppo_update(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None and finite:
-                ema.update_parameters(accelerator.unwrap_model(model).policy_lm)
+                ema.update(accelerator.unwrap_model(model).policy_lm)
     return stats, first_epoch_approx_kl, grad_norm
 
 
