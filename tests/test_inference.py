@@ -10,6 +10,7 @@ import torch
 
 from fastrlhf.data.records import SFTExample
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompt_response
+from fastrlhf.errors import InputError
 from fastrlhf.inference.generate import generate_responses
 from fastrlhf.inference.score import score_pairs
 from fastrlhf.models.loading import ModelOptions, load_causal_lm, load_tokenizer
@@ -59,6 +60,40 @@ def _hf_greedy(lm, prompt, eos_token_id, max_new_tokens=NEW) -> list[int]:
     lm.train(was_training)
     tokens = out[0, len(prompt) :].tolist()
     return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.4])
+def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, temperature):
+    """The log-probs recorded during cached decoding equal a float64 log-softmax of one full forward
+    over prompt + response, at the sampling temperature, token by token."""
+    prompts = _prompts(lm.config.vocab_size, [5, 1, 9, 3])
+    torch.manual_seed(4)
+    results = generate_responses(
+        lm,
+        prompts,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        max_new_tokens=NEW,
+        temperature=temperature,
+        return_logprobs=True,
+        batch_size=3,  # two batches, the second with left padding against a longer first
+    )
+    lm.eval()
+    for result in results:
+        assert result.logprobs is not None and len(result.logprobs) == len(result.response_ids)
+        ids = torch.tensor([result.prompt_ids + result.response_ids])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0].double()
+        start = len(result.prompt_ids)
+        expected = torch.log_softmax(logits[start - 1 : -1] / temperature, dim=-1)
+        expected = expected.gather(1, torch.tensor(result.response_ids)[:, None])[:, 0]
+        torch.testing.assert_close(
+            torch.tensor(result.logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-4
+        )
+    with pytest.raises(InputError, match="return_logprobs"):
+        generate_responses(
+            lm, prompts, pad_token_id=PAD, eos_token_id=EOS, temperature=0.0, return_logprobs=True
+        )
 
 
 def test_greedy_matches_hf_on_each_prompt_alone(lm):

@@ -1,10 +1,12 @@
-"""Sampling responses to prompts with HF ``generate`` (KV cache, left padding), cut at the first EOS."""
+"""Sampling responses to prompts with HF ``generate`` (KV cache, left padding), cut at the first EOS;
+optionally with each sampled token's log-probability under the distribution it was drawn from."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+from transformers import LogitsProcessorList
 
 from fastrlhf.data.batching import pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
@@ -13,11 +15,47 @@ from fastrlhf.errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class GeneratedResponse:
-    """One sampled response: its tokens up to and including the first EOS, and whether it had one."""
+    """One sampled response: its tokens up to and including the first EOS, and whether it had one;
+    with ``return_logprobs``, each token's log-probability as generation sampled it (else None)."""
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     ended_with_eos: bool
+    logprobs: tuple[float, ...] | None = None
+
+
+class SampledTokenLogprobs:
+    """A ``generate`` logits processor that records each sampled token's log-probability under
+    ``softmax(logits / temperature)``, the distribution sampled when no other warper is on (top-k 0,
+    top-p 1). It returns the scores unchanged.
+
+    transformers runs custom processors before its temperature warper, so a call sees the step's raw
+    logits ``[B, V]``; the token drawn from them is known only at the next call (the last column of its
+    ``input_ids``), so one step's logits are held until then, and ``finish`` takes the last step's.
+    The log-probability comes from ``ops.gather_logprobs``: one pass over the row, no softmax tensor."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []  # per step, [B] float32
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        from fastrlhf import ops
+
+        self.steps.append(ops.gather_logprobs(self.pending.float(), tokens, temperature=self.temperature))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self._take(input_ids[:, -1])
+        self.pending = scores.detach().clone()
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[B, steps]`` log-probabilities, given ``generate``'s output ``sequences``."""
+        if self.pending is not None:
+            self._take(sequences[:, -1])
+            self.pending = None
+        return torch.stack(self.steps, dim=1)
 
 
 @torch.no_grad()
@@ -32,6 +70,7 @@ def generate_responses(
     top_p: float = 1.0,
     batch_size: int = 16,
     generator_seed: int | None = None,
+    return_logprobs: bool = False,
 ) -> list[GeneratedResponse]:
     """Sample a response to each prompt (token ids), in batches of ``batch_size``.
 
@@ -40,6 +79,8 @@ def generate_responses(
     The model runs in eval mode (no dropout) and is restored to its previous mode afterwards.
     Responses are truncated after the first EOS; a response that never emitted
     EOS within ``max_new_tokens`` is returned whole with ``ended_with_eos=False`` (PPO may penalise it).
+    ``return_logprobs`` (sampling without top-p only): each response token's log-probability under the
+    tempered softmax it was drawn from, computed from the cached decoding's own logits.
     """
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -47,6 +88,11 @@ def generate_responses(
         raise InputError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if return_logprobs and (temperature == 0 or top_p < 1):
+        raise InputError(
+            "return_logprobs: needs sampling from the whole tempered softmax (temperature > 0, top_p 1), "
+            f"got temperature {temperature}, top_p {top_p}"
+        )
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     device = next(lm.parameters()).device
@@ -65,6 +111,7 @@ def generate_responses(
                 if temperature > 0
                 else {"do_sample": False}
             )
+            recorder = SampledTokenLogprobs(temperature) if return_logprobs else None
             output = lm.generate(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
@@ -72,13 +119,16 @@ def generate_responses(
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
                 use_cache=True,
+                logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
                 **sampling,
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-            for prompt, tokens in zip(chunk, new_tokens, strict=True):
+            step_logprobs = recorder.finish(output).tolist() if recorder is not None else None
+            for row, (prompt, tokens) in enumerate(zip(chunk, new_tokens, strict=True)):
                 ended = eos_token_id in tokens
                 cut = tokens[: tokens.index(eos_token_id) + 1] if ended else tokens
-                results.append(GeneratedResponse(tuple(prompt), tuple(cut), ended))
+                logprobs = tuple(step_logprobs[row][: len(cut)]) if step_logprobs is not None else None
+                results.append(GeneratedResponse(tuple(prompt), tuple(cut), ended, logprobs))
     finally:
         lm.train(was_training)
     return results

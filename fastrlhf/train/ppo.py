@@ -607,6 +607,14 @@ def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, k
     if data.gold_fn is not None:
         gold = call_reward_fn(data.gold_fn, rollout.prompts, rollout.responses)
         metrics["gold/mean"] = statistics.fmean(gold)
+    sampled = rollout.sampled_logprobs
+    if sampled is not None and sampled.numel() == int(rollout.mask.sum()):
+        # The sampler's log-probs (KV-cached decoding) against the trainer's old log-probs of the same
+        # tokens (one full forward): equal in exact arithmetic, so the gap is pure numerics. A large one
+        # means the rollout did not sample the distribution the ratio assumes.
+        gap = (experience.old_logprobs[rollout.mask].float() - sampled).abs()
+        metrics["rollout/logprob_gap_mean"] = gap.mean()
+        metrics["rollout/logprob_gap_max"] = gap.max()
     if experience.values is not None:
         metrics["value/explained_variance"] = explained_variance(
             experience.values, experience.returns, rollout.mask
@@ -631,6 +639,7 @@ PLOT_GROUPS = {
     "clip_fraction": ["policy/clip_fraction", "value/clip_fraction"],
     "value": ["value/loss", "value/explained_variance"],
     "approx_kl": ["policy/approx_kl"],
+    "rollout_logprob_gap": ["rollout/logprob_gap_mean", "rollout/logprob_gap_max"],
     "response_length": ["response/length"],
     "throughput": ["tokens_per_s/generation", "tokens_per_s/training"],
     "memory": ["memory/peak_mib"],

@@ -35,6 +35,9 @@ class Rollout:
     responses: list[str]  # [B]
     samples_per_prompt: int
     generation_seconds: float
+    # [n] float32, n = mask.sum(), row-major like x[mask]: each response token's log-probability as the
+    # sampler computed it (cached decoding); None for greedy rollouts.
+    sampled_logprobs: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -68,6 +71,7 @@ def collect_rollout(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         batch_size=batch_size * k,
+        return_logprobs=temperature > 0,
     )
     generation_seconds = time.perf_counter() - start
     prompts = [p for p in prompts for _ in range(k)]
@@ -77,6 +81,9 @@ def collect_rollout(
     ended = torch.tensor([g.ended_with_eos for g in generated], device=device)
     scores = score_rollout(reward_model, reward_fn, batch, prompts, responses, reward_fn_weight)
     lengths = torch.tensor([len(g.response_ids) for g in generated], device=device)
+    sampled = None
+    if temperature > 0:
+        sampled = torch.tensor([x for g in generated for x in g.logprobs], dtype=torch.float32, device=device)
     return Rollout(
         batch,
         batch["targets"] != IGNORE_INDEX,
@@ -87,6 +94,7 @@ def collect_rollout(
         responses,
         k,
         generation_seconds,
+        sampled,
     )
 
 
