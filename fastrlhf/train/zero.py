@@ -48,7 +48,13 @@ def enable_deepspeed_on_cpu(accelerator) -> bool:
             f"mixed_precision: {state.mixed_precision} under DeepSpeed on CPU is not supported "
             "(DeepSpeed's CPU path is tested in fp32: use --mixed-precision no)"
         )
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise InputError(
+            "the launcher config asks for DeepSpeed (distributed_type: DEEPSPEED), which is not installed "
+            f"here ({error}); pip install deepspeed, or launch with examples/accelerate/fsdp2.yaml"
+        ) from error
 
     plugin = DeepSpeedPlugin()  # reads the launcher's ACCELERATE_DEEPSPEED_* variables
     plugin.set_mixed_precision("no")
