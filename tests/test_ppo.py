@@ -494,12 +494,15 @@ def test_ppo_shards_the_frozen_reference_and_reward_model_under_fsdp2(mode, tmp_
         rollout_batch_size=8,
         minibatch_size=4,
         shard_frozen_above_mib=0,
+        eval_reward_fn="ppo_rewards:process_rank",  # logged as gold/mean; never trained on
     )
     outputs, summaries, curves = launch_engines(tmp_path, ("ddp", *engines), **flags)
     assert summaries["fsdp2"]["sharded_frozen_models"] == ["reference", "reward_model"]
     for engine in ("ddp", *engines):
         if engine != "fsdp2":
             assert summaries[engine]["sharded_frozen_models"] == []
+        # Logged rollout metrics are global: both processes' rollouts count, not the main one's alone.
+        assert [m["gold/mean"] for m in curves[engine]] == [0.5, 0.5], engine
     for engine in engines:
         for ddp, sharded in zip(curves["ddp"], curves[engine], strict=True):
             for key in ("score/mean", "kl/ref", "policy/loss", "value/loss"):

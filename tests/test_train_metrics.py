@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastrlhf.train.metrics import MetricsLogger, read_metrics, write_summary
+from fastrlhf.train.metrics import MetricsLogger, global_metrics, read_metrics, write_summary
 from fastrlhf.train.plots import plot_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -210,3 +210,26 @@ def test_report_to_tensorboard_writes_the_logged_metrics_as_events(tmp_path):
     scalars = {e.step: e.value for e in accumulator.Scalars("train/loss")}
     for line in logged:
         assert scalars[line["step"]] == pytest.approx(line["train/loss"], rel=1e-6)
+
+
+class _TwoProcesses:
+    """An accelerator stand-in whose gather returns this process's row and another process's."""
+
+    num_processes = 2
+    device = "cpu"
+
+    def __init__(self, other: dict):
+        self.other = other
+
+    def gather(self, mine):
+        theirs = torch.tensor([[float(v) for v in self.other.values()]], dtype=mine.dtype)
+        return torch.cat([mine, theirs])
+
+
+def test_global_metrics_average_take_the_max_or_sum_as_asked():
+    mine = {"score/mean": torch.tensor(0.25), "gap_max": 0.1, "tokens_per_s": 100.0, "grad_norm": None}
+    theirs = {"score/mean": 0.75, "gap_max": 0.3, "tokens_per_s": 50.0}
+    merged = global_metrics(_TwoProcesses(theirs), mine, maximum=("gap_max",), total=("tokens_per_s",))
+    assert merged == {"score/mean": 0.5, "gap_max": 0.3, "tokens_per_s": 150.0, "grad_norm": None}
+    single = type("One", (), {"num_processes": 1})()
+    assert global_metrics(single, mine) is mine

@@ -158,3 +158,23 @@ def jsonable(obj: Any, where: str) -> Any:
         return os.fspath(obj)
     number = _to_number(where, obj)
     return number if math.isfinite(number) else None
+
+
+def global_metrics(accelerator, metrics: dict[str, Any], maximum=(), total=()) -> dict[str, Any]:
+    """Per-process scalar ``metrics`` made global: the mean over the processes (their rollouts are the
+    same size), except the keys in ``maximum`` (the largest) and in ``total`` (the sum: a per-process
+    throughput). None stays None. Collective: every process must call it with the same keys, in one
+    ``gather``; one process is returned as is."""
+    if accelerator.num_processes == 1:
+        return metrics
+    import torch
+
+    keys = [key for key, value in metrics.items() if value is not None]
+    mine = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(mine[None]).reshape(accelerator.num_processes, len(keys)).cpu()
+    merged = dict(metrics)
+    for column, key in enumerate(keys):
+        values = every[:, column]
+        reduced = values.max() if key in maximum else values.sum() if key in total else values.mean()
+        merged[key] = float(reduced)
+    return merged

@@ -41,6 +41,7 @@ from fastrlhf.train.ema import WeightEMA
 from fastrlhf.train.evaluation import EvalSet, compare, evaluate_policy
 from fastrlhf.train.experience import ESTIMATORS, KL_PLACEMENTS, explained_variance, make_experience
 from fastrlhf.train.kl_control import KLController
+from fastrlhf.train.metrics import global_metrics
 from fastrlhf.train.optim import build_optimizer, param_groups
 from fastrlhf.train.rewards import NORMALIZATIONS, ScoreNormalizer, call_reward_fn, load_reward_fn
 from fastrlhf.train.rollout import collect_rollout
@@ -352,6 +353,8 @@ def train_ppo(config: PPOConfig) -> dict:
                 "grad_norm": grad_norm,
                 "skipped_nonfinite_steps": run.guard.skipped,
             }
+            # Every process's rollout counts, not the main process's alone.
+            metrics = global_metrics(accelerator, metrics, maximum=MAXIMUM_METRICS, total=TOTAL_METRICS)
             kl.update(mean_kl, rollout.rows * accelerator.num_processes)
             step += 1
             run.progress.update(1)
@@ -608,11 +611,13 @@ def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, k
         gold = call_reward_fn(data.gold_fn, rollout.prompts, rollout.responses)
         metrics["gold/mean"] = statistics.fmean(gold)
     sampled = rollout.sampled_logprobs
-    if sampled is not None and sampled.numel() == int(rollout.mask.sum()):
+    if sampled is not None:
         # The sampler's log-probs (KV-cached decoding) against the trainer's old log-probs of the same
         # tokens (one full forward): equal in exact arithmetic, so the gap is pure numerics. A large one
         # means the rollout did not sample the distribution the ratio assumes.
-        gap = (experience.old_logprobs[rollout.mask].float() - sampled).abs()
+        old = experience.old_logprobs[rollout.mask].float()
+        # The same keys on every process (the metrics are gathered): NaN if the two ever disagree in size.
+        gap = (old - sampled).abs() if old.shape == sampled.shape else torch.full((1,), math.nan)
         metrics["rollout/logprob_gap_mean"] = gap.mean()
         metrics["rollout/logprob_gap_max"] = gap.max()
     if experience.values is not None:
@@ -621,6 +626,10 @@ def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, k
         )
     return metrics
 
+
+# Over several processes a logged metric is the mean of the processes' values, except these.
+MAXIMUM_METRICS = ("rollout/logprob_gap_max", "memory/peak_mib")
+TOTAL_METRICS = ("tokens_per_s/generation", "tokens_per_s/training")
 
 # The progress bar's postfix, in words a reader knows: the RM score, the gold score when a --eval-reward-fn
 # knows one, the KL to the SFT policy (nats per response), the clipped share of tokens, and the speed.
