@@ -8,8 +8,9 @@
 (no PPO formula is restated here):
 
 1. rollout: ``collect_rollout`` samples ``--new-tokens`` tokens for ``--prompts`` random prompts of
-   ``--prompt-tokens`` tokens with HF ``generate`` (KV cache, temperature 1, no top-k), then scores them
-   with the frozen reward model. The time is split into *generation* (``generate`` alone) and *scoring*
+   ``--prompt-tokens`` tokens with ``--sampler`` (``fastrlhf``: the trainer's default, a KV-cache decode
+   loop over ``ops.sample``; ``hf``: HF ``generate``; temperature 1, no top-k), then scores them with the
+   frozen reward model. The time is split into *generation* (the sampler alone) and *scoring*
    (padding and the reward model's forward);
 2. experience: ``make_experience`` (old and reference log-probs through ``ops.linear_logprobs``,
    values, the normalised score) and ``ops.compute_advantages``;
@@ -246,6 +247,7 @@ class PPOStep:
             max_new_tokens=sizes.new_tokens,
             max_prompt_tokens=sizes.prompt_tokens,
             optimizer=case["optimizer"],
+            sampler=case.get("sampler", "fastrlhf"),
             lora_r=case["lora_r"] if actor_critic == "lora" else 0,
         )
         self.accelerator = Accelerator(cpu=True)
@@ -296,6 +298,7 @@ class PPOStep:
             batch_size=config.rollout_batch_size,
             samples_per_prompt=config.samples_per_prompt,
             device=device,
+            sampler=config.sampler,
         )
         rolled_out = time.perf_counter()
         self.normalizer.update(rollout.scores)
@@ -391,6 +394,7 @@ def measure(mode: str, backend: str, sizes: Sizes, args, dirs) -> dict:
         "policy": dirs[0],
         "reward_model": dirs[1],
         "optimizer": args.optimizer,
+        "sampler": args.sampler,
         "lora_r": args.lora_r,
         "seed": args.seed,
     }
@@ -642,6 +646,12 @@ def parse_args():
             help=f"{text} (default {getattr(FULL, field)}; --quick: {getattr(QUICK, field)})",
         )
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
+    parser.add_argument(
+        "--sampler",
+        default="fastrlhf",
+        choices=("fastrlhf", "hf"),
+        help="rollout sampler (PPOConfig.sampler)",
+    )
     parser.add_argument("--lora-r", type=int, default=16, help="adapter rank in lora mode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

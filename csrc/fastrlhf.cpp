@@ -139,6 +139,36 @@ at::Tensor group_advantages_forward(const at::Tensor& scores, const at::Tensor& 
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_forward(const at::Tensor& logits, const at::Tensor& uniforms,
+                                                              double inv_temperature, int64_t top_k, double top_p,
+                                                              double min_p, bool with_entropy) {
+  TORCH_CHECK(logits.dim() == 2, "fastrlhf: logits must be 2-D [B, V], got ", logits.sizes());
+  TORCH_CHECK(logits.is_contiguous(), "fastrlhf: logits must be contiguous");
+  dtype_of(logits);
+  TORCH_CHECK(logits.size(1) >= 1, "fastrlhf: logits must have a vocabulary of at least 1");
+  check_tensor(uniforms, "uniforms", {logits.size(0)}, at::kDouble, logits);
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0.0,
+              "fastrlhf: inv_temperature must be finite and > 0, got ", inv_temperature);
+  TORCH_CHECK(top_k >= 0, "fastrlhf: top_k must be >= 0 (0: none), got ", top_k);
+  TORCH_CHECK(top_p > 0.0 && top_p <= 1.0, "fastrlhf: top_p must be in (0, 1], got ", top_p);
+  TORCH_CHECK(min_p >= 0.0 && min_p < 1.0, "fastrlhf: min_p must be in [0, 1), got ", min_p);
+  const at::TensorOptions f32 = logits.options().dtype(at::kFloat);
+  at::Tensor tokens = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({logits.size(0)}, f32);
+  at::Tensor entropy = at::empty({with_entropy ? logits.size(0) : 0}, f32);
+  if (logits.size(0) == 0) return {tokens, logprobs, entropy};
+  if (logits.is_cpu()) {
+    cpu::sample_forward(
+        make_sample_params(logits, uniforms, inv_temperature, top_k, top_p, min_p, tokens, logprobs, entropy));
+  } else if (logits.is_cuda()) {
+    FASTRLHF_ON_CUDA(
+        cuda::sample_forward(logits, uniforms, inv_temperature, top_k, top_p, min_p, tokens, logprobs, entropy));
+  } else {
+    fail_device("sample", logits);
+  }
+  return {tokens, logprobs, entropy};
+}
+
 }  // namespace
 }  // namespace fastrlhf
 
@@ -172,6 +202,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "consecutive rows), mask uint8 [B*k, T]. mode: 0 = r - group mean, 1 = (r - mean) / (std + eps),\n"
         "2 = leave-one-out k/(k-1) * (r - mean), 3 = r * gamma^(valid tokens after t). Returns f32[B*k, T],\n"
         "0 where the mask is 0.");
+  m.def("sample_forward", &fastrlhf::sample_forward, py::arg("logits"), py::arg("uniforms"),
+        py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>(),
+        "One token per row of logits [B, V] from softmax(logits * inv_temperature) truncated by top_k (0: none),\n"
+        "top_p (1: none) and min_p (0: none), by the inverse CDF at uniforms f64[B] (common/sample_params.h).\n"
+        "Returns (tokens i64[B], logprobs f32[B], entropy f32[B] or f32[0]); a row with a NaN or +inf logit,\n"
+        "or only -inf ones, gets token -1.");
   m.def("cpu_capability", &fastrlhf::cpu::capability_name,
         "CPU kernel set used at run time: 'avx512', 'avx2' or 'default' (follows ATEN_CPU_CAPABILITY).");
   m.def("with_cuda", &fastrlhf::compiled_with_cuda, "Whether the CUDA kernels were compiled in.");

@@ -10,6 +10,7 @@
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/ranking_loss_params.h"
+#include "common/sample_params.h"
 
 namespace fastrlhf {
 
@@ -189,6 +190,26 @@ inline RankingLossBackwardParams make_ranking_loss_backward_params(const at::Ten
   p.k = rewards.size(1);
   p.margin = static_cast<float>(margin);
   p.d_rewards = d_rewards.mutable_data_ptr<float>();
+  return p;
+}
+
+// entropy: [0]-sized when not requested.
+inline SampleParams make_sample_params(const at::Tensor& logits, const at::Tensor& uniforms, double inv_temperature,
+                                       int64_t top_k, double top_p, double min_p, const at::Tensor& tokens,
+                                       const at::Tensor& logprobs, const at::Tensor& entropy) {
+  SampleParams p{};
+  p.logits = logits.const_data_ptr();
+  p.uniforms = uniforms.const_data_ptr<double>();
+  p.n_rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.dtype = dtype_of(logits);
+  p.inv_temperature = static_cast<float>(inv_temperature);
+  p.top_k = top_k;
+  p.top_p = static_cast<float>(top_p);
+  p.min_p = static_cast<float>(min_p);
+  p.tokens = tokens.mutable_data_ptr<int64_t>();
+  p.logprobs = logprobs.mutable_data_ptr<float>();
+  p.entropy = entropy.numel() > 0 ? entropy.mutable_data_ptr<float>() : nullptr;
   return p;
 }
 

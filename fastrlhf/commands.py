@@ -27,6 +27,9 @@ class GenerateConfig(InputOptions):
     max_new_tokens: int = flag(64, "Tokens to sample at most per response.")
     temperature: float = flag(1.0, "Sampling temperature; 0 decodes greedily.")
     top_p: float = flag(1.0, "Nucleus sampling mass.")
+    sampler: str = flag(
+        "fastrlhf", "fastrlhf (lean decode loop with ops.sample) or hf (transformers' generate)."
+    )
     batch_size: int = flag(16, "Prompts per generate call.")
     max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
     seed: int = flag(0, "Sampling seed.")
@@ -146,6 +149,7 @@ def run_generate(config: GenerateConfig) -> Path:
         top_p=config.top_p,
         batch_size=config.batch_size,
         generator_seed=config.seed,
+        sampler=config.sampler,
     )
     with atomic_output(config.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record, response in zip(records, responses, strict=True):

@@ -16,6 +16,7 @@ from fastrlhf.inference.score import score_pairs
 from fastrlhf.models.loading import ModelOptions, load_causal_lm, load_tokenizer
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.models.tiny import build_tiny_model
+from fastrlhf.ops import reference
 
 # A wide init (0.02 would give near-uniform logits) makes greedy decoding wander over many tokens.
 SMALL = dict(
@@ -62,8 +63,12 @@ def _hf_greedy(lm, prompt, eos_token_id, max_new_tokens=NEW) -> list[int]:
     return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
 
 
+SAMPLERS = ["fastrlhf", "hf"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("temperature", [0.6, 1.4])
-def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, temperature):
+def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, temperature, sampler):
     """The log-probs recorded during cached decoding equal a float64 log-softmax of one full forward
     over prompt + response, at the sampling temperature, token by token."""
     prompts = _prompts(lm.config.vocab_size, [5, 1, 9, 3])
@@ -77,6 +82,7 @@ def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, tempera
         temperature=temperature,
         return_logprobs=True,
         batch_size=3,  # two batches, the second with left padding against a longer first
+        sampler=sampler,
     )
     lm.eval()
     for result in results:
@@ -90,16 +96,57 @@ def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, tempera
         torch.testing.assert_close(
             torch.tensor(result.logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-4
         )
-    with pytest.raises(InputError, match="return_logprobs"):
-        generate_responses(
-            lm, prompts, pad_token_id=PAD, eos_token_id=EOS, temperature=0.0, return_logprobs=True
+    if sampler == "hf":  # generate's scores are pre-warper: its log-probs need the whole tempered softmax
+        with pytest.raises(InputError, match="return_logprobs"):
+            generate_responses(
+                lm,
+                prompts,
+                pad_token_id=PAD,
+                eos_token_id=EOS,
+                temperature=0.0,
+                return_logprobs=True,
+                sampler="hf",
+            )
+
+
+def test_lean_sampler_logprobs_follow_the_truncated_distribution(lm):
+    """With top-p, the lean loop's log-probs are those of the nucleus it drew from (renormalised), checked
+    against a float64 full forward truncated by the reference's rule; every token lies in its nucleus."""
+    prompts = _prompts(lm.config.vocab_size, [5, 2, 7])
+    torch.manual_seed(8)
+    results = generate_responses(
+        lm,
+        prompts,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        max_new_tokens=NEW,
+        temperature=0.8,
+        top_p=0.7,
+        return_logprobs=True,
+    )
+    lm.eval()
+    for result in results:
+        ids = torch.tensor([result.prompt_ids + result.response_ids])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0].double()
+        start = len(result.prompt_ids)
+        t, kept, _ = reference.truncated_support(logits[start - 1 : -1], 0.8, 0, 0.7)
+        nucleus = torch.where(kept, t, -torch.inf).log_softmax(-1)
+        response = torch.tensor(result.response_ids)[:, None]
+        assert bool(kept.gather(1, response).all()), "a token outside its nucleus"
+        torch.testing.assert_close(
+            torch.tensor(result.logprobs, dtype=torch.float64),
+            nucleus.gather(1, response)[:, 0],
+            rtol=0,
+            atol=1e-4,
         )
 
 
-def test_greedy_matches_hf_on_each_prompt_alone(lm):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_greedy_matches_hf_on_each_prompt_alone(lm, sampler):
     prompts = _prompts(lm.config.vocab_size, [5, 1, 9, 3, 7])
     results = generate_responses(
-        lm, prompts, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=NEW, temperature=0.0
+        lm, prompts, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=NEW, temperature=0.0, sampler=sampler
     )
     assert [r.prompt_ids for r in results] == prompts
     for prompt, result in zip(prompts, results, strict=True):
@@ -109,12 +156,22 @@ def test_greedy_matches_hf_on_each_prompt_alone(lm):
     assert len({r.response_ids for r in results}) > 1  # the model does not ignore its prompt
     # deterministic, and independent of how the prompts are batched (so of the left padding)
     again = generate_responses(
-        lm, prompts, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=NEW, temperature=0.0, batch_size=2
+        lm,
+        prompts,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        max_new_tokens=NEW,
+        temperature=0.0,
+        batch_size=2,
+        sampler=sampler,
     )
     assert again == results
 
 
-def test_responses_are_cut_after_the_first_eos(lm):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_responses_are_cut_after_the_first_eos(lm, sampler):
+    """Also how the lean loop drops finished rows from its batch and KV cache: the others must go on
+    exactly as HF decodes them alone."""
     prompts = _prompts(lm.config.vocab_size, [4, 8, 2, 6, 5])
     baseline = generate_responses(
         lm, prompts, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=NEW, temperature=0.0
@@ -132,7 +189,7 @@ def test_responses_are_cut_after_the_first_eos(lm):
     i, k, eos = next(candidates, (None, None, None))
     assert eos is not None, f"no usable eos candidate in {baseline}"
     results = generate_responses(
-        lm, prompts, pad_token_id=PAD, eos_token_id=eos, max_new_tokens=NEW, temperature=0.0
+        lm, prompts, pad_token_id=PAD, eos_token_id=eos, max_new_tokens=NEW, temperature=0.0, sampler=sampler
     )
     assert results[i].response_ids == baseline[i].response_ids[: k + 1] and results[i].ended_with_eos
     assert any(not r.ended_with_eos for r in results), "every prompt ended; the cut of pads is untested"
@@ -145,10 +202,13 @@ def test_responses_are_cut_after_the_first_eos(lm):
             assert len(tokens) == NEW and eos not in tokens
 
 
-def test_sampling_is_seeded_and_restores_the_mode(lm):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_is_seeded_and_restores_the_mode(lm, sampler):
     prompts = _prompts(lm.config.vocab_size, [3, 6, 5])
     lm.train()
-    kwargs = dict(pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=NEW, temperature=1.3, top_p=0.9)
+    kwargs = dict(
+        pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=NEW, temperature=1.3, top_p=0.9, sampler=sampler
+    )
     first = generate_responses(lm, prompts, generator_seed=11, **kwargs)
     assert lm.training and all(m.training for m in lm.modules())
     assert generate_responses(lm, prompts, generator_seed=11, **kwargs) == first
@@ -181,6 +241,7 @@ def test_greedy_through_lora_adapters(model_dir, lm):
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
+        ({"sampler": "vllm"}, "sampler must be one of"),
     ],
 )
 def test_generate_rejects_bad_arguments(lm, kwargs, match):
@@ -218,7 +279,8 @@ def test_score_pairs_equals_the_reward_model_on_each_pair(model_dir):
     assert len(set(scores)) == len(scores)
 
 
-def test_sampling_follows_the_full_distribution_not_a_top_k_cut(lm):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_follows_the_full_distribution_not_a_top_k_cut(lm, sampler):
     """PPO's log-probs assume samples from the policy itself: transformers' default top-k of 50 must be off.
 
     At temperature 3 the first-token distribution puts much of its mass outside its 50 likeliest tokens;
@@ -240,6 +302,7 @@ def test_sampling_follows_the_full_distribution_not_a_top_k_cut(lm):
         max_new_tokens=1,
         temperature=3.0,
         batch_size=draws,
+        sampler=sampler,
     )
     outside = sum(r.response_ids[0] not in top50 for r in responses) / draws
     # Binomial standard error at these sizes is below 0.025; 5 of them is a safe band.

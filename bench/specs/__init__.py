@@ -9,6 +9,7 @@ from specs import (
     linear_logprobs,
     ppo_policy_loss,
     ranking_loss,
+    sample,
 )
 
 SPECS = {
@@ -22,5 +23,6 @@ SPECS = {
         compute_advantages,
         group_advantages,
         ranking_loss,
+        sample,
     )
 }

@@ -10,6 +10,7 @@
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/ranking_loss_params.h"
+#include "common/sample_params.h"
 
 #define FASTRLHF_CPU_KERNEL_DECLARATIONS                                                   \
   void gather_logprobs_forward_kernel(const ::fastrlhf::GatherLogprobsForwardParams& p);   \
@@ -21,4 +22,5 @@
   void advantages_forward_kernel(const ::fastrlhf::AdvantagesParams& p);                   \
   void group_advantages_forward_kernel(const ::fastrlhf::GroupAdvantagesParams& p);        \
   void ranking_loss_forward_kernel(const ::fastrlhf::RankingLossForwardParams& p);         \
-  void ranking_loss_backward_kernel(const ::fastrlhf::RankingLossBackwardParams& p);
+  void ranking_loss_backward_kernel(const ::fastrlhf::RankingLossBackwardParams& p);       \
+  void sample_forward_kernel(const ::fastrlhf::SampleParams& p);

@@ -12,6 +12,7 @@
 #include "cuda/group_advantages.h"
 #include "cuda/kl_penalty.h"
 #include "cuda/ranking_loss.h"
+#include "cuda/sample.h"
 #include "tensor_params.h"
 
 namespace fastrlhf::cuda {
@@ -107,6 +108,16 @@ void ranking_loss_backward(const at::Tensor& grad_prompt_loss, const at::Tensor&
   const c10::cuda::CUDAGuard guard(rewards.device());
   C10_CUDA_CHECK(launch_ranking_loss_backward(
       make_ranking_loss_backward_params(grad_prompt_loss, rewards, ranks, mask, margin, d_rewards),
+      at::cuda::getCurrentCUDAStream()));
+}
+
+void sample_forward(const at::Tensor& logits, const at::Tensor& uniforms, double inv_temperature, int64_t top_k,
+                    double top_p, double min_p, const at::Tensor& tokens, const at::Tensor& logprobs,
+                    const at::Tensor& entropy) {
+  check_cuda(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  C10_CUDA_CHECK(launch_sample(
+      make_sample_params(logits, uniforms, inv_temperature, top_k, top_p, min_p, tokens, logprobs, entropy),
       at::cuda::getCurrentCUDAStream()));
 }
 

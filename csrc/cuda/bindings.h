@@ -39,4 +39,9 @@ void ranking_loss_forward(const at::Tensor& rewards, const at::Tensor& ranks, co
 void ranking_loss_backward(const at::Tensor& grad_prompt_loss, const at::Tensor& rewards, const at::Tensor& ranks,
                            const at::Tensor& mask, double margin, const at::Tensor& d_rewards);
 
+// One token per row (common/sample_params.h); entropy: [0]-sized when not requested.
+void sample_forward(const at::Tensor& logits, const at::Tensor& uniforms, double inv_temperature, int64_t top_k,
+                    double top_p, double min_p, const at::Tensor& tokens, const at::Tensor& logprobs,
+                    const at::Tensor& entropy);
+
 }  // namespace fastrlhf::cuda

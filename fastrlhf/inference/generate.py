@@ -1,5 +1,6 @@
-"""Sampling responses to prompts with HF ``generate`` (KV cache, left padding), cut at the first EOS;
-optionally with each sampled token's log-probability under the distribution it was drawn from."""
+"""Sampling responses to prompts (KV cache, left padding), cut at the first EOS; optionally with each
+sampled token's log-probability under the distribution it was drawn from. Two samplers: fastrlhf's own
+decode loop (``inference.decode``, ``ops.sample`` at each step; the default) and HF ``generate``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from transformers import LogitsProcessorList
 from fastrlhf.data.batching import pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
 from fastrlhf.errors import InputError
+from fastrlhf.inference.decode import decode
+
+SAMPLERS = ("fastrlhf", "hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ def generate_responses(
     batch_size: int = 16,
     generator_seed: int | None = None,
     return_logprobs: bool = False,
+    sampler: str = "fastrlhf",
 ) -> list[GeneratedResponse]:
     """Sample a response to each prompt (token ids), in batches of ``batch_size``.
 
@@ -79,16 +84,20 @@ def generate_responses(
     The model runs in eval mode (no dropout) and is restored to its previous mode afterwards.
     Responses are truncated after the first EOS; a response that never emitted
     EOS within ``max_new_tokens`` is returned whole with ``ended_with_eos=False`` (PPO may penalise it).
-    ``return_logprobs`` (sampling without top-p only): each response token's log-probability under the
-    tempered softmax it was drawn from, computed from the cached decoding's own logits.
+    ``return_logprobs``: each response token's log-probability under the distribution it was drawn from
+    (the tempered softmax, truncated by top-p; 0 when greedy), from the cached decoding's own logits.
+    ``sampler``: "fastrlhf" (the lean loop) or "hf" (``generate``; its log-probs need temperature > 0 and
+    top-p 1).
     """
+    if sampler not in SAMPLERS:
+        raise InputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise InputError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if return_logprobs and (temperature == 0 or top_p < 1):
+    if sampler == "hf" and return_logprobs and (temperature == 0 or top_p < 1):
         raise InputError(
             "return_logprobs: needs sampling from the whole tempered softmax (temperature > 0, top_p 1), "
             f"got temperature {temperature}, top_p {top_p}"
@@ -104,26 +113,33 @@ def generate_responses(
             chunk = prompt_ids[start : start + batch_size]
             sequences = [TokenizedSequence(tuple(p), len(p), False, False, "") for p in chunk]
             batch = pad_batch(sequences, pad_token_id, padding_side="left")
-            # top_k=0 turns off transformers' default top-k of 50: PPO's log-probs and KL estimates assume
-            # the samples come from the policy's own (tempered) distribution, not a truncated one.
-            sampling = (
-                {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-                if temperature > 0
-                else {"do_sample": False}
-            )
-            recorder = SampledTokenLogprobs(temperature) if return_logprobs else None
-            output = lm.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_token_id,
-                eos_token_id=eos_token_id,
-                use_cache=True,
-                logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
-                **sampling,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-            step_logprobs = recorder.finish(output).tolist() if recorder is not None else None
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            if sampler == "fastrlhf":
+                decoded = decode(
+                    lm,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    temperature=temperature,
+                    top_p=top_p,
+                )
+                new_tokens = decoded.tokens.tolist()
+                step_logprobs = decoded.logprobs.tolist() if return_logprobs else None
+            else:
+                new_tokens, step_logprobs = _hf_generate(
+                    lm,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens,
+                    pad_token_id,
+                    eos_token_id,
+                    temperature,
+                    top_p,
+                    return_logprobs,
+                )
             for row, (prompt, tokens) in enumerate(zip(chunk, new_tokens, strict=True)):
                 ended = eos_token_id in tokens
                 cut = tokens[: tokens.index(eos_token_id) + 1] if ended else tokens
@@ -132,3 +148,37 @@ def generate_responses(
     finally:
         lm.train(was_training)
     return results
+
+
+def _hf_generate(
+    lm,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    pad_token_id,
+    eos_token_id,
+    temperature,
+    top_p,
+    return_logprobs,
+):
+    """HF ``generate``'s new tokens ``[B][steps]`` and, with ``return_logprobs``, their log-probs."""
+    # top_k=0 turns off transformers' default top-k of 50: PPO's log-probs and KL estimates assume the
+    # samples come from the policy's own (tempered) distribution, not a truncated one.
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    recorder = SampledTokenLogprobs(temperature) if return_logprobs else None
+    output = lm.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        use_cache=True,
+        logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
+        **sampling,
+    )
+    new_tokens = output[:, input_ids.shape[1] :].tolist()
+    return new_tokens, recorder.finish(output).tolist() if recorder is not None else None

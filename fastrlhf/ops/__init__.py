@@ -14,7 +14,8 @@ from fastrlhf.ops.kl_penalty import kl_penalty
 from fastrlhf.ops.linear_logprobs import linear_logprobs
 from fastrlhf.ops.policy_loss import linear_ppo_policy_loss, ppo_policy_loss
 from fastrlhf.ops.ranking_loss import pairwise_loss, ranking_loss
-from fastrlhf.ops.reference import PolicyLossResult, RankingLossResult, ValueLossResult
+from fastrlhf.ops.reference import PolicyLossResult, RankingLossResult, SampleResult, ValueLossResult
+from fastrlhf.ops.sample import sample
 from fastrlhf.ops.value_loss import value_loss
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "GroupAdvantages",
     "PolicyLossResult",
     "RankingLossResult",
+    "SampleResult",
     "ValueLossResult",
     "available_backends",
     "compute_advantages",
@@ -38,5 +40,6 @@ __all__ = [
     "ppo_policy_loss",
     "ranking_loss",
     "reference",
+    "sample",
     "value_loss",
 ]

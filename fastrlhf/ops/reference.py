@@ -332,6 +332,92 @@ def group_advantages(
 
 
 # ----------------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+class SampleResult(NamedTuple):
+    """``tokens`` int64 ``[B]``; ``logprobs`` ``[B]``, each token's log-prob under the distribution it was
+    drawn from (after temperature and truncation); ``entropy`` ``[B]`` of that distribution, or None."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+@torch.no_grad()
+def truncated_support(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``sample`` draws from: ``t = z - max z`` ``[B, V]``, the kept set ``[B, V]`` bool, and ``bad``
+    ``[B]`` (rows with NaN or +inf, or only -inf; their t is 0). The probabilities are ``softmax`` of t
+    over the kept set. Rules: see ``sample``."""
+    dtype = compute_dtype(logits)
+    z = logits.to(dtype) / temperature
+    batch, vocab = z.shape
+    bad = torch.isnan(z).any(-1) | (z == torch.inf).any(-1) | (z == -torch.inf).all(-1)
+    z = torch.where(bad[:, None], torch.zeros_like(z), z)
+    t = z - z.amax(-1, keepdim=True)
+    e = t.exp()
+    tau = torch.zeros(batch, 1, dtype=dtype, device=z.device)
+    if 0 < top_k < vocab:
+        tau = e.topk(top_k, dim=-1).values[:, -1:]
+    if top_p < 1.0:
+        ranked = torch.where(e >= tau, e, 0.0).sort(-1, descending=True).values
+        mass = ranked.cumsum(-1)
+        # The first rank whose running mass reaches top_p of the total; its value is the threshold.
+        first = (mass < top_p * mass[:, -1:]).sum(-1, keepdim=True).clamp_max(vocab - 1)
+        tau = torch.maximum(tau, ranked.gather(-1, first))
+    if min_p > 0.0:
+        tau = tau.clamp_min(min_p)
+    return t, (e >= tau) & (e > 0), bad
+
+
+@torch.no_grad()
+def sample(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    return_entropy: bool = False,
+) -> SampleResult:
+    """One token per row of ``softmax(logits / temperature)`` truncated by top-k, top-p and min-p, drawn by
+    the inverse CDF at ``uniforms``: a deterministic function of ``(logits, uniforms)``.
+
+    With ``e = exp(z - max z)``, ``z = logits / temperature``, the kept set is ``{e >= tau, e > 0}`` where
+    tau is the largest of: the k-th largest e (``0 < top_k < V``; ties all kept); the largest e-value v
+    whose kept-so-far mass ``sum_{e >= v} e`` reaches ``top_p`` of the top-k mass (``top_p < 1``); and
+    ``min_p`` (e is p / p_max). The token is the first kept index whose running kept mass, in index order,
+    exceeds ``u * S`` (S: the kept mass). A row with NaN or +inf, or only -inf, gets token -1 and NaN.
+
+    Args:
+        logits: ``[B, V]`` floating. uniforms: ``[B]`` in [0, 1).
+    Returns:
+        ``SampleResult``; logprobs / entropy float32 (float64 for float64 logits).
+    """
+    t, kept, bad = truncated_support(logits, temperature, top_k, top_p, min_p)
+    dtype, vocab = t.dtype, t.shape[-1]
+    e = t.exp()
+    weights = torch.where(kept, e, 0.0)
+    running = weights.cumsum(-1)
+    total = running[:, -1]
+    crossed = (running <= (uniforms.to(dtype) * total)[:, None]).sum(-1)
+    last_kept = torch.where(kept, torch.arange(vocab, device=t.device), -1).amax(-1)
+    tokens = torch.where(crossed < vocab, crossed, last_kept)
+    log_total = total.log()
+    logprobs = t.gather(-1, tokens[:, None]).squeeze(-1) - log_total
+    entropy = None
+    if return_entropy:
+        entropy = log_total - torch.where(kept, weights * t, 0.0).sum(-1) / total
+        entropy = torch.where(bad, torch.nan, entropy)
+    tokens = torch.where(bad, -1, tokens)
+    logprobs = torch.where(bad, torch.nan, logprobs)
+    return SampleResult(tokens, logprobs, entropy)
+
+
+# ----------------------------------------------------------------------------------------------------
 # K-wise ranking loss
 # ----------------------------------------------------------------------------------------------------
 

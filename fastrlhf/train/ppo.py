@@ -29,6 +29,7 @@ from fastrlhf.data.hygiene import split_users_by_share
 from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_prompts
 from fastrlhf.errors import InputError
+from fastrlhf.inference.generate import SAMPLERS
 from fastrlhf.models.actor_critic import MODES, POLICY_ADAPTER, build_actor_critic
 from fastrlhf.models.loading import DEFAULT_LORA_RANK, ModelOptions, load_config, load_tokenizer
 from fastrlhf.models.policy import decoder_and_head, require_plain_logits
@@ -120,6 +121,11 @@ class PPOConfig(RunArguments):
         "Must stay 1: PPO's ratio and KL need the log-probs of the distribution sampled from, which are "
         "those of the full tempered softmax (use --temperature to sharpen sampling).",
     )
+    sampler: str = flag(
+        "fastrlhf",
+        "Rollout sampler: fastrlhf (a lean KV-cache decode loop with the fused ops.sample) or hf "
+        "(transformers' generate).",
+    )
     max_prompt_tokens: int = flag(256, "Longer prompts keep their last tokens.")
     kl_coef: float = flag(0.05, "β of the KL penalty to the SFT policy at the start (InstructGPT: 0.02).")
     target_kl: float = flag(
@@ -209,6 +215,7 @@ class PPOConfig(RunArguments):
             "advantage_estimator": ESTIMATORS,
             "kl_penalty": KL_PLACEMENTS,
             "reward_norm": NORMALIZATIONS,
+            "sampler": SAMPLERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -321,6 +328,7 @@ def train_ppo(config: PPOConfig) -> dict:
                     samples_per_prompt=config.samples_per_prompt,
                     reward_fn_weight=config.reward_fn_weight,
                     device=device,
+                    sampler=config.sampler,
                 )
             update_start = time.perf_counter()
             normalizer.update(accelerator.gather(rollout.scores))

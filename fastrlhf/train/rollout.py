@@ -58,9 +58,10 @@ def collect_rollout(
     samples_per_prompt: int = 1,
     reward_fn_weight: float = 1.0,
     device=None,
+    sampler: str = "fastrlhf",
 ) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt with ``policy_lm`` (eval mode) from the full
-    softmax at ``temperature`` (0: greedy), then score them."""
+    softmax at ``temperature`` (0: greedy) with ``sampler`` (see ``generate_responses``), then score them."""
     start = time.perf_counter()
     k = samples_per_prompt
     generated = generate_responses(
@@ -72,6 +73,7 @@ def collect_rollout(
         temperature=temperature,
         batch_size=batch_size * k,
         return_logprobs=temperature > 0,
+        sampler=sampler,
     )
     generation_seconds = time.perf_counter() - start
     prompts = [p for p in prompts for _ in range(k)]

@@ -4,3 +4,4 @@
 #include "../gae.cpp"
 #include "../group_advantages.cpp"
 #include "../ranking_loss.cpp"
+#include "../sample.cpp"
