@@ -66,6 +66,15 @@ def _hf_greedy(lm, prompt, eos_token_id, max_new_tokens=NEW) -> list[int]:
 SAMPLERS = ["fastrlhf", "hf"]
 
 
+def _response_logits(lm, result):
+    """Float64 logits ``[R, V]`` of one full forward over prompt + response, at the positions that predict
+    the R response tokens."""
+    ids = torch.tensor([result.prompt_ids + result.response_ids])
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits[0].double()
+    return logits[len(result.prompt_ids) - 1 : -1]
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("temperature", [0.6, 1.4])
 def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, temperature, sampler):
@@ -87,11 +96,7 @@ def test_sampled_logprobs_are_the_tempered_softmax_of_a_full_forward(lm, tempera
     lm.eval()
     for result in results:
         assert result.logprobs is not None and len(result.logprobs) == len(result.response_ids)
-        ids = torch.tensor([result.prompt_ids + result.response_ids])
-        with torch.no_grad():
-            logits = lm(input_ids=ids).logits[0].double()
-        start = len(result.prompt_ids)
-        expected = torch.log_softmax(logits[start - 1 : -1] / temperature, dim=-1)
+        expected = torch.log_softmax(_response_logits(lm, result) / temperature, dim=-1)
         expected = expected.gather(1, torch.tensor(result.response_ids)[:, None])[:, 0]
         torch.testing.assert_close(
             torch.tensor(result.logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-4
@@ -126,11 +131,7 @@ def test_lean_sampler_logprobs_follow_the_truncated_distribution(lm):
     )
     lm.eval()
     for result in results:
-        ids = torch.tensor([result.prompt_ids + result.response_ids])
-        with torch.no_grad():
-            logits = lm(input_ids=ids).logits[0].double()
-        start = len(result.prompt_ids)
-        t, kept, _ = reference.truncated_support(logits[start - 1 : -1], 0.8, 0, 0.7)
+        t, kept, _ = reference.truncated_support(_response_logits(lm, result), 0.8, 0, 0.7)
         nucleus = torch.where(kept, t, -torch.inf).log_softmax(-1)
         response = torch.tensor(result.response_ids)[:, None]
         assert bool(kept.gather(1, response).all()), "a token outside its nucleus"

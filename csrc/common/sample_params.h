@@ -15,9 +15,11 @@
 // A row with a NaN or +inf logit, or only -inf logits, gets token -1 and logprob NaN: the caller reports it.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/macros.h"
 
 namespace fastrlhf {
 
@@ -35,5 +37,12 @@ struct SampleParams {
   float* logprobs;        // [n_rows]: log-prob of the token under the truncated distribution
   float* entropy;         // [n_rows] or nullptr: entropy of the truncated distribution
 };
+
+// The outputs of a row with no valid distribution: token -1, log-prob and entropy NaN.
+FASTRLHF_HD void write_invalid_row(const SampleParams& p, int64_t row) {
+  p.tokens[row] = -1;
+  p.logprobs[row] = NAN;
+  if (p.entropy != nullptr) p.entropy[row] = NAN;
+}
 
 }  // namespace fastrlhf

@@ -64,9 +64,7 @@ struct TailMath : ScalarMath {
   }
 };
 
-// Elements per SIMD step: two float vectors, the unit in which 16-bit types convert, and two
-// independent accumulator chains to hide add latency.
-constexpr int64_t kStep = 2 * Vec::size();
+using vec_io::kStep;
 
 // Block of a row processed while it sits in L1: 2048 elements is 8 KiB of fp32 (4 KiB of 16-bit),
 // so the exp pass re-reads it from cache, not memory. (Zen 4, fp32: 1024 ties, 4096 is 15% slower.)
@@ -82,15 +80,9 @@ constexpr int64_t kTasksPerThread = 4;
 constexpr int64_t kMinParallelElements = 32768;
 
 using vec_io::load2;
+using vec_io::reduce_max;
+using vec_io::reduce_sum;
 using vec_io::store2;
-
-// Horizontal reductions (Vectorized::reduce_add/reduce_max don't compile for DEFAULT in torch 2.13).
-inline float reduce_sum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-inline float reduce_max(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -26,8 +26,7 @@ namespace kl_vec {
 
 using Vec = at::vec::Vectorized<float>;
 
-// Elements per SIMD step: two float vectors, the unit in which 16-bit types convert.
-constexpr int64_t kStep = 2 * Vec::size();
+using vec_io::kStep;
 
 // The common/kl.h policy on SIMD vectors. at::vec::maximum / minimum propagate NaN like
 // ScalarKLMath. exp is torch's fast exp_u20 (polynomial, ~2 ulp); the baseline copy maps std::exp per lane.

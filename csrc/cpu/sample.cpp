@@ -46,22 +46,17 @@ FASTRLHF_CPU_KERNEL_DECLARATIONS
 namespace sample_impl {
 
 using Vec = at::vec::Vectorized<float>;
+using vec_io::kStep;
 using vec_io::load2;
+using vec_io::reduce_max;
+using vec_io::reduce_sum;
 
-constexpr int64_t kStep = 2 * Vec::size();
 // Elements per block sum of the inverse-CDF scan: the walk inside one block is scalar, so a block
 // should be short; 256 makes the block-sum array of a 32k vocabulary 125 doubles.
 constexpr int64_t kScanBlock = 256;
 static_assert(kScanBlock % kStep == 0, "scan blocks must hold whole SIMD steps");
 // Below this many candidates the top-p search sorts them instead of partitioning again.
 constexpr int64_t kSortBelow = 64;
-
-inline float reduce_sum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-inline float reduce_max(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
 
 // t = x * inv_t - m rounded once, on SIMD vectors and on scalars alike (at::vec::fmsub is fused on
 // AVX2 / AVX512; the baseline copy rounds the product first, everywhere).
@@ -319,9 +314,7 @@ void sample_row(const SampleParams& p, int64_t row, float* e, float* scratch, do
   const float x_max = row_max(x, p.vocab);
   const float m = x_max * inv_t;
   if (!std::isfinite(m)) {
-    p.tokens[row] = -1;
-    p.logprobs[row] = NAN;
-    if (p.entropy != nullptr) p.entropy[row] = NAN;
+    write_invalid_row(p, row);
     return;
   }
   exp_pass(x, p.vocab, inv_t, m, e, block_sums);
@@ -339,9 +332,7 @@ void sample_row(const SampleParams& p, int64_t row, float* e, float* scratch, do
   }
   const int64_t token = inverse_cdf(e, p.vocab, tau, block_sums, p.uniforms[row] * total);
   if (token < 0) {  // nothing kept: cannot happen (the max's e is kept by every threshold), but never x[-1]
-    p.tokens[row] = -1;
-    p.logprobs[row] = NAN;
-    if (p.entropy != nullptr) p.entropy[row] = NAN;
+    write_invalid_row(p, row);
     return;
   }
   const float log_s = std::log(static_cast<float>(total));

@@ -431,12 +431,6 @@ __device__ int64_t inverse_cdf(const RowView<T>& r, int64_t vocab, double u, con
 // ---------------------------------------------------------------------------------------------
 // Kernel
 
-__device__ void write_invalid(const SampleParams& p, int64_t row) {
-  p.tokens[row] = -1;
-  p.logprobs[row] = NAN;
-  if (p.entropy != nullptr) p.entropy[row] = NAN;
-}
-
 template <class T>
 __device__ void sample_row(const SampleParams& p, int64_t row, float mass_scale, SampleShared& sh) {
   const T* x = static_cast<const T*>(p.logits) + row * p.vocab;
@@ -445,7 +439,7 @@ __device__ void sample_row(const SampleParams& p, int64_t row, float mass_scale,
   // +inf logit, only -inf logits (or none), or an overflowing x / T.
   const float m = ScalarMath::mul(rm.x_max, p.inv_temperature);
   if (rm.has_nan || !isfinite(m)) {
-    if (threadIdx.x == 0) write_invalid(p, row);
+    if (threadIdx.x == 0) write_invalid_row(p, row);
     return;  // block-uniform
   }
   const RowView<T> r{x, p.inv_temperature, m};
@@ -461,7 +455,7 @@ __device__ void sample_row(const SampleParams& p, int64_t row, float mass_scale,
   const int64_t token = inverse_cdf(r, p.vocab, p.uniforms[row], kept, keep_from, mass_scale, sh);
   if (threadIdx.x != 0) return;
   if (token < 0) {  // nothing kept: only when every e underflowed, in a row of |x / T| ~ 1e9
-    write_invalid(p, row);
+    write_invalid_row(p, row);
     return;
   }
   // S from the fixed-point sum: each kept e is off by at most half a unit (5e-13), where an fp32 sum of

@@ -115,31 +115,17 @@ def generate_responses(
             batch = pad_batch(sequences, pad_token_id, padding_side="left")
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
-            if sampler == "fastrlhf":
-                decoded = decode(
-                    lm,
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id,
-                    temperature=temperature,
-                    top_p=top_p,
-                )
-                new_tokens = decoded.tokens.tolist()
-                step_logprobs = decoded.logprobs.tolist() if return_logprobs else None
-            else:
-                new_tokens, step_logprobs = _hf_generate(
-                    lm,
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens,
-                    pad_token_id,
-                    eos_token_id,
-                    temperature,
-                    top_p,
-                    return_logprobs,
-                )
+            new_tokens, step_logprobs = _DECODERS[sampler](
+                lm,
+                input_ids,
+                attention_mask,
+                max_new_tokens,
+                pad_token_id,
+                eos_token_id,
+                temperature,
+                top_p,
+                return_logprobs,
+            )
             for row, (prompt, tokens) in enumerate(zip(chunk, new_tokens, strict=True)):
                 ended = eos_token_id in tokens
                 cut = tokens[: tokens.index(eos_token_id) + 1] if ended else tokens
@@ -148,6 +134,31 @@ def generate_responses(
     finally:
         lm.train(was_training)
     return results
+
+
+def _lean_decode(
+    lm,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    pad_token_id,
+    eos_token_id,
+    temperature,
+    top_p,
+    return_logprobs,
+):
+    """The lean loop's new tokens ``[B][steps]`` and, with ``return_logprobs``, their log-probs."""
+    decoded = decode(
+        lm,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    return decoded.tokens.tolist(), decoded.logprobs.tolist() if return_logprobs else None
 
 
 def _hf_generate(
@@ -182,3 +193,7 @@ def _hf_generate(
     )
     new_tokens = output[:, input_ids.shape[1] :].tolist()
     return new_tokens, recorder.finish(output).tolist() if recorder is not None else None
+
+
+# One entry per name in SAMPLERS; each takes the same arguments and returns (new tokens, log-probs | None).
+_DECODERS = {"fastrlhf": _lean_decode, "hf": _hf_generate}

@@ -42,15 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_context
+from ._utils import MIN_BLOCK_V, check_block_v, device_context, row_block_v, row_num_warps
 
 __all__ = ["gather_logprobs_backward", "gather_logprobs_forward"]
 
-# Largest vocabulary block one program loads per loop step: 4096 elements over 8 warps is 16 per thread
-# (two 16-byte loads in bf16), enough bytes in flight per program without spilling registers.
-_MAX_BLOCK_V = 4096
-# Smallest block: keeps tiny vocabularies (V=1, 7) on a well-formed layout; masked lanes cost nothing.
-_MIN_BLOCK_V = 16
 # Below this many columns per split program, writing partials + the combine launch cost more than the
 # extra parallelism buys (8192 bf16 columns = 16 KiB, a few microseconds of one program's bandwidth).
 _MIN_COLS_PER_SPLIT = 8192
@@ -308,24 +303,6 @@ def _gather_logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_block_v(block_v: int | None) -> None:
-    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
-        raise ValueError(f"block_v must be a power of two, got {block_v}")
-
-
-def _block_v(n_cols: int) -> int:
-    return max(_MIN_BLOCK_V, min(triton.next_power_of_2(max(n_cols, 1)), _MAX_BLOCK_V))
-
-
-def _num_warps(block_v: int) -> int:
-    # Aim for 8-16 elements per thread: enough independent loads in flight, few registers.
-    if block_v >= 4096:
-        return 8
-    if block_v >= 1024:
-        return 4
-    return 2
-
-
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -386,7 +363,7 @@ def gather_logprobs_forward(
         each row's ``(max_j z_j, log sum_j e^{z_j - max})``, ``(0, 0)`` on ignored rows.
     """
     _check_logits_labels(logits, labels)
-    _check_block_v(block_v)
+    check_block_v(block_v)
     n_rows, n_cols = logits.shape
     device = logits.device
     logprobs = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -405,14 +382,14 @@ def gather_logprobs_forward(
     splits = _auto_num_splits(n_rows, n_cols, device) if num_splits is None else max(1, int(num_splits))
     if splits > 1:
         # Each slice is a whole number of blocks so only the row's last block is ragged.
-        bv = block_v or _block_v(triton.cdiv(n_cols, splits))
+        bv = block_v or row_block_v(triton.cdiv(n_cols, splits))
         cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), bv) * bv
         splits = min(triton.cdiv(n_cols, cols_per_split), _MAX_SPLITS)
         cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), bv) * bv
 
     with device_context(logits):
         if splits <= 1:
-            bv = block_v or _block_v(n_cols)
+            bv = block_v or row_block_v(n_cols)
             _gather_logprobs_fwd_kernel[(n_rows,)](
                 logprobs,
                 stats,
@@ -425,7 +402,7 @@ def gather_logprobs_forward(
                 ignore_index,
                 BLOCK_V=bv,
                 WITH_ENTROPY=with_entropy,
-                num_warps=_num_warps(bv),
+                num_warps=row_num_warps(bv),
             )
             return logprobs, stats, entropy
 
@@ -442,9 +419,9 @@ def gather_logprobs_forward(
             ignore_index,
             BLOCK_V=bv,
             WITH_ENTROPY=with_entropy,
-            num_warps=_num_warps(bv),
+            num_warps=row_num_warps(bv),
         )
-        block_s = max(_MIN_BLOCK_V, triton.next_power_of_2(splits))
+        block_s = max(MIN_BLOCK_V, triton.next_power_of_2(splits))
         _gather_logprobs_fwd_combine_kernel[(n_rows,)](
             logprobs,
             stats,
@@ -490,7 +467,7 @@ def gather_logprobs_backward(
         ``out``, holding ``inv_T * (g (onehot - p) - h p (log p + H))``, zero on ignored rows.
     """
     _check_logits_labels(logits, labels)
-    _check_block_v(block_v)
+    check_block_v(block_v)
     n_rows, n_cols = logits.shape
     if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
         raise ValueError(
@@ -516,7 +493,7 @@ def gather_logprobs_backward(
     else:
         grad_entropy = entropy = grad_logprobs  # unused slots, skipped via WITH_ENTROPY_GRAD=False
 
-    bv = block_v or _block_v(n_cols)
+    bv = block_v or row_block_v(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, bv))
     with device_context(logits):
         _gather_logprobs_bwd_kernel[grid](
@@ -534,6 +511,6 @@ def gather_logprobs_backward(
             int(ignore_index),
             BLOCK_V=bv,
             WITH_ENTROPY_GRAD=with_entropy_grad,
-            num_warps=_num_warps(bv),
+            num_warps=row_num_warps(bv),
         )
     return out

@@ -49,15 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_context
+from ._utils import check_block_v, device_context, row_block_v, row_num_warps
 
 __all__ = ["sample_forward"]
 
-# Largest vocabulary block one program loads per loop step (as in gather_logprobs): 4096 elements over
-# 8 warps is 16 per thread, enough loads in flight without spilling registers.
-_MAX_BLOCK_V = 4096
-# Smallest block: keeps tiny vocabularies on a well-formed layout; masked lanes cost nothing.
-_MIN_BLOCK_V = 16
 # Bit pattern of fp32 +inf: an exclusive upper bound for every finite e >= 0. The bisection range
 # [0, 0x7F800000) has fewer than 2^31 patterns, so 31 halvings always narrow it to one.
 _INF_BITS = tl.constexpr(0x7F800000)
@@ -233,19 +228,6 @@ def _sample_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _block_v(n_cols: int) -> int:
-    return max(_MIN_BLOCK_V, min(triton.next_power_of_2(max(n_cols, 1)), _MAX_BLOCK_V))
-
-
-def _num_warps(block_v: int) -> int:
-    # Aim for 8-16 elements per thread: enough independent loads in flight, few registers.
-    if block_v >= 4096:
-        return 8
-    if block_v >= 1024:
-        return 4
-    return 2
-
-
 def sample_forward(
     logits: torch.Tensor,
     uniforms: torch.Tensor,
@@ -284,8 +266,7 @@ def sample_forward(
         )
     if uniforms.device != logits.device:
         raise ValueError(f"uniforms are on {uniforms.device} but logits on {logits.device}")
-    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
-        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    check_block_v(block_v)
 
     device = logits.device
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
@@ -302,7 +283,7 @@ def sample_forward(
     use_top_k = 0 < top_k < n_cols
     use_top_p = top_p < 1.0
     use_min_p = min_p > 0.0
-    bv = block_v or _block_v(n_cols)
+    bv = block_v or row_block_v(n_cols)
     with device_context(logits):
         _sample_fwd_kernel[(n_rows,)](
             tokens,
@@ -321,6 +302,6 @@ def sample_forward(
             TOP_P=use_top_p,
             MIN_P=use_min_p,
             WITH_ENTROPY=with_entropy,
-            num_warps=_num_warps(bv),
+            num_warps=row_num_warps(bv),
         )
     return tokens, logprobs, entropy
