@@ -176,6 +176,42 @@ def base_row(op: str, device: str) -> dict:
     }
 
 
+def policy_and_reward_dirs(
+    name: str, vocab: int, hidden: int, layers: int, intermediate: int
+) -> tuple[str, str]:
+    """(policy dir, reward model dir) of a tiny-shaped Llama with these sizes (4 heads, 2 KV heads, the
+    bundled 1024-token tokenizer), built once under ``$FASTRLHF_HOME/bench/`` and then reused. The reward
+    model is the same trunk with a fresh seeded score head, in transformers' sequence-classification format.
+
+    Both directories appear atomically (``build_tiny_model`` renames a finished build into place; the
+    reward model is saved next to its final path and renamed), so an interrupted run leaves no half model.
+    """
+    from fastrlhf.models.reward_model import RewardModel, is_reward_model
+    from fastrlhf.models.tiny import build_tiny_model, fastrlhf_home
+
+    root = os.path.join(fastrlhf_home(), "bench", f"{name}-V{vocab}-H{hidden}-L{layers}-I{intermediate}")
+    policy = build_tiny_model(
+        os.path.join(root, "policy"),
+        seed=0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+    )
+    reward = os.path.join(root, "reward_model")
+    if not is_reward_model(reward):
+        tmp = tempfile.mkdtemp(prefix=".reward_model.tmp-", dir=root)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)  # the fresh score head
+            RewardModel.from_pretrained(policy).save_pretrained(tmp)
+        try:
+            os.replace(tmp, reward)
+        except OSError:
+            if not is_reward_model(reward):
+                raise
+    return policy, reward
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -147,38 +147,11 @@ QUICK = Sizes(
 
 
 def model_dirs(sizes: Sizes) -> tuple[str, str]:
-    """(policy dir, reward model dir), built once and then reused (keyed by the model's sizes).
-
-    Both directories appear atomically (``build_tiny_model`` renames a finished build into place; the
-    reward model is saved next to its final path and renamed), so an interrupted run leaves no half model.
-    """
-    import torch
-
-    from fastrlhf.models.reward_model import RewardModel, is_reward_model
-    from fastrlhf.models.tiny import build_tiny_model, fastrlhf_home
-
-    root = os.path.join(fastrlhf_home(), "bench", f"ppo_step-V{sizes.vocab}-H{sizes.hidden}-L{sizes.layers}")
-    # The tiny's shape scaled to the hidden size: 4 heads, 2 KV heads, an MLP 2.75x wide (352 at 128).
-    policy = build_tiny_model(
-        os.path.join(root, "policy"),
-        seed=0,
-        vocab_size=sizes.vocab,
-        hidden_size=sizes.hidden,
-        num_hidden_layers=sizes.layers,
-        intermediate_size=sizes.hidden * 11 // 4,
+    """(policy dir, reward model dir) of the bench's model, built once and then reused. The tiny's shape
+    scaled to the hidden size: 4 heads, 2 KV heads, an MLP 2.75x wide (352 at 128)."""
+    return common.policy_and_reward_dirs(
+        "ppo_step", sizes.vocab, sizes.hidden, sizes.layers, sizes.hidden * 11 // 4
     )
-    reward = os.path.join(root, "reward_model")
-    if not is_reward_model(reward):
-        tmp = tempfile.mkdtemp(prefix=".reward_model.tmp-", dir=root)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1)  # the fresh score head
-            RewardModel.from_pretrained(policy).save_pretrained(tmp)
-        try:
-            os.replace(tmp, reward)
-        except OSError:
-            if not is_reward_model(reward):
-                raise
-    return policy, reward
 
 
 def checkpoint_bytes(model_dir: str) -> int:

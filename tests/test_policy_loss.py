@@ -274,6 +274,42 @@ def test_first_epoch_ratio_is_exactly_one(backend):
     assert_close_fp32("loss", result.loss, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[5]])
+def test_on_policy_form_matches_eager_float64_with_detached_old(backend, cfg):
+    """``old_logprobs=None``: the loss, stats and gradients of a float64 eager loss whose old log-probs are
+    its own new ones, detached. Ratio exactly 1: no clipping, approx KL exactly 0; the KL and entropy terms
+    still act."""
+    batch, length, hidden_size, vocab = 3, 13, 20, 433
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab)
+    _, adv, mask, _ = rollout(batch, length)
+    with torch.no_grad():
+        ref = linear_logprobs(hidden, weight, labels, bias, temperature=1.3)
+    ref = ref + 0.2 * torch.randn(batch, length)
+    result, grads = fused_case(
+        backend, cfg, hidden, weight, bias, labels, None, adv, mask, ref, 1.3, chunk_size=7
+    )
+    leaves = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, ent = eager_logprobs_from_hidden(leaves[0], leaves[1], labels, leaves[2], 1.3)
+    loss, clip_fraction, approx_kl = eager_ppo_policy_loss(
+        lp,
+        lp.detach(),
+        adv.double(),
+        mask & (labels != -100),
+        cfg["clip_low"],
+        cfg["clip_high"],
+        ref=ref.double(),
+        entropy=ent,
+        **eager_kwargs(cfg),
+    )
+    loss.backward()
+    assert float(result.approx_kl) == 0.0 and float(result.clip_fraction) == 0.0
+    assert float(clip_fraction) == 0.0 and float(approx_kl) == 0.0
+    assert_close_fp32("loss", result.loss, loss, rtol=1e-5, atol=1e-6)
+    for name, got, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+        assert_close_fp32(f"grad {name}", got, leaf.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
 def test_hidden_form_entropy_and_ref_kl_stats(backend):
     batch, length, hidden_size, vocab = 2, 7, 12, 97

@@ -72,9 +72,16 @@ def test_reward_rises_while_kl_stays_bounded(mode, tmp_path):
     assert not any("lora" in name for name in weights), "the saved policy is a plain HF model"
 
 
+# The update's schedules: the default (two epochs: the old log-probs come from their own pass) and one
+# epoch over one minibatch (on-policy: π_old is the update's own forward, and that pass is skipped).
+SCHEDULES = {"recompute": {}, "on-policy": {"ppo_epochs": 1, "minibatch_size": 8}}
+
+
 @pytest.mark.parametrize("mode", ["separate", "shared", "lora"])
-@pytest.mark.parametrize("temperature", [0.7, 1.3])
-def test_first_epoch_ratio_is_exactly_one_at_the_sampling_temperature(mode, temperature, tmp_path):
+@pytest.mark.parametrize(
+    ("temperature", "schedule"), [(0.7, "recompute"), (1.3, "recompute"), (0.7, "on-policy")]
+)
+def test_first_epoch_ratio_is_exactly_one_at_the_sampling_temperature(mode, temperature, schedule, tmp_path):
     """Rollout, experience and update all use the distribution sampled from (softmax(logits / T)): before
     the first optimizer step the new log-probs equal the old ones bit for bit."""
     run_ppo(
@@ -83,12 +90,62 @@ def test_first_epoch_ratio_is_exactly_one_at_the_sampling_temperature(mode, temp
         steps=2,
         temperature=temperature,
         **ADAPTERS[mode],
+        **SCHEDULES[schedule],
         **{**RULE, "rollout_batch_size": 8, "max_new_tokens": 8},
     )
     steps = [m for m in read_lines(tmp_path / mode / "metrics.jsonl") if "score/mean" in m]
     assert [m["policy/first_epoch_approx_kl"] for m in steps] == [0.0, 0.0]
-    # The sampler's own log-probs of the same tokens (KV-cached decoding) differ only by float error.
-    assert all(m["rollout/logprob_gap_max"] < 1e-3 for m in steps)
+    if schedule == "on-policy":  # one update per rollout: nothing can clip
+        assert all(m["policy/clip_fraction"] == 0.0 for m in steps)
+    # The sampler's own log-probs of the same tokens (KV-cached decoding) differ only by float error
+    # (against the old-log-prob pass, or on-policy against the update's forward).
+    assert all(0.0 < m["rollout/logprob_gap_max"] < 1e-3 for m in steps)
+
+
+@pytest.mark.parametrize("mode", ["separate", "shared"])
+def test_on_policy_update_equals_the_recomputed_one(mode, tmp_path):
+    """On-policy (π_old from the update's own forward), the micro-batch's gradient equals the one with
+    old log-probs from the separate pass, to float rounding, even with the sampler's log-probs (here the
+    exact ones plus noise standing in for its rounding) in place of the old ones; the noise shows up as
+    the logged gap and nowhere else."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from fastrlhf.models.actor_critic import build_actor_critic
+    from fastrlhf.models.loading import ModelOptions
+    from fastrlhf.train.ppo import PPOConfig
+    from fastrlhf.train.update import backward_micro_batch
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(3)
+    model = build_actor_critic(mode, "tiny", None, ModelOptions())
+    _, _, micro = _one_rollout(model, rows=3)
+    config = PPOConfig(output=str(tmp_path), reward_model="none", reward_fn="ppo_rewards:constant")
+    model.eval()  # no dropout: the two forwards see the same function
+
+    def gradients(micro_batch, on_policy):
+        stats = backward_micro_batch(model, accelerator, micro_batch, None, config, 0.05, True, on_policy)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return stats, grads
+
+    noise = 1e-4 * torch.randn(micro["old_logprobs"].shape) * micro["mask"]
+    sampler_micro = {**micro, "old_logprobs": micro["old_logprobs"] + noise}
+    recomputed_stats, recomputed = gradients(micro, on_policy=False)
+    on_policy_stats, on_policy = gradients(sampler_micro, on_policy=True)
+    assert float(on_policy_stats["policy/approx_kl"]) == 0.0
+    assert float(on_policy_stats["policy/clip_fraction"]) == 0.0
+    gap_max = float(noise.abs().max())
+    assert float(on_policy_stats["rollout/logprob_gap_max"]) == pytest.approx(gap_max, abs=1e-6)
+    assert "rollout/logprob_gap_max" not in recomputed_stats
+    assert float(on_policy_stats["policy/loss"]) == pytest.approx(
+        float(recomputed_stats["policy/loss"]), abs=1e-6
+    )
+    assert recomputed.keys() == on_policy.keys() and recomputed
+    for name, grad in recomputed.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert (on_policy[name] - grad).abs().max() <= 1e-5 * scale, name
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce++", "reinforce++-baseline"])

@@ -189,7 +189,7 @@ def linear_ppo_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -215,6 +215,10 @@ def linear_ppo_policy_loss(
         weight: ``[V, H]`` the lm_head, same dtype as ``hidden``; bias: ``[V]`` or None.
         labels: ``[B, T]`` the sampled tokens; ``ignore_index`` positions count as masked.
         old_logprobs, advantages, mask, ref_logprobs: ``[B, T]`` as in ``ppo_policy_loss``.
+            ``old_logprobs=None`` is on-policy: the ratio's denominator is this forward's own log-prob,
+            detached, so the ratio is exactly 1 and the gradient is ``-A·∇log π`` (clipping never binds).
+            That is PPO's first (and only) update of a rollout whose policy has not moved since sampling:
+            one epoch over one minibatch. It saves the separate pass that would compute the old log-probs.
         entropy_coef: entropy bonus; ``compute_entropy`` reports the mean entropy even without a bonus
             (it costs one more pass over each chunk).
         chunk_size, backend: as in ``linear_logprobs``; the other arguments as in ``ppo_policy_loss``.
@@ -265,7 +269,7 @@ def linear_ppo_policy_loss(
     valid = mask_u8.bool() & (labels != ignore_index)
     token_weights = reference.loss_token_weights(valid, options.loss_agg, torch.float32).reshape(-1)
     flat = dict(
-        old_logprobs=old_logprobs.reshape(-1).float(),
+        old_logprobs=None if old_logprobs is None else old_logprobs.reshape(-1).float(),
         advantages=advantages.reshape(-1).float(),
         ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1).float(),
     )
@@ -283,7 +287,7 @@ def linear_ppo_policy_loss(
     with torch.no_grad():
         stats = reference.ppo_policy_loss(
             logprobs.view(labels.shape),
-            old_logprobs,
+            logprobs.view(labels.shape) if old_logprobs is None else old_logprobs,
             advantages,
             valid,
             ref_logprobs=ref_logprobs,
@@ -291,7 +295,7 @@ def linear_ppo_policy_loss(
             entropy_coef=options.entropy_coef,
             **options.reference_kwargs(),
         )
-    return stats._replace(loss=loss)
+    return stats._replace(loss=loss, logprobs=logprobs.view(labels.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +349,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         entropy = torch.empty(rows if config.with_entropy else 0, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         empty = logprobs.new_empty(0)
-        ref = flat["ref_logprobs"]
+        ref, old = flat["ref_logprobs"], flat["old_logprobs"]
         entropy_in_loss = options.entropy_coef != 0.0
         for start, end in chunk_bounds(rows, config.chunk_rows):
             rows_slice = slice(start, end)
@@ -365,7 +369,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 options,
                 lp,
                 ent if entropy_in_loss else None,
-                flat["old_logprobs"][rows_slice],
+                lp if old is None else old[rows_slice],  # on-policy: the chunk's own log-probs
                 flat["advantages"][rows_slice],
                 None if ref is None else ref[rows_slice],
                 token_weights[rows_slice],

@@ -520,13 +520,16 @@ class PolicyLossResult(NamedTuple):
     """``loss`` (scalar, differentiable) and detached stats over the valid tokens: ``clip_fraction``
     (where the clipped surrogate is the one in force), ``approx_kl`` (mean of ``(r - 1) - log r`` with
     ``r = π/π_old``: an estimate of KL(π_old‖π), 0 when nothing changed), ``entropy`` (mean entropy, None
-    when not computed) and ``ref_kl`` (mean KL estimate to the reference, None without reference)."""
+    when not computed) and ``ref_kl`` (mean KL estimate to the reference, None without reference).
+    ``logprobs``: the linear forms' per-token log-probs, detached, in the labels' shape (0 where the label
+    is ``ignore_index``); None from ``ppo_policy_loss``, which is given them."""
 
     loss: torch.Tensor
     clip_fraction: torch.Tensor
     approx_kl: torch.Tensor
     entropy: torch.Tensor | None
     ref_kl: torch.Tensor | None
+    logprobs: torch.Tensor | None = None
 
 
 class ValueLossResult(NamedTuple):
@@ -670,7 +673,7 @@ def linear_ppo_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -681,14 +684,19 @@ def linear_ppo_policy_loss(
     **loss_options,
 ) -> PolicyLossResult:
     """``ppo_policy_loss`` on ``linear_logprobs(hidden, weight, labels, bias)``; positions whose label is
-    ``ignore_index`` count as masked. ``loss_options``: the keyword arguments of ``ppo_policy_loss``."""
+    ``ignore_index`` count as masked. ``old_logprobs`` None: on-policy, the old log-probs are these very
+    log-probs, detached (the ratio is exactly 1). ``loss_options``: the keyword arguments of
+    ``ppo_policy_loss``."""
     with_entropy = compute_entropy or entropy_coef != 0.0
     out = linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index, with_entropy)
     logprobs, entropy = out if with_entropy else (out, None)
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
     valid = mask.bool() & (labels != ignore_index)
-    return ppo_policy_loss(
+    result = ppo_policy_loss(
         logprobs, old_logprobs, advantages, valid, entropy=entropy, entropy_coef=entropy_coef, **loss_options
     )
+    return result._replace(logprobs=logprobs.detach())
 
 
 def value_loss(

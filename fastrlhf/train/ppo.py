@@ -40,7 +40,13 @@ from fastrlhf.train.arguments import RunArguments, flag
 from fastrlhf.train.datasets import split_texts
 from fastrlhf.train.ema import WeightEMA
 from fastrlhf.train.evaluation import EvalSet, compare, evaluate_policy
-from fastrlhf.train.experience import ESTIMATORS, KL_PLACEMENTS, explained_variance, make_experience
+from fastrlhf.train.experience import (
+    ESTIMATORS,
+    KL_PLACEMENTS,
+    OLD_LOGPROB_SOURCES,
+    explained_variance,
+    make_experience,
+)
 from fastrlhf.train.kl_control import KLController
 from fastrlhf.train.metrics import global_metrics
 from fastrlhf.train.optim import build_optimizer, param_groups
@@ -112,6 +118,14 @@ class PPOConfig(RunArguments):
         16, "Rollout rows (responses) per optimizer step (split into --gradient-accumulation-steps)."
     )
     ppo_epochs: int = flag(2, "Passes over each rollout.")
+    old_logprobs: str = flag(
+        "auto",
+        "Where the ratio's π_old comes from. auto: when each rollout gets one optimizer step "
+        "(--ppo-epochs 1 and --minibatch-size >= the rollout's rows) the policy has not moved since "
+        "sampling, so the update's own forward, detached, is π_old (the ratio is exactly 1), the KL penalty "
+        "takes the sampler's log-probs, and the separate old-log-prob pass is skipped; otherwise the pass "
+        "runs. recompute: always run the pass.",
+    )
     max_new_tokens: int = flag(24, "Response tokens to sample at most.")
     temperature: float = flag(
         1.0, "Sampling temperature; every log-prob, KL and entropy is taken at the same temperature."
@@ -216,6 +230,7 @@ class PPOConfig(RunArguments):
             "kl_penalty": KL_PLACEMENTS,
             "reward_norm": NORMALIZATIONS,
             "sampler": SAMPLERS,
+            "old_logprobs": OLD_LOGPROB_SOURCES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -247,6 +262,14 @@ class PPOConfig(RunArguments):
     @property
     def rollout_rows(self) -> int:
         return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def single_update_per_rollout(self) -> bool:
+        """Whether ``old_logprobs="auto"`` may take π_old from the update's own forward: one epoch over one
+        minibatch, so every micro-batch's forward runs on the weights that sampled the rollout."""
+        return (
+            self.old_logprobs == "auto" and self.ppo_epochs == 1 and self.minibatch_size >= self.rollout_rows
+        )
 
 
 @dataclasses.dataclass
@@ -601,7 +624,11 @@ def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, k
     """What a user watches for learning and for reward hacking: the reward model's and (when known) the
     ground truth's score of the rollout, KL, entropy, length, clip fraction, the critic's fit."""
     metrics = {
-        k: torch.stack([s[k].float() for s in stats]).mean() for k in stats[0] if stats[0][k] is not None
+        k: torch.stack([s[k].float() for s in stats]).amax()
+        if k in MAXIMUM_METRICS
+        else torch.stack([s[k].float() for s in stats]).mean()
+        for k in stats[0]
+        if stats[0][k] is not None
     }
     metrics.update(
         {
@@ -619,7 +646,8 @@ def step_metrics(rollout, experience, stats, data: PPOData, config: PPOConfig, k
         gold = call_reward_fn(data.gold_fn, rollout.prompts, rollout.responses)
         metrics["gold/mean"] = statistics.fmean(gold)
     sampled = rollout.sampled_logprobs
-    if sampled is not None:
+    # On-policy, the update measured the gap against its own forward (in the stats above).
+    if sampled is not None and not experience.on_policy:
         # The sampler's log-probs (KV-cached decoding) against the trainer's old log-probs of the same
         # tokens (one full forward): equal in exact arithmetic, so the gap is pure numerics. A large one
         # means the rollout did not sample the distribution the ratio assumes.

@@ -65,7 +65,11 @@ def ppo_update(
                 micro = {**select_rows(rollout, block), **experience.rows(block)}
                 ptx = next(ptx_stream) if ptx_stream is not None else None
                 last = index == len(blocks) - 1
-                stats.append(backward_micro_batch(model, accelerator, micro, ptx, config, kl_coef, last))
+                stats.append(
+                    backward_micro_batch(
+                        model, accelerator, micro, ptx, config, kl_coef, last, experience.on_policy
+                    )
+                )
                 if first_epoch_approx_kl is None:
                     first_epoch_approx_kl = float(stats[-1]["policy/approx_kl"])
             losses = [
@@ -84,7 +88,14 @@ def ppo_update(
 
 
 def backward_micro_batch(
-    model, accelerator, micro: dict, ptx: dict | None, config: PPOConfig, kl_coef: float, sync: bool
+    model,
+    accelerator,
+    micro: dict,
+    ptx: dict | None,
+    config: PPOConfig,
+    kl_coef: float,
+    sync: bool,
+    on_policy: bool = False,
 ) -> dict:
     """Forward and backward of one micro-batch: the clipped policy loss (+ ``β·KL`` with the penalty in the
     loss) + ``vf_coef`` x the clipped value loss (with a critic), then PPO-ptx's LM loss into the same
@@ -93,7 +104,9 @@ def backward_micro_batch(
     ``micro``: ``select_rows`` output plus ``Experience.rows`` (``old_logprobs``, ``ref_logprobs``,
     ``advantages``, and ``old_values``, ``returns`` with a critic), ``[b, T]``. ``ptx``: ``{"inputs",
     "targets"}`` of a pretraining batch, or None. ``sync``: whether this micro-batch's last backward
-    all-reduces the gradients (under DDP). Returns detached scalar stats.
+    all-reduces the gradients (under DDP). ``on_policy``: ``micro["old_logprobs"]`` are the sampler's, and
+    π_old is this forward's own log-probs (``Experience.on_policy``); the stats then carry the gap between
+    the two. Returns detached scalar stats.
     """
     head = accelerator.unwrap_model(model).lm_head
     keep = micro["mask"]
@@ -106,7 +119,7 @@ def backward_micro_batch(
             hidden[keep],
             head.weight,
             micro["targets"][keep],
-            micro["old_logprobs"][keep],
+            None if on_policy else micro["old_logprobs"][keep],
             micro["advantages"][keep],
             ones,
             bias=head.bias,
@@ -126,6 +139,12 @@ def backward_micro_batch(
             "policy/approx_kl": policy.approx_kl,
             "policy/entropy": policy.entropy,
         }
+        if on_policy:
+            # The sampler's log-probs (KV-cached decoding) against this full forward's: equal in exact
+            # arithmetic (same weights, same temperature), so the gap is numerics, or a sampler bug.
+            gap = (policy.logprobs - micro["old_logprobs"][keep]).abs()
+            stats["rollout/logprob_gap_mean"] = gap.mean() if gap.numel() else gap.new_zeros(())
+            stats["rollout/logprob_gap_max"] = gap.max() if gap.numel() else gap.new_zeros(())
         if values is not None:
             value = ops.value_loss(
                 values[keep].float(),
