@@ -27,8 +27,8 @@ Both sides get the very same prompt ids: the parent tokenises the prompts as ``f
 **Measurement.** Each run is its own process, one at a time. *Step time*: the interval between the ends
 of consecutive PPO steps (TRL: a ``TrainerCallback.on_step_end`` clock; fastrlhf: the ``time`` of each
 step's line in ``metrics.jsonl``, logged every step), after ``--warmup`` steps; the median and p20/p80.
-*Peak RSS*: the child's ``ru_maxrss`` (``os.wait4``), over the whole run: imports, model loading, every
-step and the end. TRL's own timings do not count its startup either.
+*Peak RSS*: the child's ``ru_maxrss`` (``os.wait4`` in a small launcher process, so that the bench's own
+memory is not counted), over the whole run: imports, model loading, every step and the end.
 
 **Targets** (separate mode): step time ≤ 0.35x TRL's, peak RSS ≤ 0.45x TRL's.
 
@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -216,26 +217,44 @@ def prepare(work: str, seed: int) -> dict:
     }
 
 
+# Starts a command and writes its exit code and peak RSS to argv[1]. A process's ru_maxrss also counts the
+# memory image it had before its exec; a child of the bench process starts from the bench's (subprocess
+# vforks, sharing it), hundreds of MiB of torch. A child of this small launcher starts from the launcher's.
+_LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as fh:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}, fh)
+"""
+
+
 def run_measured(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, float]:
-    """Run ``cmd``; returns (its peak RSS in bytes from ``wait4``, its wall seconds). Raises on failure."""
+    """Run ``cmd``; returns (its peak RSS in bytes, its wall seconds). Raises on failure or timeout, with
+    the tail of its output."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise RuntimeError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}")
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+    with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryDirectory() as tmp:
+        answer = os.path.join(tmp, "answer.json")
+        launcher = [sys.executable, "-c", _LAUNCHER, answer, *cmd]
+        # A session of its own, so that a timeout kills the command with its launcher.
+        proc = subprocess.Popen(
+            launcher, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from None
+        code, maxrss_kib = proc.returncode, 0
+        if code == 0:
+            with open(answer) as fh:
+                result = json.load(fh)
+            code, maxrss_kib = result["code"], result["maxrss_kib"]
+        if code != 0:
             log.seek(0)
-            raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{log.read()[-4000:]}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+            raise RuntimeError(f"exit {code}: {' '.join(cmd)}\n{log.read()[-4000:]}")
+    return maxrss_kib * 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
 
 
 def step_durations(step_ends: list[float], warmup: int) -> list[float]:

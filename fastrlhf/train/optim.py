@@ -54,9 +54,12 @@ def build_optimizer(
     if name == "auto":  # the trainers train on the GPU whenever there is one
         name = "adamw8bit" if torch.cuda.is_available() else "adamw"
     if name == "adamw":
-        # foreach: one fused loop over all tensors; torch defaults to it only on CUDA, and on CPU the
-        # per-tensor loop it falls back to was 15% of a tiny SFT step.
-        return torch.optim.AdamW(params_or_groups, foreach=True, **kwargs)
+        # fused: one kernel per tensor that reads each parameter, gradient and moment once and allocates
+        # nothing. torch defaults to it nowhere; its foreach form builds whole-model temporaries (sqrt of
+        # the second moment and more), and its per-tensor loop is slower still. 27M fp32 parameters
+        # (104 MiB), 2-core EPYC: fused 24 ms and 0 MiB of transient memory, foreach 93 ms and 104 MiB,
+        # per-tensor loop 123 ms and 93 MiB.
+        return torch.optim.AdamW(params_or_groups, fused=True, **kwargs)
 
     bnb_optim = _import_bnb_optim(name)
     if name == "adamw8bit":
