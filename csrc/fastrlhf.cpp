@@ -169,6 +169,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_forward(const at::Tensor& 
   return {tokens, logprobs, entropy};
 }
 
+// CPU only: on a GPU, cuBLAS serves few rows well.
+at::Tensor few_row_linear_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "fastrlhf: weight must be 2-D [V, H], got ", weight.sizes());
+  TORCH_CHECK(weight.is_cpu() && weight.is_contiguous(), "fastrlhf: weight must be a contiguous CPU tensor");
+  const int64_t panels = (weight.size(0) + kFewRowPanel - 1) / kFewRowPanel;
+  at::Tensor packed = at::empty({panels, weight.size(1), kFewRowPanel}, weight.options().dtype(at::kFloat));
+  if (packed.numel() == 0) return packed;
+  FewRowPackParams p{};
+  p.weight = weight.const_data_ptr();
+  p.in_features = weight.size(1);
+  p.out_features = weight.size(0);
+  p.dtype = dtype_of(weight);
+  p.packed = packed.mutable_data_ptr<float>();
+  cpu::few_row_linear_pack(p);
+  return packed;
+}
+
+at::Tensor few_row_linear_forward(const at::Tensor& hidden, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(hidden.dim() == 2, "fastrlhf: hidden must be 2-D [B, H], got ", hidden.sizes());
+  TORCH_CHECK(hidden.is_cpu() && hidden.is_contiguous() && hidden.scalar_type() == at::kFloat,
+              "fastrlhf: hidden must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(out_features >= 0, "fastrlhf: out_features must be >= 0, got ", out_features);
+  const int64_t panels = (out_features + kFewRowPanel - 1) / kFewRowPanel;
+  TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kFloat &&
+                  packed.sizes() == at::IntArrayRef({panels, hidden.size(1), kFewRowPanel}),
+              "fastrlhf: packed must be few_row_linear_pack's [", panels, ", ", hidden.size(1), ", ", kFewRowPanel,
+              "] float32 for ", out_features, " outputs of ", hidden.size(1), " features, got ", packed.sizes(),
+              " ", packed.scalar_type());
+  at::Tensor out = at::empty({hidden.size(0), out_features}, hidden.options());
+  if (out.numel() == 0) return out;
+  FewRowLinearParams p{};
+  p.hidden = hidden.const_data_ptr<float>();
+  p.packed = packed.const_data_ptr<float>();
+  p.n_rows = hidden.size(0);
+  p.in_features = hidden.size(1);
+  p.out_features = out_features;
+  p.out = out.mutable_data_ptr<float>();
+  cpu::few_row_linear_forward(p);
+  return out;
+}
+
 }  // namespace
 }  // namespace fastrlhf
 
@@ -209,6 +250,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "top_p (1: none) and min_p (0: none), by the inverse CDF at uniforms f64[B] (common/sample_params.h).\n"
         "Returns (tokens i64[B], logprobs f32[B], entropy f32[B] or f32[0]); a row with a NaN or +inf logit,\n"
         "or only -inf ones, gets token -1.");
+  m.def("few_row_linear_pack", &fastrlhf::few_row_linear_pack, py::arg("weight"),
+        py::call_guard<py::gil_scoped_release>(),
+        "weight[V, H] (f32, bf16 or f16) packed as f32[ceil(V / 32), H, 32] for few_row_linear_forward.");
+  m.def("few_row_linear_forward", &fastrlhf::few_row_linear_forward, py::arg("hidden"), py::arg("packed"),
+        py::arg("out_features"), py::call_guard<py::gil_scoped_release>(),
+        "hidden f32[B, H] @ weight.T as f32[B, V], weight given packed: the lm_head of a decoding step on\n"
+        "CPU, where a few rows against a large weight starve BLAS (it repacks the weight every call).");
   m.def("cpu_capability", &fastrlhf::cpu::capability_name,
         "CPU kernel set used at run time: 'avx512', 'avx2' or 'default' (follows ATEN_CPU_CAPABILITY).");
   m.def("with_cuda", &fastrlhf::compiled_with_cuda, "Whether the CUDA kernels were compiled in.");

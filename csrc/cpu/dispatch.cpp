@@ -111,4 +111,12 @@ void sample_forward(const SampleParams& p) {
   FASTRLHF_CPU_DISPATCH(sample_forward_kernel, p)
 }
 
+void few_row_linear_pack(const FewRowPackParams& p) {
+  FASTRLHF_CPU_DISPATCH(few_row_linear_pack_kernel, p)
+}
+
+void few_row_linear_forward(const FewRowLinearParams& p) {
+  FASTRLHF_CPU_DISPATCH(few_row_linear_forward_kernel, p)
+}
+
 }  // namespace fastrlhf::cpu

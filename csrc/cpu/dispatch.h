@@ -6,6 +6,7 @@
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/ranking_loss_params.h"
+#include "common/few_row_linear_params.h"
 #include "common/sample_params.h"
 
 namespace fastrlhf::cpu {
@@ -26,5 +27,7 @@ void group_advantages_forward(const GroupAdvantagesParams& p);
 void ranking_loss_forward(const RankingLossForwardParams& p);
 void ranking_loss_backward(const RankingLossBackwardParams& p);
 void sample_forward(const SampleParams& p);
+void few_row_linear_pack(const FewRowPackParams& p);
+void few_row_linear_forward(const FewRowLinearParams& p);
 
 }  // namespace fastrlhf::cpu

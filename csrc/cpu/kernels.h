@@ -5,6 +5,7 @@
 // undefined symbol.
 #pragma once
 
+#include "common/few_row_linear_params.h"
 #include "common/gae_params.h"
 #include "common/gather_logprobs_params.h"
 #include "common/group_advantages_params.h"
@@ -23,4 +24,6 @@
   void group_advantages_forward_kernel(const ::fastrlhf::GroupAdvantagesParams& p);        \
   void ranking_loss_forward_kernel(const ::fastrlhf::RankingLossForwardParams& p);         \
   void ranking_loss_backward_kernel(const ::fastrlhf::RankingLossBackwardParams& p);       \
-  void sample_forward_kernel(const ::fastrlhf::SampleParams& p);
+  void sample_forward_kernel(const ::fastrlhf::SampleParams& p);                          \
+  void few_row_linear_pack_kernel(const ::fastrlhf::FewRowPackParams& p);                 \
+  void few_row_linear_forward_kernel(const ::fastrlhf::FewRowLinearParams& p);

@@ -5,3 +5,4 @@
 #include "../group_advantages.cpp"
 #include "../ranking_loss.cpp"
 #include "../sample.cpp"
+#include "../few_row_linear.cpp"
