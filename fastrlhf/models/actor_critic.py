@@ -152,9 +152,12 @@ class ActorCritic(nn.Module):
         hidden = self._policy_hidden(inputs)
         if self.mode == "shared":
             return hidden, self.value_head(hidden[rows])
-        return hidden, self.critic.head(
-            self.critic.hidden_states(**value_inputs)
-        ) + self.critic.normalization_bias
+        return hidden, self.critic_values(**value_inputs)
+
+    def critic_values(self, **inputs) -> torch.Tensor:
+        """The separate critic's values ``[B, T]`` alone, without the policy's pass (``mode="separate"``)."""
+        inputs.setdefault("use_cache", False)
+        return self.critic.head(self.critic.hidden_states(**inputs)) + self.critic.normalization_bias
 
     @torch.no_grad()
     def rescale_values(self, shift: float, divisor: float) -> None:

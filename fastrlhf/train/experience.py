@@ -93,10 +93,13 @@ def rollout_logprobs(
             keep, targets = micro["mask"], micro["targets"]
             passes = []
             value = None
-            if with_old or with_values:
-                hidden, value = model(**micro["inputs"])
-                if with_old:
-                    passes.append((old_logprobs, hidden, model.lm_head))
+            if with_old:
+                hidden, value = model(value_rows=None if with_values else 0, **micro["inputs"])
+                passes.append((old_logprobs, hidden, model.lm_head))
+            elif with_values and model.mode == "separate":  # the values alone, without the policy's pass
+                value = model.critic_values(**micro["inputs"])
+            elif with_values:
+                _, value = model(**micro["inputs"])
             ref_hidden, ref_head = model.reference_hidden(**micro["inputs"])
             passes.append((ref_logprobs, ref_hidden, ref_head))
             for out, states, head in passes:
