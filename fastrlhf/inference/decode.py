@@ -68,7 +68,7 @@ class _ForwardArguments:
             out = self.trunk(use_cache=True, **inputs)
             hidden = out.last_hidden_state[:, -1, :]
             # The lm_head is most of a small policy's decoding step, and a few rows against a [V, H]
-            # weight is a shape CPU BLAS serves badly; few_row_logits streams the weight once.
+            # weight is a shape CPU BLAS serves badly; FewRowWeight streams the packed weight once.
             return self.head.logits(hidden), getattr(out, self.cache)
         if self.last_logits_only:
             inputs["logits_to_keep"] = 1  # the prefill's other positions would cost a [B*P, V] GEMM
