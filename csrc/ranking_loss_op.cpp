@@ -1,14 +1,16 @@
 // The ranking_loss TORCH_LIBRARY op: schema, CPU / CUDA / Meta kernels and a C++ autograd formula.
 //
 //   fastrlhf::ranking_loss(rewards, ranks, mask?, margin) -> (loss, accuracy, prompts_without_pairs)
-//   fastrlhf::ranking_loss_backward(grad, rewards, ranks, mask?, margin, prompts_without_pairs) -> d_rewards
+//   fastrlhf::ranking_loss_with_grad(rewards, ranks, mask?, margin)
+//       -> (loss, accuracy, prompts_without_pairs, d_loss_d_rewards)
 //
 // loss is the mean over prompts that have a pair of each prompt's mean pair loss, accuracy the same mean
 // of the fraction of pairs ordered right, prompts_without_pairs an int64 count (see
 // fastrlhf/ops/reference.py::ranking_loss). The kernels compute per-prompt values; the mean over
 // prompts is a C++ loop in a fixed order on the CPU and an ATen reduction on CUDA, inside this op.
-// The backward needs no per-prompt weights: a prompt without pairs gets no gradient from the kernel
-// whatever its weight, so every prompt takes grad / (prompts with pairs).
+// The loss is a scalar, so its gradient is d_loss_d_rewards times the incoming gradient: the autograd
+// forward asks for it (on the CPU it comes out of the forward's own pass over the pairs, from the same
+// exp), and the backward is one multiply. A prompt without pairs gets no gradient.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -76,16 +78,20 @@ RankingCall prepare(const Tensor& rewards, const Tensor& ranks, const std::optio
   return call;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ranking_loss_kernel(const Tensor& rewards, const Tensor& ranks,
-                                                       const std::optional<Tensor>& mask, double margin) {
+using RankingOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// The op's outputs; d_loss_d_rewards (f32 [N, K]) only when with_grad, else undefined.
+RankingOutputs ranking_outputs(const Tensor& rewards, const Tensor& ranks, const std::optional<Tensor>& mask,
+                               double margin, bool with_grad) {
   const RankingCall c = prepare(rewards, ranks, mask, margin);
   const int64_t n = c.rewards.size(0);
   const auto f32 = c.rewards.options().dtype(at::kFloat);
   Tensor prompt_loss = at::empty({n}, f32), prompt_accuracy = at::empty({n}, f32), num_pairs = at::empty({n}, f32);
+  Tensor d_rewards = with_grad ? at::empty({n, c.rewards.size(1)}, f32) : Tensor();
   if (c.rewards.is_cpu()) {
     if (n > 0) {
       cpu::ranking_loss_forward(make_ranking_loss_forward_params(c.rewards, c.ranks, c.mask, c.margin, prompt_loss,
-                                                                 prompt_accuracy, num_pairs));
+                                                                 prompt_accuracy, num_pairs, d_rewards));
     }
     // The mean over prompts with pairs, in prompt order (deterministic); no-pair prompts hold 0.
     const float* loss = prompt_loss.const_data_ptr<float>();
@@ -99,18 +105,40 @@ std::tuple<Tensor, Tensor, Tensor> ranking_loss_kernel(const Tensor& rewards, co
       with_pairs += pairs[i] > 0.0f;
     }
     const double denom = static_cast<double>(std::max<int64_t>(with_pairs, 1));
+    if (with_grad) {
+      // Each prompt's weight in the mean; the kernel already divided by the prompt's own pair count.
+      float* d = d_rewards.mutable_data_ptr<float>();
+      const float weight = static_cast<float>(1.0 / denom);
+      for (int64_t i = 0; i < d_rewards.numel(); ++i) d[i] *= weight;
+    }
     return {at::scalar_tensor(loss_sum / denom, f32), at::scalar_tensor(accuracy_sum / denom, f32),
-            at::scalar_tensor(n - with_pairs, f32.dtype(at::kLong))};
+            at::scalar_tensor(n - with_pairs, f32.dtype(at::kLong)), d_rewards};
   }
 #ifdef FASTRLHF_WITH_CUDA
   TORCH_CHECK(c.rewards.is_cuda(), "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
   if (n > 0) cuda::ranking_loss_forward(c.rewards, c.ranks, c.mask, c.margin, prompt_loss, prompt_accuracy, num_pairs);
   const Tensor with_pairs = num_pairs.gt(0).sum();
   const Tensor denom = with_pairs.clamp_min(1).to(at::kFloat);
-  return {prompt_loss.sum() / denom, prompt_accuracy.sum() / denom, at::rsub(with_pairs, n)};
+  if (with_grad && n > 0) {
+    // The backward kernel with every prompt weighted 1 / (prompts with pairs): d loss / d rewards.
+    const Tensor weight = (1.0f / denom).expand({n}).contiguous();
+    cuda::ranking_loss_backward(weight, c.rewards, c.ranks, c.mask, c.margin, d_rewards);
+  }
+  return {prompt_loss.sum() / denom, prompt_accuracy.sum() / denom, at::rsub(with_pairs, n), d_rewards};
 #else
   TORCH_CHECK(false, "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
 #endif
+}
+
+std::tuple<Tensor, Tensor, Tensor> ranking_loss_kernel(const Tensor& rewards, const Tensor& ranks,
+                                                       const std::optional<Tensor>& mask, double margin) {
+  auto [loss, accuracy, without, unused] = ranking_outputs(rewards, ranks, mask, margin, false);
+  return {loss, accuracy, without};
+}
+
+RankingOutputs ranking_loss_with_grad_kernel(const Tensor& rewards, const Tensor& ranks,
+                                             const std::optional<Tensor>& mask, double margin) {
+  return ranking_outputs(rewards, ranks, mask, margin, true);
 }
 
 std::tuple<Tensor, Tensor, Tensor> ranking_loss_meta(const Tensor& rewards, const Tensor& ranks,
@@ -120,38 +148,10 @@ std::tuple<Tensor, Tensor, Tensor> ranking_loss_meta(const Tensor& rewards, cons
   return {at::empty({}, f32), at::empty({}, f32), at::empty({}, f32.dtype(at::kLong))};
 }
 
-Tensor ranking_loss_backward_kernel(const Tensor& grad, const Tensor& rewards, const Tensor& ranks,
-                                    const std::optional<Tensor>& mask, double margin,
-                                    const Tensor& prompts_without_pairs) {
-  const RankingCall c = prepare(rewards, ranks, mask, margin);
-  const int64_t n = c.rewards.size(0);
-  Tensor d_rewards = at::empty_like(c.rewards);
-  if (n == 0) return d_rewards.to(rewards.scalar_type());
-  const auto f32 = c.rewards.options().dtype(at::kFloat);
-  if (c.rewards.is_cpu()) {
-    // Each prompt's weight in the mean: 1 / (prompts with pairs); the kernel divides by its own pairs.
-    const int64_t with_pairs = std::max<int64_t>(n - prompts_without_pairs.item<int64_t>(), 1);
-    const Tensor grad_prompt_loss = at::full({n}, grad.item<double>() / static_cast<double>(with_pairs), f32);
-    cpu::ranking_loss_backward(
-        make_ranking_loss_backward_params(grad_prompt_loss, c.rewards, c.ranks, c.mask, c.margin, d_rewards));
-  } else {
-#ifdef FASTRLHF_WITH_CUDA
-    TORCH_CHECK(c.rewards.is_cuda(), "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
-    const Tensor with_pairs = at::rsub(prompts_without_pairs, n).clamp_min(1).to(at::kFloat);
-    const Tensor grad_prompt_loss = (grad.to(at::kFloat) / with_pairs).expand({n}).contiguous();
-    cuda::ranking_loss_backward(grad_prompt_loss, c.rewards, c.ranks, c.mask, c.margin, d_rewards);
-#else
-    TORCH_CHECK(false, "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
-#endif
-  }
-  return d_rewards.to(rewards.scalar_type());
-}
-
-Tensor ranking_loss_backward_meta(const Tensor& grad, const Tensor& rewards, const Tensor& ranks,
-                                  const std::optional<Tensor>& mask, double margin,
-                                  const Tensor& prompts_without_pairs) {
-  prepare(rewards, ranks, mask, margin);
-  return at::empty_like(rewards);
+RankingOutputs ranking_loss_with_grad_meta(const Tensor& rewards, const Tensor& ranks,
+                                           const std::optional<Tensor>& mask, double margin) {
+  auto [loss, accuracy, without] = ranking_loss_meta(rewards, ranks, mask, margin);
+  return {loss, accuracy, without, at::empty(rewards.sizes(), rewards.options().dtype(at::kFloat))};
 }
 
 const auto& forward_op() {
@@ -161,10 +161,10 @@ const auto& forward_op() {
   return op;
 }
 
-const auto& backward_op() {
+const auto& with_grad_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastrlhf::ranking_loss_backward", "")
-                             .typed<decltype(ranking_loss_backward_kernel)>();
+                             .findSchemaOrThrow("fastrlhf::ranking_loss_with_grad", "")
+                             .typed<decltype(ranking_loss_with_grad_kernel)>();
   return op;
 }
 
@@ -174,9 +174,9 @@ class RankingLossFunction : public torch::autograd::Function<RankingLossFunction
                                                 const Tensor& ranks, const std::optional<Tensor>& mask,
                                                 double margin) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, accuracy, without] = forward_op().call(rewards, ranks, mask, margin);
-    ctx->save_for_backward({rewards, ranks, mask.value_or(Tensor()), without});
-    ctx->saved_data["margin"] = margin;
+    auto [loss, accuracy, without, d_rewards] = with_grad_op().call(rewards, ranks, mask, margin);
+    ctx->save_for_backward({d_rewards});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(rewards.scalar_type());
     ctx->mark_non_differentiable({accuracy, without});
     return {loss, accuracy, without};
   }
@@ -185,9 +185,9 @@ class RankingLossFunction : public torch::autograd::Function<RankingLossFunction
                                                  torch::autograd::variable_list grads) {
     torch::autograd::variable_list out(4);
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
-    const auto saved = ctx->get_saved_variables();
-    const std::optional<Tensor> mask = saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt;
-    out[0] = backward_op().call(grads[0], saved[0], saved[1], mask, ctx->saved_data["margin"].toDouble(), saved[3]);
+    const Tensor d_rewards = ctx->get_saved_variables()[0];
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    out[0] = at::mul(d_rewards, grads[0]).to(dtype);
     return out;
   }
 };
@@ -208,25 +208,25 @@ std::tuple<Tensor, Tensor, Tensor> ranking_loss_autograd(const Tensor& rewards, 
 TORCH_LIBRARY_FRAGMENT(fastrlhf, m) {
   m.def("ranking_loss(Tensor rewards, Tensor ranks, Tensor? mask, float margin) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "ranking_loss_backward(Tensor grad, Tensor rewards, Tensor ranks, Tensor? mask, float margin, "
-      "Tensor prompts_without_pairs) -> Tensor");
+      "ranking_loss_with_grad(Tensor rewards, Tensor ranks, Tensor? mask, float margin) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("ranking_loss", &fastrlhf::ranking_loss_kernel);
-  m.impl("ranking_loss_backward", &fastrlhf::ranking_loss_backward_kernel);
+  m.impl("ranking_loss_with_grad", &fastrlhf::ranking_loss_with_grad_kernel);
 }
 
 #ifdef FASTRLHF_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastrlhf, CUDA, m) {
   m.impl("ranking_loss", &fastrlhf::ranking_loss_kernel);
-  m.impl("ranking_loss_backward", &fastrlhf::ranking_loss_backward_kernel);
+  m.impl("ranking_loss_with_grad", &fastrlhf::ranking_loss_with_grad_kernel);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(fastrlhf, Meta, m) {
   m.impl("ranking_loss", &fastrlhf::ranking_loss_meta);
-  m.impl("ranking_loss_backward", &fastrlhf::ranking_loss_backward_meta);
+  m.impl("ranking_loss_with_grad", &fastrlhf::ranking_loss_with_grad_meta);
 }
 
 TORCH_LIBRARY_IMPL(fastrlhf, Autograd, m) { m.impl("ranking_loss", &fastrlhf::ranking_loss_autograd); }

@@ -163,7 +163,8 @@ inline RankingLossForwardParams make_ranking_loss_forward_params(const at::Tenso
                                                                  const at::Tensor& ranks, const at::Tensor& mask,
                                                                  double margin, const at::Tensor& prompt_loss,
                                                                  const at::Tensor& prompt_accuracy,
-                                                                 const at::Tensor& num_pairs) {
+                                                                 const at::Tensor& num_pairs,
+                                                                 const at::Tensor& d_rewards = at::Tensor()) {
   RankingLossForwardParams p{};
   p.rewards = rewards.const_data_ptr<float>();
   p.ranks = ranks.const_data_ptr<int64_t>();
@@ -174,6 +175,7 @@ inline RankingLossForwardParams make_ranking_loss_forward_params(const at::Tenso
   p.prompt_loss = prompt_loss.mutable_data_ptr<float>();
   p.prompt_accuracy = prompt_accuracy.mutable_data_ptr<float>();
   p.num_pairs = num_pairs.mutable_data_ptr<float>();
+  p.d_rewards = d_rewards.defined() ? d_rewards.mutable_data_ptr<float>() : nullptr;
   return p;
 }
 

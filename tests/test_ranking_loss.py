@@ -85,6 +85,41 @@ def test_bf16_rewards_compute_in_fp32():
     assert_close_fp32("loss", out.loss, want.loss)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_scales_with_the_upstream_gradient_and_keeps_the_rewards_dtype(backend, dtype):
+    """The loss enters a larger graph (here times 2.5, next to another term of the rewards): their
+    gradient is the upstream gradient times d loss / d rewards, in the rewards' own dtype. The compiled
+    backends take d loss / d rewards out of the forward's pass over the pairs, so this checks the product."""
+    rewards, ranks, mask = make_case(9, 5)
+    r = rewards.to(dtype).clone().requires_grad_(True)
+    out = ranking_loss(r, ranks, mask, 0.2, backend=backend)
+    (2.5 * out.loss + r.float().sum()).backward()
+    r64 = rewards.to(dtype).double().detach().requires_grad_(True)
+    want = reference.ranking_loss(r64, ranks, mask, 0.2)
+    (2.5 * want.loss + r64.sum()).backward()
+    assert r.grad.dtype == dtype
+    if dtype == torch.float32:
+        assert_close_fp32("grad", r.grad, r64.grad)
+    else:
+        # Computed in fp32, rounded to bf16 (half an ulp: 2^-8 relative) and summed in bf16 with the
+        # other term's gradient of 1 (another half ulp).
+        torch.testing.assert_close(r.grad.double(), r64.grad, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.fastrlhf, "ranking_loss_with_grad"), reason="no compiled extension")
+def test_the_with_grad_op_returns_d_loss_d_rewards():
+    rewards, ranks, mask = make_case(13, 6)
+    loss, accuracy, without, d_rewards = torch.ops.fastrlhf.ranking_loss_with_grad(rewards, ranks, mask, 0.4)
+    r64 = rewards.double().requires_grad_(True)
+    want = reference.ranking_loss(r64, ranks, mask, 0.4)
+    want.loss.backward()
+    assert_close_fp32("loss", loss, want.loss)
+    assert_close_fp32("d loss / d rewards", d_rewards, r64.grad)
+    assert d_rewards.dtype == torch.float32 and int(without) == int(want.num_prompts_without_pairs)
+    assert (d_rewards[2] == 0).all() and (d_rewards[3] == 0).all(), "prompts without pairs get no gradient"
+
+
 def test_validation():
     r = torch.randn(3, 4)
     ranks = torch.ones(3, 4, dtype=torch.long)

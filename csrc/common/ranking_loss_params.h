@@ -16,8 +16,12 @@ struct RankingLossForwardParams {
   float* prompt_loss;      // [n]
   float* prompt_accuracy;  // [n]
   float* num_pairs;        // [n]
+  // [n, k] d prompt_loss[n] / d rewards[n, :], written in the same pass; nullptr: not asked for. The CPU
+  // kernel fills it; the CUDA forward kernel does not (its op runs the backward kernel for it).
+  float* d_rewards;
 };
 
+// The CUDA backward kernel's arguments (the CPU forward writes the gradient itself, see d_rewards).
 struct RankingLossBackwardParams {
   const float* grad_prompt_loss;  // [n]
   const float* rewards;

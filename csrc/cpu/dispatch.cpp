@@ -103,10 +103,6 @@ void ranking_loss_forward(const RankingLossForwardParams& p) {
   FASTRLHF_CPU_DISPATCH(ranking_loss_forward_kernel, p)
 }
 
-void ranking_loss_backward(const RankingLossBackwardParams& p) {
-  FASTRLHF_CPU_DISPATCH(ranking_loss_backward_kernel, p)
-}
-
 void sample_forward(const SampleParams& p) {
   FASTRLHF_CPU_DISPATCH(sample_forward_kernel, p)
 }

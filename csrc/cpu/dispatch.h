@@ -25,7 +25,6 @@ void gae_forward(const GaeParams& p);
 void advantages_forward(const AdvantagesParams& p);
 void group_advantages_forward(const GroupAdvantagesParams& p);
 void ranking_loss_forward(const RankingLossForwardParams& p);
-void ranking_loss_backward(const RankingLossBackwardParams& p);
 void sample_forward(const SampleParams& p);
 void few_row_linear_pack(const FewRowPackParams& p);
 void few_row_linear_forward(const FewRowLinearParams& p);

@@ -23,7 +23,6 @@
   void advantages_forward_kernel(const ::fastrlhf::AdvantagesParams& p);                   \
   void group_advantages_forward_kernel(const ::fastrlhf::GroupAdvantagesParams& p);        \
   void ranking_loss_forward_kernel(const ::fastrlhf::RankingLossForwardParams& p);         \
-  void ranking_loss_backward_kernel(const ::fastrlhf::RankingLossBackwardParams& p);       \
   void sample_forward_kernel(const ::fastrlhf::SampleParams& p);                          \
   void few_row_linear_pack_kernel(const ::fastrlhf::FewRowPackParams& p);                 \
   void few_row_linear_forward_kernel(const ::fastrlhf::FewRowLinearParams& p);

@@ -1,4 +1,5 @@
-// ranking_loss CPU kernels: InstructGPT's K-wise pairwise loss per prompt and its gradient.
+// ranking_loss CPU kernel: InstructGPT's K-wise pairwise loss per prompt and, when asked, its gradient in
+// the same pass (the pair's sigmoid comes from the softplus's own exp, so a backward is one multiply).
 //
 // A scalar loop spends ~40 ns per pair on exp and log1p. Here each task first lists its prompts'
 // valid pairs (reward gap, winner, loser) in a flat table, then runs softplus / sigmoid over the table
@@ -20,6 +21,7 @@
 #include "common/ranking.h"
 #include "common/ranking_loss_params.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_exp.h"
 
 namespace fastrlhf::cpu {
 inline namespace CPU_CAPABILITY {
@@ -33,7 +35,7 @@ using Vec = at::vec::Vectorized<float>;
 // Pairs per parallel task: a vectorised pair costs ~2 ns, so 16k of them (~30 us) outweigh a task's
 // start-up on another thread.
 constexpr int64_t kGrainPairs = 16384;
-// Pairs listed at a time: the table (gap, result, winner, loser: 16 bytes a pair) stays in L1/L2.
+// Pairs listed at a time: the table (gap, loss, slope, winner, loser: 20 bytes a pair) stays in L1/L2.
 constexpr int64_t kTablePairs = 2048;
 
 inline int64_t pairs_per_prompt(int64_t k) { return k * (k - 1) / 2; }
@@ -43,13 +45,13 @@ inline int64_t prompt_grain(int64_t k) { return std::max<int64_t>(1, kGrainPairs
 // The valid pairs of prompt n, appended at `at`: gap r_w - r_l - margin, winner and loser columns.
 // Returns how many; adds the pairs ordered right (r_w > r_l) to `correct`.
 struct PairTable {
-  std::vector<float> gap, result;
+  std::vector<float> gap, result, slope;
   std::vector<int32_t> winner, loser;
 
   explicit PairTable(int64_t k) {
     // + k: collect() writes candidates one slot past its last pair.
     const size_t size = static_cast<size_t>(std::max(kTablePairs, pairs_per_prompt(k)) + k);
-    gap.resize(size), result.resize(size), winner.resize(size), loser.resize(size);
+    gap.resize(size), result.resize(size), slope.resize(size), winner.resize(size), loser.resize(size);
   }
 
   // Pairs this table holds at a time (its size less the slack collect() needs).
@@ -94,27 +96,33 @@ struct PairTable {
 };
 
 // result[i] = softplus(-gap[i]) = max(-gap, 0) + log1p(e^-|gap|), i < m.
-// exp_u20 (ATen's polynomial exp, within 20 ULP) rather than Sleef's 1-ULP exp: the exp was the larger
-// share of the ~8 ns per pair, and 20 ULP of float32 stays far inside the float64-referenced tolerances.
+// The exp is of -|gap| <= 0: cpu/vec_exp.h's (a polynomial, 2.3e-7 relative), not Sleef's out-of-line
+// 1-ULP exp, which was the larger share of the ~8 ns per pair.
 inline void softplus_of_negated(const float* gap, float* result, int64_t m) {
   int64_t i = 0;
   for (; i + Vec::size() <= m; i += Vec::size()) {
     const Vec x = Vec(0.0f) - Vec::loadu(gap + i);
-    (at::vec::maximum(x, Vec(0.0f)) + (Vec(0.0f) - x.abs()).exp_u20().log1p()).store(result + i);
+    (at::vec::maximum(x, Vec(0.0f)) + vec_exp::exp_nonpositive(Vec(0.0f) - x.abs()).log1p()).store(result + i);
   }
   for (; i < m; ++i) result[i] = softplus(-gap[i]);
 }
 
-// result[i] = sigmoid(-gap[i]) from e = e^-|gap|: e / (1 + e) for gap >= 0, 1 / (1 + e) otherwise.
-inline void sigmoid_of_negated(const float* gap, float* result, int64_t m) {
+// loss[i] = softplus(-gap[i]) and slope[i] = sigmoid(-gap[i]) = -d loss[i] / d gap[i], i < m, from one
+// e = e^-|gap|: the sigmoid is e / (1 + e) for gap >= 0 and 1 / (1 + e) otherwise. Sharing the exp is
+// what makes the gradient nearly free next to the loss.
+inline void softplus_and_sigmoid_of_negated(const float* gap, float* loss, float* slope, int64_t m) {
   int64_t i = 0;
   for (; i + Vec::size() <= m; i += Vec::size()) {
     const Vec g = Vec::loadu(gap + i);
-    const Vec e = (Vec(0.0f) - g.abs()).exp_u20();
+    const Vec e = vec_exp::exp_nonpositive(Vec(0.0f) - g.abs());
+    (at::vec::maximum(Vec(0.0f) - g, Vec(0.0f)) + e.log1p()).store(loss + i);
     const Vec r = Vec(1.0f) / (Vec(1.0f) + e);
-    Vec::blendv(r, e * r, g >= Vec(0.0f)).store(result + i);
+    Vec::blendv(r, e * r, g >= Vec(0.0f)).store(slope + i);
   }
-  for (; i < m; ++i) result[i] = sigmoid(-gap[i]);
+  for (; i < m; ++i) {
+    loss[i] = softplus(-gap[i]);
+    slope[i] = sigmoid(-gap[i]);
+  }
 }
 
 inline RankingRow row_of(const float* rewards, const int64_t* ranks, const uint8_t* mask, int64_t n, int64_t k,
@@ -147,49 +155,40 @@ void for_each_batch(int64_t lo, int64_t hi, const float* rewards, const int64_t*
 
 void ranking_loss_forward_kernel(const RankingLossForwardParams& p) {
   using namespace ranking_loss_impl;
+  const bool with_grad = p.d_rewards != nullptr;
   at::parallel_for(0, p.n, prompt_grain(p.k), [&](int64_t lo, int64_t hi) {
     PairTable table(p.k);
     std::vector<int64_t> pairs(table.gap.size()), correct(table.gap.size());
     for_each_batch(lo, hi, p.rewards, p.ranks, p.mask, p.k, p.margin, table, pairs, correct,
                    [&](int64_t first, int64_t last, int64_t m) {
-                     softplus_of_negated(table.gap.data(), table.result.data(), m);
-                     const float* loss = table.result.data();
+                     if (with_grad) {
+                       softplus_and_sigmoid_of_negated(table.gap.data(), table.result.data(), table.slope.data(), m);
+                     } else {
+                       softplus_of_negated(table.gap.data(), table.result.data(), m);
+                     }
+                     int64_t i = 0;  // the prompt's first pair in the table
                      for (int64_t n = first; n < last; ++n) {
                        const int64_t count = pairs[n - first];
                        const float sum = count > 0 ? at::vec::reduce_all<float>(
-                                                         [](const Vec& a, const Vec& b) { return a + b; }, loss, count)
+                                                         [](const Vec& a, const Vec& b) { return a + b; },
+                                                         table.result.data() + i, count)
                                                    : 0.0f;
-                       loss += count;
                        const float denom = static_cast<float>(std::max<int64_t>(count, 1));
                        p.prompt_loss[n] = count > 0 ? sum / denom : 0.0f;
                        p.prompt_accuracy[n] = count > 0 ? static_cast<float>(correct[n - first]) / denom : 0.0f;
                        p.num_pairs[n] = static_cast<float>(count);
-                     }
-                   });
-  });
-}
-
-void ranking_loss_backward_kernel(const RankingLossBackwardParams& p) {
-  using namespace ranking_loss_impl;
-  at::parallel_for(0, p.n, prompt_grain(p.k), [&](int64_t lo, int64_t hi) {
-    PairTable table(p.k);
-    std::vector<int64_t> pairs(table.gap.size()), correct(table.gap.size());
-    for_each_batch(lo, hi, p.rewards, p.ranks, p.mask, p.k, p.margin, table, pairs, correct,
-                   [&](int64_t first, int64_t last, int64_t m) {
-                     sigmoid_of_negated(table.gap.data(), table.result.data(), m);
-                     int64_t i = 0;
-                     for (int64_t n = first; n < last; ++n) {
-                       float* d = p.d_rewards + n * p.k;
-                       std::fill(d, d + p.k, 0.0f);
-                       const int64_t count = pairs[n - first];
-                       if (count == 0) continue;
-                       // d softplus(-x) / d r_w = -sigmoid(-x) = -d / d r_l, x = r_w - r_l - margin.
-                       const float scale = p.grad_prompt_loss[n] / static_cast<float>(count);
-                       for (const int64_t end = i + count; i < end; ++i) {
-                         const float g = scale * table.result[i];
-                         d[table.winner[i]] -= g;
-                         d[table.loser[i]] += g;
+                       if (with_grad) {
+                         // d (mean pair loss) / d r_w = -sigmoid(-x) / count = -d / d r_l, x = r_w - r_l - margin.
+                         float* d = p.d_rewards + n * p.k;
+                         std::fill(d, d + p.k, 0.0f);
+                         const float scale = 1.0f / denom;
+                         for (int64_t j = i; j < i + count; ++j) {
+                           const float g = scale * table.slope[j];
+                           d[table.winner[j]] -= g;
+                           d[table.loser[j]] += g;
+                         }
                        }
+                       i += count;
                      }
                    });
   });

@@ -35,6 +35,7 @@
 #include "common/online_softmax.h"
 #include "common/sample_params.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_exp.h"
 #include "cpu/vec_io.h"
 
 namespace fastrlhf::cpu {
@@ -67,7 +68,7 @@ inline float shifted(float x, float inv_t, float m) {
   return t;
 }
 // e = exp(t); t below kLogFloor (and -inf) gives exactly 0.
-inline Vec exp_shifted(const Vec& t) { return at::vec::maximum(t, Vec(kLogFloor)).exp_u20(); }
+inline Vec exp_shifted(const Vec& t) { return vec_exp::exp_nonpositive(at::vec::maximum(t, Vec(kLogFloor))); }
 inline float exp_shifted(float t) {
   float e;
   exp_shifted(Vec(t)).store(&e, 1);
