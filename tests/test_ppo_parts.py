@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastrlhf.errors import InputError
 from fastrlhf.train.evaluation import compare
 from fastrlhf.train.experience import explained_variance
 from fastrlhf.train.pipeline import gap_closed
@@ -123,3 +124,21 @@ def test_lora_mode_without_a_rank_gets_the_default_rank(tmp_path):
     assert parsed("--actor-critic", "separate").lora_r == 0  # full fine-tuning stays the default elsewhere
     # A quantized frozen base needs adapters; in lora mode the default rank provides them.
     assert parsed("--actor-critic", "lora", "--quantization", "4bit").lora_r == DEFAULT_LORA_RANK
+
+
+def test_the_learning_rate_defaults_to_the_adapters_rate_when_adapters_train(tmp_path):
+    from fastrlhf.train.config import parse_config
+    from fastrlhf.train.ppo import ADAPTERS_LR, FULL_WEIGHTS_LR
+
+    def parsed(*flags):
+        argv = ["--output", str(tmp_path), "--reward-model", "none"]
+        argv += ["--reward-fn", "ppo_rewards:digit_fraction"]
+        return parse_config(PPOConfig, [*argv, *flags], prog="fastrlhf ppo").learning_rate
+
+    assert ADAPTERS_LR > FULL_WEIGHTS_LR
+    assert parsed("--actor-critic", "lora") == ADAPTERS_LR
+    assert parsed("--actor-critic", "separate", "--lora-r", "8") == ADAPTERS_LR  # adapters on the policy
+    assert parsed("--actor-critic", "shared") == FULL_WEIGHTS_LR
+    assert parsed("--actor-critic", "lora", "--learning-rate", "2e-5") == 2e-5  # explicit wins
+    with pytest.raises(InputError, match="learning_rate must be > 0"):
+        parsed("--learning-rate", "0")
