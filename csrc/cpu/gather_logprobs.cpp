@@ -5,7 +5,8 @@
 //
 // Forward: one memory pass per row. The row is read in L1-sized blocks; each block gets a max pass
 // and then an exp-sum pass that re-reads it from L1, giving the block's SoftmaxState, which is
-// merged into the row's (common/online_softmax.h). Few long rows are split into V-chunks whose
+// merged into the row's (common/online_softmax.h). The exp-sum pass prefetches the next block, so
+// memory keeps streaming while it computes. Few long rows are split into V-chunks whose
 // states are merged afterwards. Backward: one elementwise pass (common/logprob_grad.h).
 #ifndef CPU_CAPABILITY
 #error "compile through csrc/cpu/arch/<capability>.cpp, which defines CPU_CAPABILITY"
@@ -51,7 +52,8 @@ using Vec = at::vec::Vectorized<float>;
 // which kept the forward compute-bound on AVX-512.
 struct VecMath {
   static Vec exp(const Vec& x) { return vec_exp::exp_nonpositive(x); }
-  static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+  // Only ever max(t, floor) with a constant floor (common/): one instruction that keeps a NaN t.
+  static Vec max(const Vec& t, const Vec& floor) { return vec_exp::max_with_floor(t, floor); }
   static Vec fms(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmsub(a, b, c); }
 };
 
@@ -131,10 +133,13 @@ SoftmaxState block_state(const T* x, int64_t n, float inv_t) {
   for (int64_t j = n_vec; j < n; ++j) m = std::fmax(m, static_cast<float>(x[j]) * inv_t);
   if (m == -INFINITY) return empty_state();  // only -inf: adds nothing (and avoids -inf - -inf)
 
-  // Pass 2: exp-sum relative to the block max; the block is in L1 now.
+  // Pass 2: exp-sum relative to the block max; the block is in L1 now. It is compute-bound, so it
+  // prefetches the next block meanwhile (past the end of a row: the next row's start, usually this
+  // thread's next block too): AVX2 Zen 3, N=8192, V=32000: 82 -> ~50 ms, against 44 ms for one read.
   const Vec vm(m);
   Vec sum0(0.0f), sum1(0.0f), ent0(0.0f), ent1(0.0f);
   for (int64_t j = 0; j < n_vec; j += kStep) {
+    vec_io::prefetch_step(x + j, kBlock);
     Vec a, b;
     load2(x + j, a, b);
     accumulate<VecMath, kEntropy>(shifted_logit<VecMath>(a, vinv, vm), sum0, ent0);

@@ -68,7 +68,7 @@ inline float shifted(float x, float inv_t, float m) {
   return t;
 }
 // e = exp(t); t below kLogFloor (and -inf) gives exactly 0.
-inline Vec exp_shifted(const Vec& t) { return vec_exp::exp_nonpositive(at::vec::maximum(t, Vec(kLogFloor))); }
+inline Vec exp_shifted(const Vec& t) { return vec_exp::exp_nonpositive(vec_exp::max_with_floor(t, Vec(kLogFloor))); }
 inline float exp_shifted(float t) {
   float e;
   exp_shifted(Vec(t)).store(&e, 1);
@@ -297,7 +297,8 @@ double kept_entropy_sum(const T* x, const float* e, int64_t vocab, float inv_t, 
     Vec a, b;
     load2(x + j, a, b);
     const Vec ea = Vec::loadu(e + j), eb = Vec::loadu(e + j + Vec::size());
-    const Vec ta = at::vec::maximum(shifted(a, vinv, vm), floor), tb = at::vec::maximum(shifted(b, vinv, vm), floor);
+    const Vec ta = vec_exp::max_with_floor(shifted(a, vinv, vm), floor);
+    const Vec tb = vec_exp::max_with_floor(shifted(b, vinv, vm), floor);
     s0 = s0 + Vec::blendv(zero, ea * ta, ea >= vtau);
     s1 = s1 + Vec::blendv(zero, eb * tb, eb >= vtau);
   }

@@ -1,4 +1,4 @@
-// exp of non-positive fp32 vectors, the softmax-shaped exp of the CPU kernels (e^{z - max}, e^{log p},
+// exp of non-positive fp32 vectors (and the one-instruction floor that clamps their arguments), the softmax-shaped exp of the CPU kernels (e^{z - max}, e^{log p},
 // e^{-|gap|}): about half the instructions of ATen's exp_u20 and ~10x its accuracy.
 //
 // e^x = 2^u with u = x log2(e), split as 2^n 2^f, n = round(u), f = u - n in [-1/2, 1/2]. 2^f is a
@@ -68,6 +68,18 @@ inline Vec exp_nonpositive(const Vec& x) {
   return _mm256_andnot_ps(tiny, _mm256_castsi256_ps(scaled));
 #else
   return x.exp_u20();
+#endif
+}
+
+// max(x, floor) for a floor that is never NaN, NaN in x staying NaN: one instruction. (at::vec::maximum
+// takes three, to propagate a NaN in either operand; MAXPS returns its second operand when one is NaN.)
+inline Vec max_with_floor(const Vec& x, const Vec& floor) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(floor, x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(floor, x);
+#else
+  return at::vec::maximum(x, floor);
 #endif
 }
 

@@ -1,8 +1,10 @@
 // SIMD helpers shared by the CPU kernels: two-vector loads and stores of a row as fp32 vectors (fp32
 // directly, bf16 / fp16 through at::vec's conversions: a 16-bit vector converts into two fp32 vectors),
-// the step they move in, and horizontal reductions.
+// the step they move in, a prefetch of a step ahead, and horizontal reductions.
 // Compiled once per CPU capability, like the kernel files that include it.
 #pragma once
+
+#include <cstdint>
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,6 +37,22 @@ inline void store2(float* p, const Vec& a, const Vec& b) {
 template <class T>
 inline void store2(T* p, const Vec& a, const Vec& b) {
   at::vec::convert_from_float<T>(a, b).store(p);
+}
+
+// Asks for the cache lines of the SIMD step (kStep elements of T) that starts `ahead` elements after p,
+// before it is used. The blocked two-pass kernels call it on the next block while they compute on the
+// current one from L1, so that memory keeps streaming during the compute pass: without it the
+// hardware prefetcher stops at the block's end and the passes alternate between memory-bound and
+// compute-bound. A prefetch never faults, so addresses past the end of a row or tensor are harmless;
+// the address is formed as an integer, never as an out-of-range pointer.
+template <class T>
+inline void prefetch_step(const T* p, int64_t ahead) {
+  constexpr uintptr_t kLine = 64;
+  constexpr uintptr_t kBytes = kStep * sizeof(T);
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(T);
+  for (uintptr_t offset = 0; offset < kBytes; offset += kLine) {
+    __builtin_prefetch(reinterpret_cast<const void*>(start + offset), 0, 3);
+  }
 }
 
 // Horizontal reductions (Vectorized::reduce_add/reduce_max don't compile for DEFAULT in torch 2.13).
