@@ -49,10 +49,22 @@ def device_name(device: str) -> str:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
                     break
+    # The same model name hides different cores (this machine kind's "AMD EPYC" has been a Zen 3 with
+    # AVX2 and a Zen 4 with AVX-512), and the kernels run a different copy on each: name the copy.
+    simd = f", {kernel_capability()}"
     # torch's huge-page switch changes what every fresh CPU buffer costs (eager's several-fold more than
     # the fused kernels'), so rows measured under it name it and stay apart from the default's.
     thp = ", THP_MEM_ALLOC_ENABLE=1" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
-    return f"{model} ({torch.get_num_threads()} threads{thp})"
+    return f"{model} ({torch.get_num_threads()} threads{simd}{thp})"
+
+
+def kernel_capability() -> str:
+    """The SIMD copy of the C++ CPU kernels this machine runs ("avx512", "avx2", "default"), or "no
+    fastrlhf._C" when the extension is not built."""
+    from fastrlhf._extension import extension
+
+    compiled = extension()
+    return compiled.cpu_capability() if compiled is not None else "no fastrlhf._C"
 
 
 def peer_versions() -> str:

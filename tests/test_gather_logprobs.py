@@ -179,6 +179,31 @@ def test_minus_inf_logits(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_a_nan_logit_makes_its_row_nan(backend):
+    """A NaN logit spreads to its row's log-prob, entropy and gradient, as in torch's log_softmax, whether
+    it sits in a SIMD step or in a row's scalar tail and whatever the label; the other rows are exact.
+    (The kernels' clamps must keep a NaN: a plain max(t, floor) would turn it into the floor.)"""
+    rows, vocab = 5, 4099  # 4099 = whole 8- and 16-float steps plus a 3-element tail
+    logits, labels = make_case(rows, vocab, ignore_frac=0.0)
+    logits[0, 100] = float("nan")  # inside a SIMD step, not the label
+    logits[1, vocab - 2] = float("nan")  # in the tail
+    labels[2] = 7
+    logits[2, 7] = float("nan")  # the label itself
+    g, h = torch.randn(rows), torch.randn(rows)
+    lp, ent, grad = run_backend(backend, logits, labels, grad_lp=g, grad_ent=h)
+    torch_lp = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None])[:, 0]
+    for row in range(3):
+        assert torch.isnan(torch_lp[row]), "torch itself gives NaN here"
+        assert torch.isnan(lp[row]), f"row {row}: logprob {lp[row].item()} instead of NaN"
+        assert torch.isnan(ent[row]), f"row {row}: entropy {ent[row].item()} instead of NaN"
+        assert torch.isnan(grad[row]).any(), f"row {row}: a finite gradient from a NaN logit"
+    ref_lp, ref_ent, ref_grad = reference64(logits[3:], labels[3:], grad_lp=g[3:], grad_ent=h[3:])
+    assert_close_fp32("logprobs", lp[3:], ref_lp)
+    assert_close_fp32("entropy", ent[3:], ref_ent)
+    assert_close_fp32("grad", grad[3:], ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
 def test_huge_logits(backend, magnitude):
     rows, vocab = 4, 1031

@@ -141,9 +141,12 @@ FASTRLHF_HD void update_block(SoftmaxState& st, const float (&x)[kN], float inv_
 // gradient is not finite.
 FASTRLHF_HD float state_log_sum(SoftmaxState st) { return logf(st.sum); }
 
-// Entropy of softmax(z). Clamped at 0: rounding can push a near-one-hot row a hair below.
+// Entropy of softmax(z). Clamped at 0: rounding can push a near-one-hot row a hair below. A NaN
+// state (a NaN logit) gives NaN, as torch does; only a row of only -inf logits gives 0 (see above).
 FASTRLHF_HD float state_entropy(SoftmaxState st) {
-  return ScalarMath::max(logf(st.sum) - st.ent / st.sum, 0.0f);
+  if (st.max == -INFINITY) return 0.0f;
+  const float entropy = logf(st.sum) - st.ent / st.sum;
+  return entropy < 0.0f ? 0.0f : entropy;
 }
 
 }  // namespace fastrlhf

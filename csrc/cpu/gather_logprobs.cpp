@@ -59,13 +59,15 @@ struct VecMath {
 
 // Scalar policy for the tails. fms goes through the SIMD fmsub so that an element gets the same t,
 // to the bit, in a tail as in the SIMD loop: at::vec::fmsub is fused with AVX2 / AVX512 (and NEON)
-// but a * b - c in the baseline x86 copy, which has no FMA instruction.
+// but a * b - c in the baseline x86 copy, which has no FMA instruction. max keeps a NaN t, like
+// VecMath's (ScalarMath's fmaxf would turn a NaN logit in a tail into the floor: a silent -inf).
 struct TailMath : ScalarMath {
   static float fms(float a, float b, float c) {
     float t;
     at::vec::fmsub(Vec(a), Vec(b), Vec(c)).store(&t, 1);
     return t;
   }
+  static float max(float t, float floor) { return t < floor ? floor : t; }
 };
 
 using vec_io::kStep;
@@ -130,7 +132,10 @@ SoftmaxState block_state(const T* x, int64_t n, float inv_t) {
     max1 = at::vec::maximum(max1, b);
   }
   float m = reduce_max(at::vec::maximum(max0, max1) * vinv);
-  for (int64_t j = n_vec; j < n; ++j) m = std::fmax(m, static_cast<float>(x[j]) * inv_t);
+  for (int64_t j = n_vec; j < n; ++j) {  // NaN-propagating, like the SIMD maximum above
+    const float z = static_cast<float>(x[j]) * inv_t;
+    m = std::isnan(z) || z > m ? z : m;
+  }
   if (m == -INFINITY) return empty_state();  // only -inf: adds nothing (and avoids -inf - -inf)
 
   // Pass 2: exp-sum relative to the block max; the block is in L1 now. It is compute-bound, so it
