@@ -178,11 +178,10 @@ def test_minus_inf_logits(backend):
     assert_close_fp32("grad", grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_a_nan_logit_makes_its_row_nan(backend):
+def assert_nan_logit_rows(backend, device):
     """A NaN logit spreads to its row's log-prob, entropy and gradient, as in torch's log_softmax, whether
     it sits in a SIMD step or in a row's scalar tail and whatever the label; the other rows are exact.
-    (The kernels' clamps must keep a NaN: a plain max(t, floor) would turn it into the floor.)"""
+    (The kernels' clamps must keep a NaN: a plain max(t, floor) turns it into the floor, a silent -inf.)"""
     rows, vocab = 5, 4099  # 4099 = whole 8- and 16-float steps plus a 3-element tail
     logits, labels = make_case(rows, vocab, ignore_frac=0.0)
     logits[0, 100] = float("nan")  # inside a SIMD step, not the label
@@ -190,7 +189,10 @@ def test_a_nan_logit_makes_its_row_nan(backend):
     labels[2] = 7
     logits[2, 7] = float("nan")  # the label itself
     g, h = torch.randn(rows), torch.randn(rows)
-    lp, ent, grad = run_backend(backend, logits, labels, grad_lp=g, grad_ent=h)
+    lp, ent, grad = run_backend(
+        backend, logits.to(device), labels.to(device), grad_lp=g.to(device), grad_ent=h.to(device)
+    )
+    lp, ent, grad = lp.cpu(), ent.cpu(), grad.cpu()
     torch_lp = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None])[:, 0]
     for row in range(3):
         assert torch.isnan(torch_lp[row]), "torch itself gives NaN here"
@@ -201,6 +203,16 @@ def test_a_nan_logit_makes_its_row_nan(backend):
     assert_close_fp32("logprobs", lp[3:], ref_lp)
     assert_close_fp32("entropy", ent[3:], ref_ent)
     assert_close_fp32("grad", grad[3:], ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_a_nan_logit_makes_its_row_nan(backend):
+    assert_nan_logit_rows(backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_a_nan_logit_makes_its_row_nan_on_gpu(backend):
+    assert_nan_logit_rows(backend, "cuda")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

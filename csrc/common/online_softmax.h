@@ -129,11 +129,17 @@ FASTRLHF_HD void update_block(SoftmaxState& st, const float (&x)[kN], float inv_
   FASTRLHF_UNROLL
   for (int k = 1; k < kN; ++k) block_max = ScalarMath::max(block_max, ScalarMath::mul(x[k], inv_temperature));
   if (block_max > st.max) st = rescale(st, block_max);
+  bool has_nan = false;
   FASTRLHF_UNROLL
   for (int k = 0; k < kN; ++k) {
     const float t = shifted_logit<ScalarMath>(x[k], inv_temperature, st.max);
     accumulate<ScalarMath, kEntropy>(t, st.sum, st.ent);
+    has_nan |= x[k] != x[k];
   }
+  // fmaxf skipped a NaN logit in the max and the clamp (which must map the NaN of -inf - -inf to the
+  // floor), so it added 0: poison the sum instead. A NaN sum survives every rescale and merge, and
+  // makes the row's log-probs, entropy and gradient NaN, as torch's are.
+  if (has_nan) st.sum = NAN;
 }
 
 // log(sum) of a row's state: with its max, the stats the forward saves. A row of only -inf logits
@@ -144,7 +150,7 @@ FASTRLHF_HD float state_log_sum(SoftmaxState st) { return logf(st.sum); }
 // Entropy of softmax(z). Clamped at 0: rounding can push a near-one-hot row a hair below. A NaN
 // state (a NaN logit) gives NaN, as torch does; only a row of only -inf logits gives 0 (see above).
 FASTRLHF_HD float state_entropy(SoftmaxState st) {
-  if (st.max == -INFINITY) return 0.0f;
+  if (st.sum == 0.0f) return 0.0f;  // empty: only -inf logits (any finite logit adds e^0 = 1)
   const float entropy = logf(st.sum) - st.ent / st.sum;
   return entropy < 0.0f ? 0.0f : entropy;
 }
