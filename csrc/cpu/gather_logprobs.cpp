@@ -140,7 +140,8 @@ SoftmaxState block_state(const T* x, int64_t n, float inv_t) {
 
   // Pass 2: exp-sum relative to the block max; the block is in L1 now. It is compute-bound, so it
   // prefetches the next block meanwhile (past the end of a row: the next row's start, usually this
-  // thread's next block too): AVX2 Zen 3, N=8192, V=32000: 82 -> ~50 ms, against 44 ms for one read.
+  // thread's next block too). AVX2 Zen 3, N=8192, V=32000, builds side by side: 93-111 -> 56-74 ms, one
+  // read of the logits 45-52 ms (docs/benchmarks.md).
   const Vec vm(m);
   Vec sum0(0.0f), sum1(0.0f), ent0(0.0f), ent1(0.0f);
   for (int64_t j = 0; j < n_vec; j += kStep) {

@@ -1,5 +1,6 @@
-// exp of non-positive fp32 vectors (and the one-instruction floor that clamps their arguments), the softmax-shaped exp of the CPU kernels (e^{z - max}, e^{log p},
-// e^{-|gap|}): about half the instructions of ATen's exp_u20 and ~10x its accuracy.
+// exp of non-positive fp32 vectors, the softmax-shaped exp of the CPU kernels (e^{z - max}, e^{log p},
+// e^{-|gap|}): about half the instructions of ATen's exp_u20 and ~10x its accuracy. Also the
+// one-instruction floor that clamps their arguments (max_with_floor).
 //
 // e^x = 2^u with u = x log2(e), split as 2^n 2^f, n = round(u), f = u - n in [-1/2, 1/2]. 2^f is a
 // degree-5 polynomial (near-minimax for relative error; 2.3e-7 max in fp32 Horner, against exp_u20's
