@@ -134,38 +134,35 @@ def test_generate_then_score_round_trips(trained, tmp_path):
     )
     assert rewards == pytest.approx(expected, abs=1e-5)
 
-    # Greedy generation is deterministic: a second run writes the same file.
+    # Greedy generation is deterministic: a second run, in this process, writes the same file.
     again = tmp_path / "again.jsonl"
-    cli(
-        "generate",
-        "--model",
-        str(trained / "sft"),
-        "--prompts",
-        str(prompts),
-        "--output",
-        str(again),
-        "--max-new-tokens",
-        "12",
-        "--temperature",
-        "0",
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(trained / "sft"),
+                "--prompts",
+                str(prompts),
+                "--output",
+                str(again),
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
     )
     assert again.read_text() == generated.read_text()
 
 
-def test_score_refuses_a_model_without_a_reward_head(trained, tmp_path):
+def test_score_refuses_a_model_without_a_reward_head(trained, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    result = cli(
-        "score",
-        "--reward-model",
-        str(trained / "sft"),
-        "--data",
-        str(data),
-        "--output",
-        str(tmp_path / "o.jsonl"),
-        check=False,
-    )
-    assert result.returncode == 2 and "not a reward model" in result.stderr
+    argv = ["score", "--reward-model", str(trained / "sft"), "--data", str(data)]
+    assert main([*argv, "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "not a reward model" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -43,6 +43,7 @@ def test_reward_rises_while_kl_stays_bounded(mode, tmp_path):
     summary = run_ppo(
         tmp_path / mode,
         actor_critic=mode,
+        plots=mode == "separate",
         steps=25,
         learning_rate=LEARNING_RATE[mode],
         **ADAPTERS[mode],
@@ -68,6 +69,12 @@ def test_reward_rises_while_kl_stays_bounded(mode, tmp_path):
     assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in steps)
     assert steps[0]["kl/ref"] == 0.0, "before the first update the policy is the reference"
     assert (tmp_path / mode / "model" / "model.safetensors").is_file()
+    # --plots: a PNG per group of curves, or none at all.
+    plots = {p.name for p in (tmp_path / mode).glob("*.png")}
+    expected_plots = (
+        {"score.png", "kl.png", "entropy.png", "clip_fraction.png"} if mode == "separate" else set()
+    )
+    assert expected_plots <= plots and bool(plots) == bool(expected_plots), plots
     weights = load_file(tmp_path / mode / "model" / "model.safetensors")
     assert not any("lora" in name for name in weights), "the saved policy is a plain HF model"
 

@@ -92,7 +92,9 @@ def reference_cases() -> list:
 @pytest.mark.parametrize("backend, device, dtype, truncation", reference_cases())
 def test_tokens_and_logprobs_match_the_float64_reference(backend, device, dtype, truncation):
     top_k, top_p, min_p = TRUNCATIONS[truncation]
-    rows, vocab = 48, 997 if backend != "triton" else 301
+    # The Triton interpreter runs each row's program in numpy, about 0.1 s a row: fewer, narrower rows.
+    interpreted = backend == "triton" and device == "cpu"
+    rows, vocab = (24, 301) if interpreted else (48, 997 if backend != "triton" else 301)
     temperature = 0.7
     logits = random_logits(rows, vocab, dtype, device)
     generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, ())))
@@ -182,7 +184,7 @@ def test_kept_sets_match_transformers_warpers():
 
 @pytest.mark.parametrize("backend, device", op_targets())
 def test_same_seed_same_tokens(backend, device):
-    logits = random_logits(32, 300, device=device)
+    logits = random_logits(16 if backend == "triton" and device == "cpu" else 32, 300, device=device)
     first = sample(logits, top_p=0.95, seed=1234, backend=backend)
     again = sample(logits, top_p=0.95, seed=1234, backend=backend)
     other = sample(logits, top_p=0.95, seed=4321, backend=backend)

@@ -1,6 +1,7 @@
 """fastrlhf.train.optim: the optimizers (and the default's choice), parameter groups and the warmup +
 cosine schedule."""
 
+import io
 import logging
 import math
 import warnings
@@ -188,3 +189,34 @@ def test_schedule_rejects_bad_arguments(kwargs, match):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=match):
         build_scheduler(optimizer, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "warmup, total, final", [(0, 1, 0.1), (3, 3, 0.1), (7, 40, 0.1), (2, 17, 0.0), (5, 9, 1.0)]
+)
+def test_schedule_equals_transformers_up_to_the_last_step_and_stays_at_the_floor_after(warmup, total, final):
+    """transformers' own warmup + cosine-to-a-floor schedule is the reference up to ``total``; past it,
+    where transformers' cosine climbs back up, ours stays at the floor."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    ours_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2e-4)
+    theirs_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2e-4)
+    ours = build_scheduler(ours_opt, total_steps=total, warmup_steps=warmup, final_lr_fraction=final)
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(
+        theirs_opt, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=final
+    )
+    for step in range(total + 5):
+        ours_lr, theirs_lr = ours_opt.param_groups[0]["lr"], theirs_opt.param_groups[0]["lr"]
+        if step <= total:
+            assert ours_lr == pytest.approx(theirs_lr, rel=1e-12, abs=1e-18), step
+        else:
+            assert ours_lr == pytest.approx(final * 2e-4, rel=1e-12, abs=1e-18), step
+        for optimizer, scheduler in ((ours_opt, ours), (theirs_opt, theirs)):
+            optimizer.step()
+            scheduler.step()
+    # The state a checkpoint stores round-trips through torch.save.
+    state = ours.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    ours.load_state_dict(torch.load(buffer, weights_only=True))

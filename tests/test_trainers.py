@@ -28,7 +28,7 @@ def sft_run(tmp_path_factory):
     """Two epochs of SFT on the bundled demonstrations (about 40 optimizer steps), with bitsandbytes'
     8-bit AdamW (the default on a GPU; on CPU the default is torch's AdamW)."""
     output = tmp_path_factory.mktemp("sft")
-    summary = run_sft(output, epochs=2, optimizer="adamw8bit")
+    summary = run_sft(output, epochs=2, optimizer="adamw8bit", plots=True)
     return output, summary
 
 

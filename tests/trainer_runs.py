@@ -18,6 +18,12 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def without_plots(flags: dict) -> dict:
+    """``flags`` with ``plots=False`` unless the test set it: the PNG plots cost 1-3 s a run (matplotlib's
+    import and a dozen figures), and tests/test_trainers.py and test_train_metrics.py check them."""
+    return {"plots": False, **flags}
+
+
 def run_sft(output: Path, **flags):
     from accelerate.state import AcceleratorState
 
@@ -25,7 +31,9 @@ def run_sft(output: Path, **flags):
     from fastrlhf.train.sft import SFTConfig, train_sft
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    return train_sft(parse_config(SFTConfig, to_argv(output=str(output), **flags), prog="test"))
+    return train_sft(
+        parse_config(SFTConfig, to_argv(output=str(output), **without_plots(flags)), prog="test")
+    )
 
 
 def run_rm(output: Path, **flags):
@@ -35,7 +43,7 @@ def run_rm(output: Path, **flags):
     from fastrlhf.train.rm import RMConfig, train_rm
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    return train_rm(parse_config(RMConfig, to_argv(output=str(output), **flags), prog="test"))
+    return train_rm(parse_config(RMConfig, to_argv(output=str(output), **without_plots(flags)), prog="test"))
 
 
 def run_ppo(output: Path, **flags):
@@ -45,7 +53,9 @@ def run_ppo(output: Path, **flags):
     from fastrlhf.train.ppo import PPOConfig, train_ppo
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    return train_ppo(parse_config(PPOConfig, to_argv(output=str(output), **flags), prog="test"))
+    return train_ppo(
+        parse_config(PPOConfig, to_argv(output=str(output), **without_plots(flags)), prog="test")
+    )
 
 
 def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
@@ -95,7 +105,7 @@ def launch_two_processes(command: str, output: Path, config_file: Path | None = 
     else:
         launch += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
         launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    argv = launch + ["-m", "fastrlhf.cli", command] + to_argv(output=str(output), **flags)
+    argv = launch + ["-m", "fastrlhf.cli", command] + to_argv(output=str(output), **without_plots(flags))
     tests_dir = str(Path(__file__).parent)
     env = {
         **os.environ,

@@ -10,7 +10,9 @@ The schedule is InstructGPT's: optional linear warmup, then cosine decay to 10% 
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -122,23 +124,31 @@ def build_scheduler(
 
     The LR multiplier at optimizer step ``s`` is ``s / warmup_steps`` during warmup and
     ``f + (1 - f) * (1 + cos(pi * p)) / 2`` after it, with ``p = (s - warmup) / (total - warmup)``,
-    reaching ``f`` at ``s = total_steps``. Call ``scheduler.step()`` once per optimizer step.
+    reaching ``f`` at ``s = total_steps`` and staying there past it. Call ``scheduler.step()`` once per
+    optimizer step; a scheduler passed through ``accelerator.prepare`` steps ``num_processes`` times per
+    optimizer step unless ``split_batches`` is set, so count ``total_steps`` the way it is stepped.
 
-    Past ``total_steps`` the cosine climbs back up (transformers does not clamp it), so count
-    ``total_steps`` the way the scheduler is stepped: a scheduler passed through ``accelerator.prepare``
-    steps ``num_processes`` times per optimizer step unless ``split_batches`` is set.
+    The same schedule as transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` up to
+    ``total_steps`` (tests/test_train_optim.py compares them), on torch's ``LambdaLR``: importing
+    ``transformers.optimization`` imports ``peft`` and through it ``bitsandbytes``, about 4 s per process
+    on a 2-core CPU, paid by every run and by each process of a launch.
     """
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
     if total_steps < 1:
         raise InputError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
         raise InputError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     if not 0.0 <= final_lr_fraction <= 1.0:
         raise InputError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}")
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=warmup_steps,
-        num_training_steps=total_steps,
-        min_lr_rate=final_lr_fraction,
+    multiplier = functools.partial(
+        _warmup_cosine_multiplier, warmup=warmup_steps, total=total_steps, final=final_lr_fraction
     )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def _warmup_cosine_multiplier(step: int, *, warmup: int, total: int, final: float) -> float:
+    # A module-level function in a partial, not a closure: LambdaLR's state_dict keeps a partial's
+    # (empty) attributes and checkpoints stay picklable.
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))

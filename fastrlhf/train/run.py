@@ -33,7 +33,6 @@ from fastrlhf.train.guards import NonFiniteGuard, check_finite_parameters, clip_
 from fastrlhf.train.io import fsync_dir
 from fastrlhf.train.lock import RunDirectoryLock
 from fastrlhf.train.metrics import MetricsLogger, write_summary
-from fastrlhf.train.plots import plot_metrics
 from fastrlhf.train.sharding import enable_fsdp2_on_cpu, gathered_copy, meta_replica
 from fastrlhf.train.signals import RunInterrupted, StopOnSignals
 from fastrlhf.train.zero import configure_deepspeed, enable_deepspeed_on_cpu, whole_model_construction
@@ -467,7 +466,11 @@ class TrainingRun:
             self.progress.close()
         if self.is_main:
             write_summary(self.run_dir, summary)
-            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir, plot_groups)
+            if self.args.plots:
+                # Imported here: matplotlib takes 1-2 s to import, which a run without plots never pays.
+                from fastrlhf.train.plots import plot_metrics
+
+                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir, plot_groups)
         self.accelerator.end_training()
         if self.lock is not None:
             self.lock.release()
