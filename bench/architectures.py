@@ -56,10 +56,12 @@ def small_data(root: Path) -> dict[str, str]:
 def command_flags(cell: str, model: Path, run: Path, data: dict[str, str]) -> tuple[str, dict]:
     """``(command, flags)`` of one cell; ``run`` holds the chain's earlier outputs, ``model`` the model the
     later cells start from (the SFT output, or the base model when sft could not run)."""
+    # Two-step runs: no plots (a dozen PNGs of two points each would cost more than the steps).
+    short = dict(max_steps=2, eval_every=0, plots=False)
     if cell == "sft":
-        return "sft", dict(model=model, data=data["sft"], max_steps=2, batch_size=8, eval_every=0)
+        return "sft", dict(model=model, data=data["sft"], batch_size=8, **short)
     if cell == "rm":
-        return "rm", dict(model=model, data=data["rm"], max_steps=2, batch_size=4, eval_every=0)
+        return "rm", dict(model=model, data=data["rm"], batch_size=4, **short)
     if cell.startswith("ppo"):
         mode = cell.split()[1]
         flags = dict(
@@ -75,6 +77,7 @@ def command_flags(cell: str, model: Path, run: Path, data: dict[str, str]) -> tu
             max_new_tokens=8,
             eval_samples=1,
             eval_max_new_tokens=8,
+            plots=False,
         )
         return "ppo", flags
     if cell == "generate":
