@@ -43,6 +43,20 @@ def test_help_explains_every_flag(command, capsys):
         assert field.metadata["help"].split()[0] in text, f"{command} --{field.name}: help text not shown"
 
 
+def test_top_level_help_and_import_fastrlhf_load_no_torch():
+    """``fastrlhf --help`` lists the commands without importing torch (0.1 s instead of 5 s), and
+    ``fastrlhf.ops`` still resolves on first use after a bare ``import fastrlhf``."""
+    script = (
+        "import sys, fastrlhf, fastrlhf.cli\n"
+        "assert fastrlhf.cli.main(['--help']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert callable(fastrlhf.ops.gather_logprobs) and 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(name in result.stdout for name in COMMANDS)
+
+
 def test_unknown_command_is_an_error(capsys):
     assert main(["train-everything"]) == 2
     assert "unknown command" in capsys.readouterr().err
