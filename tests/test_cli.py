@@ -107,19 +107,9 @@ def test_generate_then_score_round_trips(trained, tmp_path):
     rows = synthetic.prompts(7, seed=99)
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     generated, scored = tmp_path / "generated.jsonl", tmp_path / "scored.jsonl"
-    cli(
-        "generate",
-        "--model",
-        str(trained / "sft"),
-        "--prompts",
-        str(prompts),
-        "--output",
-        str(generated),
-        "--max-new-tokens",
-        "12",
-        "--temperature",
-        "0",
-    )
+    greedy_generate = ["generate", "--model", str(trained / "sft"), "--prompts", str(prompts)]
+    greedy_generate += ["--max-new-tokens", "12", "--temperature", "0"]
+    cli(*greedy_generate, "--output", str(generated))
     lines = read_lines(generated)
     assert [line["prompt"] for line in lines] == [r["prompt"] for r in rows]
     assert all(isinstance(line["response"], str) for line in lines)
@@ -150,24 +140,7 @@ def test_generate_then_score_round_trips(trained, tmp_path):
 
     # Greedy generation is deterministic: a second run, in this process, writes the same file.
     again = tmp_path / "again.jsonl"
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(trained / "sft"),
-                "--prompts",
-                str(prompts),
-                "--output",
-                str(again),
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main([*greedy_generate, "--output", str(again)]) == 0
     assert again.read_text() == generated.read_text()
 
 
