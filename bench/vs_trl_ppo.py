@@ -108,6 +108,11 @@ def trl_child(case: dict, answer_path: str) -> None:
         args = PPOConfig(
             output_dir=out,
             use_cpu=True,
+            # TRL's configs default to bf16 mixed precision (``bf16=None`` becomes True); both sides run
+            # fp32 here. Left on, TRL autocasts every matmul to bf16, which a CPU without bf16 dot
+            # instructions (AVX2, Zen 3) runs in torch's scalar fallback GEMM, ~10x slower.
+            bf16=False,
+            fp16=False,
             report_to=[],
             save_strategy="no",
             disable_tqdm=True,
@@ -138,6 +143,8 @@ def trl_child(case: dict, answer_path: str) -> None:
             callbacks=[clock],
         )
         trainer.train()
+    if trainer.accelerator.mixed_precision != "no":
+        raise RuntimeError(f"TRL ran in {trainer.accelerator.mixed_precision} mixed precision, not fp32")
     versions = f"torch={torch.__version__};transformers={transformers.__version__};trl={trl.__version__}"
     with open(answer_path, "w") as fh:
         json.dump({"step_ends": clock.ends, "versions": versions}, fh)

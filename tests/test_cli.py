@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,27 @@ def test_top_level_help_and_import_fastrlhf_load_no_torch():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(name in result.stdout for name in COMMANDS)
+
+
+def test_a_cpu_run_loads_no_compiler():
+    """A PPO process that calls ops on the CPU imports neither torch's compiler (dynamo, inductor, sympy:
+    ~150 MiB resident, 2.5 s) nor, without a GPU or the interpreter, triton: the ops mark their backend
+    queries constant for ``torch.compile`` without importing it."""
+    script = (
+        "import sys, torch\n"
+        "import fastrlhf.train.ppo\n"
+        "from fastrlhf import ops\n"
+        "x = torch.randn(3, 11, requires_grad=True)\n"
+        "ops.gather_logprobs(x, torch.tensor([1, 2, 3])).sum().backward()\n"
+        "loaded = [m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules]\n"
+        "if not torch.cuda.is_available() and 'triton' in sys.modules:\n"
+        "    loaded.append('triton')\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_unknown_command_is_an_error(capsys):

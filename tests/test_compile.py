@@ -154,3 +154,19 @@ def test_kl_ranking_and_gae_compile_fullgraph(backend, device):
     compiled_grads = torch.autograd.grad(compiled[0], (logprobs, rewards))
     for got, want in zip((*compiled, *compiled_grads), (*eager, *eager_grads), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_marker_is_the_one_torch_sets():
+    """The ops mark their backend queries constant for torch.compile without importing it; the mark must
+    be the very one ``torch.compiler.assume_constant_result`` sets."""
+    from fastrlhf.ops._backend import constant_for_compile
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    assert constant_for_compile(ours) is ours
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) and vars(ours)

@@ -155,6 +155,68 @@ def test_on_policy_update_equals_the_recomputed_one(mode, tmp_path):
         assert (on_policy[name] - grad).abs().max() <= 1e-5 * scale, name
 
 
+@pytest.mark.parametrize("with_ptx", [False, True])
+def test_separate_critic_backpropagated_apart_gives_the_joint_gradients(with_ptx, tmp_path):
+    """With a separate critic, the update backpropagates the policy's loss before the critic's forward (the
+    two trunks' activations never coexist). Its gradients, PPO-ptx's LM term included, equal those of one
+    forward through both models and one backward of the summed loss, written out here."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from fastrlhf import ops
+    from fastrlhf.data.batching import model_inputs, pad_batch
+    from fastrlhf.data.tokenize import TokenizedSequence
+    from fastrlhf.models.actor_critic import build_actor_critic
+    from fastrlhf.models.loading import ModelOptions
+    from fastrlhf.train.ppo import PPOConfig
+    from fastrlhf.train.update import backpropagates_parts_apart, backward_micro_batch
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(5)
+    model = build_actor_critic("separate", "tiny", None, ModelOptions())
+    model.eval()  # no dropout: both ways see the same function
+    assert backpropagates_parts_apart(accelerator, model)
+    _, _, micro = _one_rollout(model, rows=3)
+    ptx = None
+    if with_ptx:
+        texts = [TokenizedSequence(tuple(torch.randint(6, 1000, (n,)).tolist()), 0) for n in (9, 6)]
+        text = pad_batch(texts, 0)
+        ptx = {"inputs": model_inputs(text), "targets": text["targets"]}
+    config = PPOConfig(
+        output=str(tmp_path), reward_model="none", reward_fn="ppo_rewards:constant", ptx_coef=0.7, vf_coef=0.3
+    )
+    stats = backward_micro_batch(model, accelerator, micro, ptx, config, kl_coef=0.05, sync=True)
+    apart = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    keep, head = micro["mask"], model.lm_head
+    hidden, values = model(**micro["inputs"])  # part="both": one forward through policy and critic
+    ones = torch.ones(int(keep.sum()), dtype=torch.bool)
+    policy = ops.linear_ppo_policy_loss(
+        hidden[keep], head.weight, micro["targets"][keep], micro["old_logprobs"][keep],
+        micro["advantages"][keep], ones, bias=head.bias, clip_eps=config.clip_eps,
+    )  # fmt: skip
+    value = ops.value_loss(
+        values[keep].float(), micro["old_values"][keep], micro["returns"][keep], ones, clip=config.value_clip
+    )
+    loss = policy.loss + config.vf_coef * value.loss
+    if with_ptx:
+        ptx_hidden, _ = model(value_rows=0, **ptx["inputs"])
+        selected = ptx["targets"] != -100
+        lm = -ops.linear_logprobs(ptx_hidden[selected], head.weight, ptx["targets"][selected]).mean()
+        loss = loss + config.ptx_coef * micro["advantages"][keep].abs().mean() * lm
+    loss.backward()
+    joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert float(stats["value/loss"]) == pytest.approx(float(value.loss.detach()), rel=1e-6)
+    assert apart.keys() == joint.keys()
+    assert any(n.startswith("critic.") for n in apart) and any(n.startswith("policy_lm.") for n in apart)
+    for name, grad in joint.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert torch.isfinite(apart[name]).all() and (apart[name] - grad).abs().max() <= 1e-5 * scale, name
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce++", "reinforce++-baseline"])
 def test_critic_free_estimators_learn_without_loading_a_critic(estimator, tmp_path):
     summary = run_ppo(
@@ -562,6 +624,9 @@ def test_ppo_shards_the_frozen_reference_and_reward_model_under_fsdp2(mode, tmp_
         minibatch_size=4,
         shard_frozen_above_mib=0,
         eval_reward_fn="ppo_rewards:process_rank",  # logged as gold/mean; never trained on
+        # PPO-ptx too: under DDP the separate critic's backward and the LM term's each reach the model
+        # the other did not run (with weight 0), FSDP2 runs both in one forward.
+        ptx_data="sample",
     )
     outputs, summaries, curves = launch_engines(tmp_path, ("ddp", *engines), **flags)
     assert summaries["fsdp2"]["sharded_frozen_models"] == ["reference", "reward_model"]

@@ -40,6 +40,7 @@ from fastrlhf.models.tiny import resolve_model
 log = logging.getLogger(__name__)
 
 MODES = ("separate", "shared", "lora")
+PARTS = ("both", "policy", "critic")  # what a forward of ``separate`` mode runs
 POLICY_ADAPTER, CRITIC_ADAPTER = "policy", "critic"
 
 
@@ -134,9 +135,22 @@ class ActorCritic(nn.Module):
             if "lora_" in name:
                 parameter.requires_grad_(True)
 
-    def forward(self, value_rows: int | None = None, **inputs):
-        """Policy hidden states for all rows, values for the first ``value_rows`` rows (all when None)."""
+    def forward(self, value_rows: int | None = None, part: str = "both", **inputs):
+        """Policy hidden states for all rows, values for the first ``value_rows`` rows (all when None).
+
+        ``part`` (``separate`` mode only): ``"policy"`` runs the policy alone (``values`` is None),
+        ``"critic"`` the separate critic alone (``hidden`` is None). The update backpropagates the policy's
+        loss before the critic's forward this way, so the two trunks' activations are never held at once.
+        """
         inputs.setdefault("use_cache", False)
+        if part != "both":
+            if part not in PARTS or self.mode != "separate" or self.critic is None:
+                raise InputError(
+                    f"actor_critic: part={part!r} needs mode='separate' with a critic and one of {PARTS}"
+                )
+            if part == "policy":
+                return self._policy_hidden(inputs), None
+            return None, self.critic_values(**inputs)
         if not self.has_critic:
             return self._policy_hidden(inputs), None
         if value_rows == 0:  # log-probs only (e.g. perplexity): no critic pass at all

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 
 import torch
@@ -40,19 +41,35 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)``, without importing the compiler.
+
+    torch's function imports ``torch._dynamo`` (and with it sympy, inductor and triton: ~150 MiB resident
+    and 2.5 s on a 2-core CPU, in every process that calls an op) only to set the marker below, which dynamo
+    reads when it traces a call to ``fn``. ``tests/test_compile.py`` compiles op calls with
+    ``fullgraph=True`` and checks the marker against torch's own function, so a torch release that marks
+    constants another way fails there.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 @functools.cache
 def _triton_status() -> tuple[bool, str]:
+    if not triton_interpreting() and not torch.cuda.is_available():
+        # Nothing to run Triton kernels on: report it without importing triton (~40 MiB resident).
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        return (
+            False,
+            "triton is installed but no CUDA device is visible (set TRITON_INTERPRET=1 to interpret)",
+        )
     try:
         import triton  # noqa: F401
     except ImportError as exc:
         return False, f"triton is not installed ({exc})"
     if triton_interpreting():
         return True, "TRITON_INTERPRET=1: kernels run on CPU tensors through the interpreter"
-    if not torch.cuda.is_available():
-        return (
-            False,
-            "triton is installed but no CUDA device is visible (set TRITON_INTERPRET=1 to interpret)",
-        )
     return True, "triton on CUDA"
 
 
@@ -94,7 +111,7 @@ def _auto_order(device_type: str) -> tuple[str, ...]:
     return ("cpp", "torch")
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def _runnable_on(device_type: str) -> tuple[str, ...]:
     """Backends that can run on ``device_type`` tensors here.
 
@@ -155,7 +172,7 @@ COMPILED_OP_BACKENDS = {"cpu": "cpp", "cuda": "cuda"}
 _AUTO_RUNS_COMPILED_OP: dict[str, bool] = {}
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def _auto_runs_compiled_op(device_type: str) -> bool:
     known = _AUTO_RUNS_COMPILED_OP.get(device_type)
     if known is None:

@@ -425,6 +425,8 @@ def train_ppo(config: PPOConfig) -> dict:
             part=lambda actor_critic: actor_critic.policy_lm,
         )
     summary = summarize(run, config, models, data, start_eval, end_eval, kl.value, model_dir, step)
+    # Freed before the plots (TrainingRun.finish); a resumed, finished run never made a rollout.
+    models = rollout = experience = stats = ptx_stream = None
     return run.finish(summary, PLOT_GROUPS)
 
 

@@ -107,70 +107,123 @@ def backward_micro_batch(
     all-reduces the gradients (under DDP). ``on_policy``: ``micro["old_logprobs"]`` are the sampler's, and
     π_old is this forward's own log-probs (``Experience.on_policy``); the stats then carry the gap between
     the two. Returns detached scalar stats.
+
+    With a separate critic (and no sharding engine), the policy's loss is backpropagated before the
+    critic's forward: the two trunks' saved activations never coexist, which lowers the step's peak memory
+    by one trunk's activations. The gradients are the same: the two losses share no parameter.
     """
-    head = accelerator.unwrap_model(model).lm_head
+    actor_critic = accelerator.unwrap_model(model)
+    head = actor_critic.lm_head
     keep = micro["mask"]
     ones = torch.ones(int(keep.sum()), dtype=torch.bool, device=keep.device)
-    kl_in_loss = config.kl_penalty == "loss" and kl_coef > 0
+    split = backpropagates_parts_apart(accelerator, actor_critic)
+    policy_part = "policy" if split else "both"
     # Only the micro-batch's last backward may reduce the gradients and end the accumulation.
-    with gradient_sync(accelerator, model, sync and ptx is None):
-        hidden, values = model(**micro["inputs"])
-        policy = ops.linear_ppo_policy_loss(
-            hidden[keep],
-            head.weight,
-            micro["targets"][keep],
-            None if on_policy else micro["old_logprobs"][keep],
-            micro["advantages"][keep],
-            ones,
-            bias=head.bias,
-            temperature=config.temperature,
-            clip_eps=config.clip_eps,
-            clip_eps_high=config.clip_eps_high,
-            ref_logprobs=micro["ref_logprobs"][keep] if kl_in_loss else None,
-            kl_coef=kl_coef if kl_in_loss else 0.0,
-            kl_estimator=config.kl_estimator,
-            entropy_coef=config.entropy_coef,
-            compute_entropy=True,
-        )
-        loss = policy.loss
-        stats = {
-            "policy/loss": policy.loss.detach(),
-            "policy/clip_fraction": policy.clip_fraction,
-            "policy/approx_kl": policy.approx_kl,
-            "policy/entropy": policy.entropy,
-        }
-        if on_policy:
-            # The sampler's log-probs (KV-cached decoding) against this full forward's: equal in exact
-            # arithmetic (same weights, same temperature), so the gap is numerics, or a sampler bug.
-            gap = (policy.logprobs - micro["old_logprobs"][keep]).abs()
-            stats["rollout/logprob_gap_mean"] = gap.mean() if gap.numel() else gap.new_zeros(())
-            stats["rollout/logprob_gap_max"] = gap.max() if gap.numel() else gap.new_zeros(())
-        if values is not None:
-            value = ops.value_loss(
-                values[keep].float(),
-                micro["old_values"][keep],
-                micro["returns"][keep],
-                ones,
-                clip=config.value_clip or None,
-            )
-            loss = loss + config.vf_coef * value.loss
-            stats.update({"value/loss": value.loss.detach(), "value/clip_fraction": value.clip_fraction})
+    last_is_here = sync and ptx is None
+    distributed = accelerator.num_processes > 1
+    with gradient_sync(accelerator, model, last_is_here and not split):
+        hidden, values = model(part=policy_part, **micro["inputs"])
+        loss, stats = _policy_loss(hidden[keep], head, micro, keep, ones, config, kl_coef, on_policy)
+        del hidden
+        if not split and values is not None:
+            value_loss, value_stats = _value_loss(values, micro, keep, ones, config)
+            loss, stats = loss + value_loss, stats | value_stats
         accelerator.backward(loss)
+    if split:
+        with gradient_sync(accelerator, model, last_is_here):
+            _, values = model(part="critic", **micro["inputs"])
+            value_loss, value_stats = _value_loss(values, micro, keep, ones, config)
+            stats.update(value_stats)
+            # A synchronising DDP backward must reach every parameter: the policy's join with weight 0.
+            tie = _in_graph_with_zero_weight(actor_critic.policy_lm) if last_is_here and distributed else 0.0
+            accelerator.backward(value_loss + tie)
     if ptx is not None:
         with gradient_sync(accelerator, model, sync):
-            hidden, values = model(**ptx["inputs"])
+            hidden, values = model(part=policy_part, **ptx["inputs"])
             selected = ptx["targets"] != IGNORE_INDEX
             lm_logprobs = ops.linear_logprobs(
                 hidden[selected], head.weight, ptx["targets"][selected], bias=head.bias
             )
             ptx_loss = -lm_logprobs.mean()
             weight = config.ptx_coef * micro["advantages"][keep].abs().mean()
-            # 0 x values keeps the critic's parameters in this backward's graph, which DDP requires of
-            # every parameter in a synchronising backward; it adds exactly nothing to the gradients.
-            critic_in_graph = 0.0 * values.float().sum() if values is not None else 0.0
-            accelerator.backward(weight * ptx_loss + critic_in_graph)
+            # The critic joins this backward with weight 0, as DDP requires of every parameter in a
+            # synchronising backward: through its values when the forward ran it, else through its weights.
+            if values is not None:
+                tie = 0.0 * values.float().sum()
+            elif split:
+                tie = _in_graph_with_zero_weight(actor_critic.critic) if sync and distributed else 0.0
+            else:
+                tie = 0.0
+            accelerator.backward(weight * ptx_loss + tie)
         stats.update({"ptx/loss": ptx_loss.detach(), "ptx/weight": weight.detach()})
     return stats
+
+
+def backpropagates_parts_apart(accelerator, actor_critic) -> bool:
+    """Whether the policy's and the separate critic's losses get a backward each (``backward_micro_batch``).
+
+    Only without a sharding engine: FSDP reduces a module's gradients only after a backward that its own
+    forward preceded, and DeepSpeed ZeRO reduces every backward's gradients into its partitions, so there
+    the one forward runs both models and one backward follows."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return actor_critic.mode == "separate" and actor_critic.critic is not None and not sharded
+
+
+def _in_graph_with_zero_weight(module) -> torch.Tensor:
+    """0 x the sum of ``module``'s trainable parameters: added to a loss, it puts each of them in the
+    backward's graph with a zero gradient, so that a synchronising DDP backward reduces the gradients they
+    accumulated in an earlier, non-synchronising one."""
+    return 0.0 * sum(p.sum() for p in module.parameters() if p.requires_grad)
+
+
+def _policy_loss(hidden, head, micro, keep, ones, config, kl_coef, on_policy) -> tuple[torch.Tensor, dict]:
+    """The fused clipped policy loss of the kept rows ``hidden[N, H]`` (+ β·KL in the loss), and its stats."""
+    kl_in_loss = config.kl_penalty == "loss" and kl_coef > 0
+    policy = ops.linear_ppo_policy_loss(
+        hidden,
+        head.weight,
+        micro["targets"][keep],
+        None if on_policy else micro["old_logprobs"][keep],
+        micro["advantages"][keep],
+        ones,
+        bias=head.bias,
+        temperature=config.temperature,
+        clip_eps=config.clip_eps,
+        clip_eps_high=config.clip_eps_high,
+        ref_logprobs=micro["ref_logprobs"][keep] if kl_in_loss else None,
+        kl_coef=kl_coef if kl_in_loss else 0.0,
+        kl_estimator=config.kl_estimator,
+        entropy_coef=config.entropy_coef,
+        compute_entropy=True,
+    )
+    stats = {
+        "policy/loss": policy.loss.detach(),
+        "policy/clip_fraction": policy.clip_fraction,
+        "policy/approx_kl": policy.approx_kl,
+        "policy/entropy": policy.entropy,
+    }
+    if on_policy:
+        # The sampler's log-probs (KV-cached decoding) against this full forward's: equal in exact
+        # arithmetic (same weights, same temperature), so the gap is numerics, or a sampler bug.
+        gap = (policy.logprobs - micro["old_logprobs"][keep]).abs()
+        stats["rollout/logprob_gap_mean"] = gap.mean() if gap.numel() else gap.new_zeros(())
+        stats["rollout/logprob_gap_max"] = gap.max() if gap.numel() else gap.new_zeros(())
+    return policy.loss, stats
+
+
+def _value_loss(values, micro, keep, ones, config) -> tuple[torch.Tensor, dict]:
+    """``vf_coef`` x the clipped value loss of ``values[b, T]`` on the kept positions, and its stats."""
+    value = ops.value_loss(
+        values[keep].float(),
+        micro["old_values"][keep],
+        micro["returns"][keep],
+        ones,
+        clip=config.value_clip or None,
+    )
+    stats = {"value/loss": value.loss.detach(), "value/clip_fraction": value.clip_fraction}
+    return config.vf_coef * value.loss, stats
 
 
 def ptx_batches(sequences, batch_size: int, seed: int, pad_token_id: int, device):
