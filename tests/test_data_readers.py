@@ -4,6 +4,8 @@ the line and the problem."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -242,3 +244,16 @@ def test_fuzzed_json_shapes_give_records_or_a_line_error(tmp_path):
         _check_read(path, kind)
 
     read_shapes()
+
+
+def test_reading_data_loads_no_torch():
+    """Reading and tokenising JSONL needs no torch; the batching helpers load it on first use."""
+    script = (
+        "import sys\n"
+        "import fastrlhf.data as data\n"
+        "assert callable(data.read_jsonl) and callable(data.tokenize_sft)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert data.IGNORE_INDEX == -100 and callable(data.pad_batch) and 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,16 +1,11 @@
-"""fastrlhf.data: the seed's JSONL formats, tokenisation with prompt/response boundaries, batching."""
+"""fastrlhf.data: the seed's JSONL formats, tokenisation with prompt/response boundaries, batching.
 
-from fastrlhf.data.batching import (
-    IGNORE_INDEX,
-    Collator,
-    LengthGroupedBatchSampler,
-    choose_packing,
-    make_collator,
-    model_inputs,
-    pack_batch,
-    pad_batch,
-    padding_fraction,
-)
+The batching helpers need torch, which the data commands (``fastrlhf data``, reading and checking JSONL)
+never do: they are loaded on first use, so ``import fastrlhf.data`` stays free of torch.
+"""
+
+import importlib
+
 from fastrlhf.data.readers import DataError, read_jsonl
 from fastrlhf.data.records import ChatExample, PromptExample, RankedExample, SFTExample, TextExample
 from fastrlhf.data.tokenize import (
@@ -54,3 +49,21 @@ __all__ = [
     "tokenize_sft",
     "tokenize_texts",
 ]
+
+_BATCHING = (
+    "IGNORE_INDEX",
+    "Collator",
+    "LengthGroupedBatchSampler",
+    "choose_packing",
+    "make_collator",
+    "model_inputs",
+    "pack_batch",
+    "pad_batch",
+    "padding_fraction",
+)
+
+
+def __getattr__(name: str):
+    if name in _BATCHING:
+        return getattr(importlib.import_module("fastrlhf.data.batching"), name)
+    raise AttributeError(f"module 'fastrlhf.data' has no attribute {name!r}")
