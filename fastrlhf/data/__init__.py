@@ -21,35 +21,7 @@ from fastrlhf.data.tokenize import (
     tokenize_texts,
 )
 
-__all__ = [
-    "IGNORE_INDEX",
-    "ChatExample",
-    "Collator",
-    "DataError",
-    "LengthGroupedBatchSampler",
-    "PromptExample",
-    "RankedExample",
-    "SFTExample",
-    "TextExample",
-    "TokenizationReport",
-    "TokenizedGroup",
-    "TokenizedSequence",
-    "TruncationPolicy",
-    "choose_packing",
-    "make_collator",
-    "model_inputs",
-    "pack_batch",
-    "pad_batch",
-    "padding_fraction",
-    "read_jsonl",
-    "tokenize_prompt",
-    "tokenize_prompt_response",
-    "tokenize_prompts",
-    "tokenize_ranked",
-    "tokenize_sft",
-    "tokenize_texts",
-]
-
+# Loaded from fastrlhf.data.batching on first use (``__getattr__``).
 _BATCHING = (
     "IGNORE_INDEX",
     "Collator",
@@ -61,6 +33,27 @@ _BATCHING = (
     "pad_batch",
     "padding_fraction",
 )
+
+__all__ = [
+    "ChatExample",
+    "DataError",
+    "PromptExample",
+    "RankedExample",
+    "SFTExample",
+    "TextExample",
+    "TokenizationReport",
+    "TokenizedGroup",
+    "TokenizedSequence",
+    "TruncationPolicy",
+    "read_jsonl",
+    "tokenize_prompt",
+    "tokenize_prompt_response",
+    "tokenize_prompts",
+    "tokenize_ranked",
+    "tokenize_sft",
+    "tokenize_texts",
+    *_BATCHING,
+]
 
 
 def __getattr__(name: str):
