@@ -32,15 +32,16 @@ RUNS = ("ppo", "ppo-ptx")  # the step-3 runs a pipeline directory holds, next to
 
 class _PolicyView(torch.nn.Module):
     """A causal LM seen as ``fastrlhf.train.evaluation.text_perplexity`` wants it:
-    ``forward(value_rows, **inputs) -> (hidden[B, T, H], None)`` and ``lm_head``."""
+    ``forward(value_rows, head_fn, **inputs) -> (head_fn(hidden[B, T, H], lm_head), None)``, as
+    ``ActorCritic.forward`` gives it."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        self.lm_head = lm.get_output_embeddings()
 
-    def forward(self, value_rows: int = 0, **inputs):
-        return self.lm.base_model(**(inputs | {"use_cache": False})).last_hidden_state, None
+    def forward(self, value_rows: int = 0, head_fn=None, **inputs):
+        hidden = self.lm.base_model(**(inputs | {"use_cache": False})).last_hidden_state
+        return head_fn(hidden, self.lm.get_output_embeddings()), None
 
 
 def text_file(choice: str, directory: Path) -> str:

@@ -563,10 +563,11 @@ TWO_PROCESS_PPO = dict(
 )
 
 
-# The sharding engines each PPO launch test compares with DDP: FSDP2, and DeepSpeed ZeRO-2 where installed
-# (CI requires it; ZeRO-3 is refused for PPO, see tests/test_deepspeed.py).
-ENGINES = ("fsdp2", "zero2") if importlib.util.find_spec("deepspeed") else ("fsdp2",)
-DISTRIBUTED_TYPES = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED"}
+# The sharding engines each PPO launch test compares with DDP: FSDP2, and DeepSpeed ZeRO-2 and ZeRO-3
+# where DeepSpeed is installed (CI requires it).
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ENGINES = ("fsdp2", "zero2", "zero3") if DEEPSPEED else ("fsdp2",)
+DISTRIBUTED_TYPES = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
 
 def launch_engines(tmp_path, engines, **flags) -> tuple[dict, dict, dict]:
@@ -586,11 +587,11 @@ def launch_engines(tmp_path, engines, **flags) -> tuple[dict, dict, dict]:
     return outputs, summaries, curves
 
 
-def test_ppo_under_accelerate_launch_with_two_processes_ddp_fsdp2_and_zero2(tmp_path):
-    """DDP, FSDP2 and ZeRO-2 (gloo on CPU), each through its shipped launcher config, on the same seeds:
-    the same rollouts, losses and final policy, so sharding changes nothing but where the weights and
-    optimizer state live. An FSDP2 run resumed from its sharded step-1 checkpoint (the EMA's shards in
-    it too) ends with the uninterrupted run's weights."""
+def test_ppo_under_accelerate_launch_with_two_processes_ddp_fsdp2_zero2_and_zero3(tmp_path):
+    """DDP, FSDP2, ZeRO-2 and ZeRO-3 (gloo on CPU), each through its shipped launcher config, on the same
+    seeds: the same rollouts, losses and final policy, so sharding changes nothing but where the weights
+    and optimizer state live. FSDP2 and ZeRO-3 runs resumed from their sharded step-1 checkpoints (the
+    EMA's shards, or per-process partitions, in them too) end with the uninterrupted runs' weights."""
     outputs, _, curves = launch_engines(tmp_path, ("ddp", *ENGINES), **TWO_PROCESS_PPO)
     for engine in ENGINES:
         assert all(m["policy/first_epoch_approx_kl"] == 0.0 for m in curves[engine])
@@ -599,12 +600,13 @@ def test_ppo_under_accelerate_launch_with_two_processes_ddp_fsdp2_and_zero2(tmp_
             assert sharded["policy/loss"] == pytest.approx(ddp["policy/loss"], abs=1e-4), engine
         assert final_weights_difference(outputs["ddp"], outputs[engine]) < 1e-4, engine
 
-    resumed = interrupted_copy(outputs["fsdp2"], 1, tmp_path / "fsdp2_resumed")
-    config = ACCELERATE_CONFIGS / "fsdp2.yaml"
-    launch_two_processes("ppo", resumed, config_file=config, resume=True, **TWO_PROCESS_PPO)
-    assert final_weights_difference(outputs["fsdp2"], resumed) <= 1e-5
-    rows = [m for m in read_lines(resumed / "metrics.jsonl") if "score/mean" in m]
-    assert [m["score/mean"] for m in rows] == pytest.approx([m["score/mean"] for m in curves["fsdp2"]])
+    for engine in ("fsdp2", "zero3") if DEEPSPEED else ("fsdp2",):
+        resumed = interrupted_copy(outputs[engine], 1, tmp_path / f"{engine}_resumed")
+        config = ACCELERATE_CONFIGS / f"{engine}.yaml"
+        launch_two_processes("ppo", resumed, config_file=config, resume=True, **TWO_PROCESS_PPO)
+        assert final_weights_difference(outputs[engine], resumed) <= 1e-5, engine
+        rows = [m for m in read_lines(resumed / "metrics.jsonl") if "score/mean" in m]
+        assert [m["score/mean"] for m in rows] == pytest.approx([m["score/mean"] for m in curves[engine]])
 
 
 @pytest.mark.parametrize("mode", ["separate", "shared"])
@@ -612,9 +614,11 @@ def test_ppo_shards_the_frozen_reference_and_reward_model_under_fsdp2(mode, tmp_
     """Separate and shared modes with a reward model and a calibrated critic, every frozen model sharded
     under FSDP2 (``--shard-frozen-above-mib 0``): the same rollouts, scores and final policy as DDP,
     where each process holds them whole. (ZeRO-2 replicates frozen models; that its fp32 master copy
-    takes the critic's calibration is tested by the lora launch test, which has a calibrated critic.)"""
+    takes the critic's calibration is tested by the lora launch test, which has a calibrated critic.)
+    In separate mode ZeRO-3 too: it builds the frozen models whole (replicated) and partitions the policy
+    and the critic, which it gathers only inside their forward (the fused loss's lm_head included)."""
     _saved_reward_model(tmp_path / "rm")
-    engines = ("fsdp2",)
+    engines = ("fsdp2", "zero3") if DEEPSPEED and mode == "separate" else ("fsdp2",)
     flags = dict(
         policy="tiny",
         reward_model=tmp_path / "rm",

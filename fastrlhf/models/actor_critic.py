@@ -135,13 +135,24 @@ class ActorCritic(nn.Module):
             if "lora_" in name:
                 parameter.requires_grad_(True)
 
-    def forward(self, value_rows: int | None = None, part: str = "both", **inputs):
+    def forward(self, value_rows: int | None = None, part: str = "both", head_fn=None, **inputs):
         """Policy hidden states for all rows, values for the first ``value_rows`` rows (all when None).
 
         ``part`` (``separate`` mode only): ``"policy"`` runs the policy alone (``values`` is None),
         ``"critic"`` the separate critic alone (``hidden`` is None). The update backpropagates the policy's
         loss before the critic's forward this way, so the two trunks' activations are never held at once.
+
+        ``head_fn(hidden[B, T, H], lm_head)``, when given, runs inside this forward on the policy's hidden
+        states and its result is returned in their place. The fused losses read the lm_head's weight
+        directly; ZeRO-3 holds that weight whole only during this module's forward and backward (it is
+        registered as an external parameter of this module, ``zero.track_zero3_model``).
         """
+        hidden, values = self._forward(value_rows, part, inputs)
+        if head_fn is not None and hidden is not None:
+            hidden = head_fn(hidden, self.lm_head)
+        return hidden, values
+
+    def _forward(self, value_rows: int | None, part: str, inputs: dict):
         inputs.setdefault("use_cache", False)
         if part != "both":
             if part not in PARTS or self.mode != "separate" or self.critic is None:

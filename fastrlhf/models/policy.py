@@ -53,6 +53,25 @@ def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return decoder, head
 
 
+def target_logprobs(targets: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False):
+    """``head_fn(hidden[B, T, H], lm_head) -> logprobs[n]``: the log-probs (float32) of ``targets[B, T]``
+    at the ``n`` positions where they are not -100, row-major, through ``ops.linear_logprobs``; for
+    ``ActorCritic.forward(head_fn=...)``, which applies it inside the model's forward."""
+    selected = targets != IGNORE_INDEX
+
+    def head_fn(hidden: torch.Tensor, head: nn.Linear):
+        return ops.linear_logprobs(
+            hidden[selected],
+            head.weight,
+            targets[selected],
+            bias=head.bias,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )
+
+    return head_fn
+
+
 class CausalLMPolicy(nn.Module):
     """Wraps an HF causal LM so that ``forward`` returns target log-probs (and a DDP wrapper sees it all).
 
@@ -85,12 +104,4 @@ class CausalLMPolicy(nn.Module):
     ):
         hidden = self.hidden_states(**inputs)
         _, head = decoder_and_head(self.lm)
-        selected = targets != IGNORE_INDEX
-        return ops.linear_logprobs(
-            hidden[selected],
-            head.weight,
-            targets[selected],
-            bias=head.bias,
-            temperature=temperature,
-            return_entropy=return_entropy,
-        )
+        return target_logprobs(targets, temperature, return_entropy)(hidden, head)

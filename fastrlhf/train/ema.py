@@ -1,11 +1,12 @@
 """An exponential moving average of the policy's weights (InstructGPT's EMA, ``--ema-decay``) under any
-engine: one process, DDP, ZeRO-2 or FSDP2.
+engine: one process, DDP, ZeRO-2, ZeRO-3 or FSDP2.
 
 The average is kept in each parameter's own layout: a plain tensor under DDP, a DTensor with the
-parameter's sharding under FSDP2, so every process averages only its own shard and nothing is
-gathered while training. Only trainable parameters are averaged: the average of a frozen weight is the
-weight (in ``lora`` mode that leaves the base model out of the copy). For the final model the averages
-are swapped into the policy, which is then saved the usual way (gathered, under FSDP2).
+parameter's sharding under FSDP2, this process's partition under ZeRO-3, so every process averages only
+its own shard and nothing is gathered while training. Only trainable parameters are averaged: the
+average of a frozen weight is the weight (in ``lora`` mode that leaves the base model out of the copy).
+For the final model the averages are swapped into the policy, which is then saved the usual way
+(gathered, under FSDP2 and ZeRO-3).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def _is_sharded(tensor) -> bool:
     return hasattr(tensor, "to_local")
 
 
+def _is_partitioned(parameter) -> bool:
+    """A ZeRO-3 parameter: its data is empty outside a gather, this process's part is ``ds_tensor``."""
+    return hasattr(parameter, "ds_tensor")
+
+
 class WeightEMA:
     """``average ← decay · average + (1 - decay) · weight`` after every optimizer step, per trainable
     parameter of ``module`` (the first update copies the weights, as ``torch.optim.swa_utils``' EMA
@@ -33,10 +39,11 @@ class WeightEMA:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        # Under ZeRO-3 the average is of this process's partition; under FSDP2 a DTensor like the weight.
+        self.partitioned = any(_is_partitioned(p) for _, p in trainable)
         self.average = {
-            name: parameter.detach().clone()
-            for name, parameter in module.named_parameters()
-            if parameter.requires_grad
+            name: (local_tensor(p) if self.partitioned else p).detach().clone() for name, p in trainable
         }
 
     @property
@@ -47,7 +54,7 @@ class WeightEMA:
         """``(name, this process's average, this process's weight)`` per averaged parameter."""
         parameters = dict(module.named_parameters())
         for name, average in self.average.items():
-            target, weight = local_tensor(average), local_tensor(parameters[name].detach())
+            target, weight = local_tensor(average), local_tensor(parameters[name]).detach()
             if target.shape != weight.shape:
                 raise RuntimeError(
                     f"{name}: the weight is {tuple(weight.shape)} on this process, its average "
@@ -87,24 +94,31 @@ class WeightEMA:
         return {**self.average, "updates": torch.tensor(self.updates, dtype=torch.int64)}
 
     def _where(self, path: Path) -> Path:
-        return Path(path) if self.sharded else Path(path).with_suffix(".safetensors")
+        if self.sharded:
+            return Path(path)
+        if self.partitioned:  # one file per process, as DeepSpeed's own ZeRO-3 checkpoints are
+            import torch.distributed as dist
+
+            return Path(path).with_suffix(f".rank{dist.get_rank()}.safetensors")
+        return Path(path).with_suffix(".safetensors")
 
     def save_checkpoint(self, path: Path, accelerator) -> None:
         """Write the averages at ``path``. Collective: every process must call it. Sharded averages go
         through torch.distributed.checkpoint into the directory ``path`` (each process writes its
-        shards); plain ones into ``path.safetensors``, written once, by the main process."""
+        shards); ZeRO-3 partitions into ``path.rank<r>.safetensors``, one per process; plain ones into
+        ``path.safetensors``, written once, by the main process."""
         where = self._where(path)
         if self.sharded:
             import torch.distributed.checkpoint as dcp
 
             dcp.save(self._state(), checkpoint_id=str(where))
-        elif accelerator.is_main_process:
+        elif accelerator.is_main_process or self.partitioned:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in self._state().items()}, str(where))
 
     def load_checkpoint(self, path: Path) -> None:
-        """Read what ``save_checkpoint`` wrote at ``path`` (every process, under FSDP2)."""
+        """Read what ``save_checkpoint`` wrote at ``path`` (every process, under FSDP2 and ZeRO-3)."""
         where = self._where(path)
         if not where.exists():
             raise FileNotFoundError(f"{where}: no EMA of the policy; was the run saved with the same flags?")

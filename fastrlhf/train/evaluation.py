@@ -16,9 +16,9 @@ import statistics
 import torch
 from accelerate.utils import send_to_device
 
-from fastrlhf import ops
-from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
+from fastrlhf.data.batching import model_inputs, pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
+from fastrlhf.models.policy import target_logprobs
 from fastrlhf.train.rewards import call_reward_fn
 from fastrlhf.train.rollout import collect_rollout, seeded_sampling
 from fastrlhf.train.sharding import gathered_for_generation
@@ -131,10 +131,9 @@ def text_perplexity(
     try:
         for start in range(0, len(sequences), batch_size):
             batch = send_to_device(pad_batch(sequences[start : start + batch_size], pad_token_id), device)
-            hidden, _ = model(value_rows=0, **model_inputs(batch))
-            keep = batch["targets"] != IGNORE_INDEX
-            head = model.lm_head
-            logprobs = ops.linear_logprobs(hidden[keep], head.weight, batch["targets"][keep], bias=head.bias)
+            logprobs, _ = model(
+                value_rows=0, head_fn=target_logprobs(batch["targets"]), **model_inputs(batch)
+            )
             total -= float(logprobs.double().sum())
             count += logprobs.numel()
     finally:

@@ -61,7 +61,13 @@ from fastrlhf.train.sharding import (
 )
 from fastrlhf.train.signals import StopOnSignals
 from fastrlhf.train.update import ppo_update, ptx_batches
-from fastrlhf.train.zero import refresh_master_weights, requested_zero_stage
+from fastrlhf.train.zero import (
+    refresh_master_weights,
+    track_zero3_model,
+    whole_model_construction,
+    zero3_gathered,
+    zero3_modifiable,
+)
 
 # The default peak learning rates (docs/alignment.md has the measurements). LoRA adapters start at
 # zero and carry the whole update in a rank-16 product, so the rate that moves full weights enough
@@ -316,14 +322,6 @@ def train_ppo(config: PPOConfig) -> dict:
     # All inputs read and checked before the run directory is touched.
     require_plain_logits(load_config(config.policy, config.trust_remote_code), config.policy)
     data = load_ppo_data(config)
-    if requested_zero_stage() == 3:
-        # ZeRO-3 partitions every weight and gathers it only inside its module's forward; the fused
-        # log-prob and PPO-loss ops read the lm_head's weight after the model's forward returns.
-        raise InputError(
-            "DeepSpeed ZeRO-3: ppo is not supported under ZeRO-3 (the fused PPO loss reads the lm_head "
-            "weight outside the model's forward, where ZeRO-3 holds only a partition of it); launch with "
-            "examples/accelerate/zero2.yaml or fsdp2.yaml, which shards every weight"
-        )
     run = TrainingRun(config)
     accelerator, device = run.accelerator, run.device
     models = build_ppo_models(config, accelerator, data, run)
@@ -368,9 +366,11 @@ def train_ppo(config: PPOConfig) -> dict:
             update_start = time.perf_counter()
             normalizer.update(accelerator.gather(rollout.scores))
             if step == 0 and config.calibrate_critic and models.unwrapped.has_critic:
-                calibrate_critic(models.unwrapped, normalizer, accelerator.gather(rollout.scores))
+                with zero3_modifiable(models.unwrapped, models.unwrapped.parameters()):
+                    calibrate_critic(models.unwrapped, normalizer, accelerator.gather(rollout.scores))
                 refresh_master_weights(accelerator)
-            experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
+            with zero3_gathered(models.unwrapped):  # the passes read the lm_heads directly
+                experience = make_experience(models.unwrapped, rollout, config, kl.value, normalizer)
             stats, first_epoch_approx_kl, grad_norm = ppo_update(
                 models.model,
                 accelerator,
@@ -474,16 +474,19 @@ def build_ppo_models(
     prepared by ``accelerator`` (through ``run`` when given, which can then gather a sharded model to
     save it). With ``data``, its evaluation set gets the reward model too."""
     device = accelerator.device
-    reward_model = load_frozen_reward_model(config, device)
-    rm_path = resolve_model(config.reward_model) if reward_model is not None else None
-    model = build_actor_critic(
-        config.actor_critic,
-        resolve_model(config.policy),
-        rm_path,
-        config,
-        device_index=accelerator.local_process_index,
-        with_critic=config.advantage_estimator == "gae",
-    )
+    # Built whole under ZeRO-3 too: the frozen models run outside DeepSpeed's engine, which partitions
+    # the trained one when it is prepared.
+    with whole_model_construction(accelerator):
+        reward_model = load_frozen_reward_model(config, device)
+        rm_path = resolve_model(config.reward_model) if reward_model is not None else None
+        model = build_actor_critic(
+            config.actor_critic,
+            resolve_model(config.policy),
+            rm_path,
+            config,
+            device_index=accelerator.local_process_index,
+            with_critic=config.advantage_estimator == "gae",
+        )
     parameter_bytes = model.memory_report()
     if reward_model is not None:
         parameter_bytes["reward_model"] = sum(p.numel() * p.element_size() for p in reward_model.parameters())
@@ -508,6 +511,8 @@ def build_ppo_models(
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    head = unwrapped.lm_head
+    track_zero3_model(accelerator, model, unwrapped, external=(head.weight, head.bias))
     threshold, sharded = config.shard_frozen_above_mib, []
     if reference := unwrapped.reference_lm:
         reference.to(device)

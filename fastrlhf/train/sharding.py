@@ -204,15 +204,19 @@ def gathered_for_generation(model: nn.Module):
     """Within the block every FSDP unit of ``model`` (an FSDP2 root) holds its whole parameters on every
     process and no forward inside gathers or reshards. So ``generate`` may run on the root's
     submodules (the policy LM: not the root's own forward), and the processes may take different numbers
-    of decoding steps, which per-layer collectives would deadlock. A no-op when ``model`` is not sharded.
+    of decoding steps, which per-layer collectives would deadlock. Under ZeRO-3 the same holds through
+    ``zero.zero3_gathered``. A no-op when ``model`` is not sharded.
 
     Collective on entry and exit: every process must enter it. Memory: the whole model per process for
-    the block's length, as in generation under ZeRO-3."""
+    the block's length."""
     from torch.distributed.fsdp import FSDPModule
+
+    from fastrlhf.train.zero import zero3_gathered
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:
-        yield model
+        with zero3_gathered(model):
+            yield model
         return
     states = [unit._get_fsdp_state() for unit in units]
     # A unit's first forward would otherwise find no initialised root and take itself for one.

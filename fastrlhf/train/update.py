@@ -24,7 +24,8 @@ import torch
 from accelerate.utils import send_to_device
 
 from fastrlhf import ops
-from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
+from fastrlhf.data.batching import model_inputs, pad_batch
+from fastrlhf.models.policy import target_logprobs
 from fastrlhf.train.guards import NonFiniteGuard, clip_and_check
 from fastrlhf.train.rollout import Rollout, micro_batches, select_rows
 from fastrlhf.train.zero import gradient_sync
@@ -113,7 +114,6 @@ def backward_micro_batch(
     by one trunk's activations. The gradients are the same: the two losses share no parameter.
     """
     actor_critic = accelerator.unwrap_model(model)
-    head = actor_critic.lm_head
     keep = micro["mask"]
     ones = torch.ones(int(keep.sum()), dtype=torch.bool, device=keep.device)
     split = backpropagates_parts_apart(accelerator, actor_critic)
@@ -122,9 +122,13 @@ def backward_micro_batch(
     last_is_here = sync and ptx is None
     distributed = accelerator.num_processes > 1
     with gradient_sync(accelerator, model, last_is_here and not split):
-        hidden, values = model(part=policy_part, **micro["inputs"])
-        loss, stats = _policy_loss(hidden[keep], head, micro, keep, ones, config, kl_coef, on_policy)
-        del hidden
+        (loss, stats), values = model(
+            part=policy_part,
+            head_fn=lambda hidden, head: _policy_loss(
+                hidden[keep], head, micro, keep, ones, config, kl_coef, on_policy
+            ),
+            **micro["inputs"],
+        )
         if not split and values is not None:
             value_loss, value_stats = _value_loss(values, micro, keep, ones, config)
             loss, stats = loss + value_loss, stats | value_stats
@@ -139,10 +143,8 @@ def backward_micro_batch(
             accelerator.backward(value_loss + tie)
     if ptx is not None:
         with gradient_sync(accelerator, model, sync):
-            hidden, values = model(part=policy_part, **ptx["inputs"])
-            selected = ptx["targets"] != IGNORE_INDEX
-            lm_logprobs = ops.linear_logprobs(
-                hidden[selected], head.weight, ptx["targets"][selected], bias=head.bias
+            lm_logprobs, values = model(
+                part=policy_part, head_fn=target_logprobs(ptx["targets"]), **ptx["inputs"]
             )
             ptx_loss = -lm_logprobs.mean()
             weight = config.ptx_coef * micro["advantages"][keep].abs().mean()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 
 from fastrlhf.errors import InputError
 from fastrlhf.train.sharding import release_freed_memory_to_the_os
@@ -151,3 +152,70 @@ def whole_model_construction(accelerator):
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # arms it again, as accelerate did
+
+
+# The ZeRO-3 parameter coordinator (DeepSpeed's ``parameter_offload``) of each prepared model, keyed by the
+# unwrapped module: ``zero3_gathered`` needs it to take the per-module gather hooks off and put them back.
+_ZERO3_OFFLOAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def track_zero3_model(accelerator, prepared, unwrapped, external: tuple = ()) -> bool:
+    """Under ZeRO-3, remember ``prepared``'s (a DeepSpeed engine's) parameter coordinator for
+    ``zero3_gathered`` and register the ``external`` parameters (those that ``unwrapped.forward`` reads
+    outside their own module's forward, such as a policy's lm_head weight read by a fused loss) with the
+    root module, so DeepSpeed gathers them for its forward and backward. Returns whether it did."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    if accelerator.state.deepspeed_plugin.zero_stage != 3:
+        return False
+    import deepspeed
+
+    _ZERO3_OFFLOAD[unwrapped] = prepared.optimizer.parameter_offload
+    for parameter in external:
+        if parameter is not None:
+            deepspeed.zero.register_external_parameter(unwrapped, parameter)
+    return True
+
+
+@contextlib.contextmanager
+def zero3_gathered(model):
+    """Within the block every parameter of ``model`` (tracked by ``track_zero3_model``) is whole on every
+    process and no forward inside gathers or releases any: the gather hooks are off. So generation may
+    run on submodules for as many decoding steps as each process needs (per-module collectives would
+    deadlock when they differ), and code may read any weight, the lm_head's included. Changes made
+    inside are not kept. A no-op for a model ZeRO-3 does not partition.
+
+    Collective on entry and exit. Memory: the whole model per process for the block's length."""
+    offload = _ZERO3_OFFLOAD.get(model)
+    if offload is None:
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        for parameter in model.parameters():
+            parameter.ds_active_sub_modules.clear()
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield model
+        finally:
+            # Re-registering on the root also invalidates the coordinator's recorded fetch order, which
+            # the forwards inside did not follow.
+            offload._register_deepspeed_module(offload.module)
+
+
+@contextlib.contextmanager
+def zero3_modifiable(model, parameters):
+    """Within the block ``parameters`` of ``model`` are whole and what is written into them is kept (the
+    main process's values are partitioned back on exit). A no-op unless ZeRO-3 partitions ``model``."""
+    if model not in _ZERO3_OFFLOAD:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=0):
+        yield
