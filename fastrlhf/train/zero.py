@@ -1,5 +1,6 @@
-"""What training needs around DeepSpeed ZeRO: switching it on for a CPU launch and filling the values a
-launcher config leaves to the trainer.
+"""What training needs around DeepSpeed ZeRO: switching it on for a CPU launch, filling the values a
+launcher config leaves to the trainer, and, for PPO under ZeRO-3, gathering the whole model for
+rollouts (``zero3_gathered``) and registering the weights its fused losses read (``track_zero3_model``).
 
 ``accelerate launch --config_file examples/accelerate/zero2.yaml`` (or ``zero3.yaml``) exports
 ``ACCELERATE_USE_DEEPSPEED=true`` and the ZeRO stage. accelerate 1.15 turns DeepSpeed on only when the
