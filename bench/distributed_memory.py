@@ -1,7 +1,12 @@
-"""Peak per-process memory of `fastrlhf sft` under DDP, FSDP2 and DeepSpeed ZeRO-2/3, two processes.
+"""Peak per-process memory of `fastrlhf sft` or `ppo` under DDP, FSDP2 and DeepSpeed ZeRO-2/3, two processes.
 
-    python bench/distributed_memory.py                 # a ~60M-parameter Llama, AdamW, 4 steps
+    python bench/distributed_memory.py                 # a ~60M-parameter Llama, AdamW, 4 steps of SFT
     python bench/distributed_memory.py --hidden 768 --layers 12
+    python bench/distributed_memory.py --command ppo --steps 2   # PPO, separate mode, rule reward
+
+PPO runs the same model as the policy (and its frozen reference, and a critic started from its trunk),
+``--reward-model none`` with the bundled world's gold function as the reward, so no reward model is
+held; under FSDP2 the reference is sharded too (``--shard-frozen-above-mib 0``).
 
 The model (58M parameters by default) is built locally from a config, with tiny's tokenizer and
 vocabulary at larger sizes, so that its parameters, gradients and AdamW state (16 bytes per fp32
@@ -64,11 +69,22 @@ def build_model(directory: Path, hidden: int, layers: int) -> tuple[str, int]:
     return path, count
 
 
-def run_engine(config: Path, extra_env: dict, model: str, output: Path, steps: int, batch_size: int) -> dict:
+def command_flags(command: str, model: str, steps: int, batch_size: int) -> list[str]:
+    """The trainer's arguments: SFT on the bundled demonstrations, or PPO in separate mode."""
+    if command == "sft":
+        flags = ["sft", "--model", model, "--max-steps", str(steps), "--batch-size", str(batch_size)]
+    else:
+        flags = ["ppo", "--policy", model, "--reward-model", "none"]
+        flags += ["--reward-fn", "fastrlhf.data.synthetic:gold_reward", "--steps", str(steps)]
+        flags += ["--rollout-batch-size", str(batch_size), "--max-new-tokens", "16"]
+        flags += ["--eval-samples", "1", "--eval-max-new-tokens", "8", "--shard-frozen-above-mib", "0"]
+    # The end-of-run checkpoint only.
+    return flags + ["--optimizer", "adamw", "--save-every", str(steps + 1), "--plots", "false"]
+
+
+def run_engine(config: Path, extra_env: dict, flags: list[str], output: Path) -> dict:
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    argv += ["-m", "fastrlhf.cli", "sft", "--model", model, "--output", str(output)]
-    argv += ["--max-steps", str(steps), "--batch-size", str(batch_size), "--optimizer", "adamw"]
-    argv += ["--save-every", str(steps + 1)]  # the end-of-run checkpoint only
+    argv += ["-m", "fastrlhf.cli", *flags, "--output", str(output)]
     env = {**os.environ, **extra_env}
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
@@ -78,6 +94,7 @@ def run_engine(config: Path, extra_env: dict, model: str, output: Path, steps: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--command", choices=("sft", "ppo"), default="sft")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
@@ -98,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("FASTRLHF_HOME", str(root / "home"))
         model, parameters = build_model(root / "model", args.hidden, args.layers)
         for index, (engine, config, extra_env) in enumerate(ENGINES):
-            summary = run_engine(config, extra_env, model, root / f"run{index}", args.steps, args.batch_size)
+            flags = command_flags(args.command, model, args.steps, args.batch_size)
+            summary = run_engine(config, extra_env, flags, root / f"run{index}")
             peaks = summary["peak_memory_mib_per_process"]
             starts = summary["start_memory_mib_per_process"]
             rows.append(
@@ -115,10 +133,12 @@ def main(argv: list[str] | None = None) -> None:
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                     "fastrlhf": __version__,
                     "torch": torch.__version__,
+                    "command": args.command,
                 }
             )
     ddp = rows[0]
-    print(f"\n{parameters / 1e6:.1f}M parameters, AdamW fp32, {args.steps} steps; {machine}\n")
+    size = f"{parameters / 1e6:.1f}M parameters"
+    print(f"\n{args.command}, {size}, AdamW fp32, {args.steps} steps; {machine}\n")
     print("| engine | peak per process (MiB) | vs DDP | above the run's start (MiB) | vs DDP | seconds |")
     print("|---|---|---|---|---|---|")
     for row in rows:
