@@ -75,7 +75,7 @@ def command_flags(command: str, model: str, steps: int, batch_size: int) -> list
         flags = ["sft", "--model", model, "--max-steps", str(steps), "--batch-size", str(batch_size)]
     else:
         flags = ["ppo", "--policy", model, "--reward-model", "none"]
-        flags += ["--reward-fn", "fastrlhf.data.synthetic:gold_reward", "--steps", str(steps)]
+        flags += ["--reward-fn", "fastrlhf.data.tasks.refusal:gold_reward", "--steps", str(steps)]
         flags += ["--rollout-batch-size", str(batch_size), "--max-new-tokens", "16"]
         flags += ["--eval-samples", "1", "--eval-max-new-tokens", "8", "--shard-frozen-above-mib", "0"]
     # The end-of-run checkpoint only.
