@@ -17,6 +17,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cpu/dispatch.h"
 #include "op_checks.h"
@@ -34,7 +35,7 @@ using op_checks::NamedTensor;
 struct RankingCall {
   Tensor rewards;  // f32 [N, K], contiguous
   Tensor ranks;    // int64 [N, K], contiguous
-  Tensor mask;     // uint8 [N, K], contiguous, or [0] for "all valid"
+  Tensor mask;     // uint8 [N, K], contiguous, or undefined for "all valid"
   double margin;
 };
 
@@ -72,9 +73,7 @@ RankingCall prepare(const Tensor& rewards, const Tensor& ranks, const std::optio
     call.mask = op_checks::mask_as_bytes("mask", *mask_ptr);
     TORCH_CHECK_VALUE(rewards.size(0) == 0 || call.mask.is_meta() || max_valid_per_prompt(call.mask) >= 2,
                       "mask leaves every prompt with fewer than 2 responses: there is no pair to rank");
-  } else {
-    call.mask = at::empty({0}, rewards.options().dtype(at::kByte));
-  }
+  }  // else: undefined, "all valid" (optional_mask gives the kernels nullptr)
   return call;
 }
 
@@ -84,19 +83,31 @@ using RankingOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 RankingOutputs ranking_outputs(const Tensor& rewards, const Tensor& ranks, const std::optional<Tensor>& mask,
                                double margin, bool with_grad) {
   const RankingCall c = prepare(rewards, ranks, mask, margin);
-  const int64_t n = c.rewards.size(0);
+  const int64_t n = c.rewards.size(0), k = c.rewards.size(1);
   const auto f32 = c.rewards.options().dtype(at::kFloat);
-  Tensor prompt_loss = at::empty({n}, f32), prompt_accuracy = at::empty({n}, f32), num_pairs = at::empty({n}, f32);
-  Tensor d_rewards = with_grad ? at::empty({n, c.rewards.size(1)}, f32) : Tensor();
+  Tensor d_rewards = with_grad ? at::empty({n, k}, f32) : Tensor();
   if (c.rewards.is_cpu()) {
+    // The per-prompt values live in one host buffer, not three tensors: on a small call the allocations,
+    // not the pairs, are the op's cost (its outputs are the three scalars and the gradient).
+    std::vector<float> per_prompt(static_cast<size_t>(3 * n));
     if (n > 0) {
-      cpu::ranking_loss_forward(make_ranking_loss_forward_params(c.rewards, c.ranks, c.mask, c.margin, prompt_loss,
-                                                                 prompt_accuracy, num_pairs, d_rewards));
+      RankingLossForwardParams p{};
+      p.rewards = c.rewards.const_data_ptr<float>();
+      p.ranks = c.ranks.const_data_ptr<int64_t>();
+      p.mask = optional_mask(c.mask);
+      p.n = n;
+      p.k = k;
+      p.margin = static_cast<float>(c.margin);
+      p.prompt_loss = per_prompt.data();
+      p.prompt_accuracy = per_prompt.data() + n;
+      p.num_pairs = per_prompt.data() + 2 * n;
+      p.d_rewards = with_grad ? d_rewards.mutable_data_ptr<float>() : nullptr;
+      cpu::ranking_loss_forward(p);
     }
     // The mean over prompts with pairs, in prompt order (deterministic); no-pair prompts hold 0.
-    const float* loss = prompt_loss.const_data_ptr<float>();
-    const float* accuracy = prompt_accuracy.const_data_ptr<float>();
-    const float* pairs = num_pairs.const_data_ptr<float>();
+    const float* loss = per_prompt.data();
+    const float* accuracy = loss + n;
+    const float* pairs = loss + 2 * n;
     double loss_sum = 0.0, accuracy_sum = 0.0;
     int64_t with_pairs = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -114,6 +125,7 @@ RankingOutputs ranking_outputs(const Tensor& rewards, const Tensor& ranks, const
     return {at::scalar_tensor(loss_sum / denom, f32), at::scalar_tensor(accuracy_sum / denom, f32),
             at::scalar_tensor(n - with_pairs, f32.dtype(at::kLong)), d_rewards};
   }
+  Tensor prompt_loss = at::empty({n}, f32), prompt_accuracy = at::empty({n}, f32), num_pairs = at::empty({n}, f32);
 #ifdef FASTRLHF_WITH_CUDA
   TORCH_CHECK(c.rewards.is_cuda(), "fastrlhf: ranking_loss has no kernel for device ", rewards.device());
   if (n > 0) cuda::ranking_loss_forward(c.rewards, c.ranks, c.mask, c.margin, prompt_loss, prompt_accuracy, num_pairs);
