@@ -560,6 +560,9 @@ TWO_PROCESS_PPO = dict(
     gradient_accumulation_steps=2,
     save_every=1,
     ema_decay=0.9,
+    # No held-out evaluation: the frozen-model launch test below covers it, and here its two sampled
+    # passes would cost each of the four launches seconds.
+    validation_fraction=0,
 )
 
 
