@@ -1,16 +1,14 @@
 // Python module fastrlhf._C: validates tensors, allocates outputs, and dispatches each op by
 // device to the CPU kernels (csrc/cpu) or, when built with CUDA, to csrc/cuda/bindings.cpp.
 // User-facing argument checks of these entry points live in Python; the TORCH_CHECKs here guard
-// internal preconditions. gather_logprobs, kl_penalty, ranking_loss and gae are TORCH_LIBRARY ops instead
-// (csrc/*_op.cpp), which check their own arguments: loading this module registers them as
-// torch.ops.fastrlhf.*. The gather_logprobs entries stay here too, for linear_logprobs' chunks.
+// internal preconditions. gather_logprobs, kl_penalty, ranking_loss, gae, compute_advantages and
+// group_advantages are TORCH_LIBRARY ops instead (csrc/*_op.cpp), which check their own arguments:
+// loading this module registers them as torch.ops.fastrlhf.*. The gather_logprobs entries stay here too, for linear_logprobs' chunks.
 #include <torch/extension.h>
 
 #include <cmath>
 #include <tuple>
 
-#include "common/group_advantages.h"
-#include "common/kl.h"
 #include "gather_logprobs_entry.h"
 #include "cpu/dispatch.h"
 #include "tensor_params.h"
@@ -34,7 +32,7 @@ bool compiled_with_cuda() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// advantages, group_advantages. Python passes contiguous tensors on one device.
+// sample, few_row_linear. Python passes contiguous tensors on one device.
 
 #ifdef FASTRLHF_WITH_CUDA
 #define FASTRLHF_ON_CUDA(call) call
@@ -54,89 +52,6 @@ void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef sizes, 
   TORCH_CHECK(t.device() == like.device(), "fastrlhf: ", name, " is on ", t.device(), " but expected ",
               like.device());
   TORCH_CHECK(t.is_contiguous(), "fastrlhf: ", name, " must be contiguous");
-}
-
-// Masks are uint8 (or bool) 0 / 1 of shape `sizes`; optional ones may also be [0] ("no mask").
-void check_mask(const at::Tensor& t, at::IntArrayRef sizes, const at::Tensor& like, bool optional) {
-  if (optional && t.dim() == 1 && t.size(0) == 0 && !(sizes.size() == 1 && sizes[0] == 0)) return;
-  TORCH_CHECK(t.scalar_type() == at::kByte || t.scalar_type() == at::kBool,
-              "fastrlhf: mask must be uint8 or bool, got ", t.scalar_type());
-  check_tensor(t, "mask", sizes, t.scalar_type(), like);
-}
-
-// logprobs / ref_logprobs: matching shape and dtype (f32, bf16 or fp16), contiguous.
-void check_logprob_pair(const at::Tensor& logprobs, const at::Tensor& ref_logprobs) {
-  dtype_of(logprobs);
-  check_tensor(ref_logprobs, "ref_logprobs", logprobs.sizes(), logprobs.scalar_type(), logprobs);
-  TORCH_CHECK(logprobs.is_contiguous(), "fastrlhf: logprobs must be contiguous");
-}
-
-void check_estimator(int64_t estimator, double clamp) {
-  TORCH_CHECK(valid_kl_estimator(static_cast<int>(estimator)) && estimator == static_cast<int>(estimator),
-              "fastrlhf: estimator must be 0 (k1), 1 (k2), 2 (k3) or 3 (abs), got ", estimator);
-  TORCH_CHECK(clamp >= 0.0, "fastrlhf: clamp must be >= 0 (+inf for none), got ", clamp);
-}
-
-void check_finite(double x, const char* name) {
-  TORCH_CHECK(std::isfinite(x), "fastrlhf: ", name, " must be finite, got ", x);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_forward(
-    const at::Tensor& scores, const at::Tensor& logprobs, const at::Tensor& ref_logprobs, const at::Tensor& values,
-    const at::Tensor& mask, double kl_coef, int64_t estimator, double clamp, double gamma, double lam) {
-  TORCH_CHECK(values.dim() == 2, "fastrlhf: values must be 2-D [B, T], got ", values.sizes());
-  check_tensor(values, "values", values.sizes(), at::kFloat, values);
-  check_tensor(scores, "scores", {values.size(0)}, at::kFloat, values);
-  TORCH_CHECK(logprobs.sizes() == values.sizes() && logprobs.device() == values.device(),
-              "fastrlhf: logprobs must match values in shape and device, got ", logprobs.sizes());
-  check_logprob_pair(logprobs, ref_logprobs);
-  check_mask(mask, values.sizes(), values, /*optional=*/false);
-  check_estimator(estimator, clamp);
-  check_finite(kl_coef, "kl_coef");
-  check_finite(gamma, "gamma");
-  check_finite(lam, "lam");
-  at::Tensor token_rewards = at::empty_like(values);
-  at::Tensor advantages = at::empty_like(values);
-  at::Tensor returns = at::empty_like(values);
-  if (values.numel() == 0) return {token_rewards, advantages, returns};
-  if (values.is_cpu()) {
-    cpu::advantages_forward(make_advantages_params(scores, logprobs, ref_logprobs, values, mask, kl_coef,
-                                                   estimator, clamp, gamma, lam, token_rewards, advantages,
-                                                   returns));
-  } else if (values.is_cuda()) {
-    FASTRLHF_ON_CUDA(cuda::advantages_forward(scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator,
-                                              clamp, gamma, lam, token_rewards, advantages, returns));
-  } else {
-    fail_device("advantages", values);
-  }
-  return {token_rewards, advantages, returns};
-}
-
-at::Tensor group_advantages_forward(const at::Tensor& scores, const at::Tensor& mask, int64_t group_size,
-                                   int64_t mode, double gamma, double eps) {
-  TORCH_CHECK(mask.dim() == 2, "fastrlhf: mask must be 2-D [B*k, T], got ", mask.sizes());
-  check_mask(mask, mask.sizes(), mask, /*optional=*/false);
-  const int64_t n = mask.size(0);
-  check_tensor(scores, "scores", {n}, at::kFloat, mask);
-  TORCH_CHECK(group_size >= 1 && n % group_size == 0, "fastrlhf: group_size must be >= 1 and divide the ", n,
-              " rows, got ", group_size);
-  TORCH_CHECK(valid_outcome_mode(mode), "fastrlhf: mode must be 0 (center), 1 (normalize), 2 (leave-one-out) or ",
-              "3 (discount), got ", mode);
-  TORCH_CHECK(mode != static_cast<int64_t>(OutcomeMode::kLeaveOneOut) || group_size >= 2,
-              "fastrlhf: leave-one-out needs group_size >= 2, got ", group_size);
-  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, "fastrlhf: gamma must be in [0, 1], got ",
-              gamma);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "fastrlhf: eps must be finite and >= 0, got ", eps);
-  at::Tensor out = at::empty(mask.sizes(), mask.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  if (mask.is_cpu()) {
-    cpu::group_advantages_forward(make_group_advantages_params(scores, mask, group_size, mode, gamma, eps, out));
-  } else if (mask.is_cuda()) {
-    FASTRLHF_ON_CUDA(cuda::group_advantages_forward(scores, mask, group_size, mode, gamma, eps, out));
-  } else {
-    fail_device("group_advantages", mask);
-  }
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_forward(const at::Tensor& logits, const at::Tensor& uniforms,
@@ -230,19 +145,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy\n"
         "are [0]-sized when the entropy has no gradient.");
-  m.def("advantages_forward", &fastrlhf::advantages_forward, py::arg("scores"), py::arg("logprobs"),
-        py::arg("ref_logprobs"), py::arg("values"), py::arg("mask"), py::arg("kl_coef"), py::arg("estimator"),
-        py::arg("clamp"), py::arg("gamma"), py::arg("lam"), py::call_guard<py::gil_scoped_release>(),
-        "Fused experience step. token_rewards = -kl_coef * kl (masked; estimator code / clamp as in\n"
-        "the fastrlhf::kl_penalty op) plus scores[b] at row b's last valid position, then GAE on them.\n"
-        "Returns (token_rewards, advantages, returns), each f32[B, T].");
-  m.def("group_advantages_forward", &fastrlhf::group_advantages_forward, py::arg("scores"), py::arg("mask"),
-        py::arg("group_size"), py::arg("mode"), py::arg("gamma"), py::arg("eps"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Outcome advantages of critic-free RL before any whitening. scores f32[B*k] (groups of group_size\n"
-        "consecutive rows), mask uint8 [B*k, T]. mode: 0 = r - group mean, 1 = (r - mean) / (std + eps),\n"
-        "2 = leave-one-out k/(k-1) * (r - mean), 3 = r * gamma^(valid tokens after t). Returns f32[B*k, T],\n"
-        "0 where the mask is 0.");
   m.def("sample_forward", &fastrlhf::sample_forward, py::arg("logits"), py::arg("uniforms"),
         py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("with_entropy"),
         py::call_guard<py::gil_scoped_release>(),

@@ -27,13 +27,6 @@ namespace {
 using at::Tensor;
 using op_checks::NamedTensor;
 
-// γ and λ: finite and in [0, 1] (ops/_common.py::check_discount).
-float check_discount(const char* name, double value) {
-  op_checks::check_finite(name, value);
-  TORCH_CHECK_VALUE(value >= 0.0 && value <= 1.0, name, " must be in [0, 1], got ", op_checks::py_float(value));
-  return static_cast<float>(value);
-}
-
 struct GaeCall {
   Tensor rewards, values;  // contiguous float32 copies (or the inputs themselves when already so)
   Tensor mask;             // contiguous uint8
@@ -51,8 +44,8 @@ GaeCall prepare(const Tensor& rewards, const Tensor& values, const Tensor& mask,
   call.mask = op_checks::mask_as_bytes("mask", mask);
   op_checks::check_same_device(
       {NamedTensor{"rewards", &rewards}, NamedTensor{"values", &values}, NamedTensor{"mask", &mask}});
-  call.gamma = check_discount("gamma", gamma);
-  call.lam = check_discount("lam", lam);
+  call.gamma = static_cast<float>(op_checks::check_discount("gamma", gamma));
+  call.lam = static_cast<float>(op_checks::check_discount("lam", lam));
   // The kernels read float32; other float dtypes are small [B, T] tensors, copied once.
   call.rewards = rewards.to(at::kFloat).contiguous();
   call.values = values.to(at::kFloat).contiguous();

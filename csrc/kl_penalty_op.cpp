@@ -24,6 +24,7 @@
 
 #include "common/kl.h"
 #include "cpu/dispatch.h"
+#include "kl_args.h"
 #include "op_checks.h"
 #include "output_alloc.h"
 #include "tensor_params.h"
@@ -43,28 +44,12 @@ enum class Reduction { kNone, kSeqMean, kTokenMean };
 // Tokens per token-mean segment on the CPU: fixed, so the summation order is too.
 constexpr int64_t kTokenMeanSegment = 16384;
 
-int estimator_code(string_view estimator) {
-  if (estimator == "k1") return static_cast<int>(KLEstimator::kK1);
-  if (estimator == "k2") return static_cast<int>(KLEstimator::kK2);
-  if (estimator == "k3") return static_cast<int>(KLEstimator::kK3);
-  if (estimator == "abs") return static_cast<int>(KLEstimator::kAbs);
-  TORCH_CHECK_VALUE(false, "estimator='", std::string(estimator), "' is not one of ('k1', 'k2', 'k3', 'abs')");
-}
-
 Reduction reduction_code(string_view reduction) {
   if (reduction == "none") return Reduction::kNone;
   if (reduction == "seq-mean") return Reduction::kSeqMean;
   if (reduction == "token-mean") return Reduction::kTokenMean;
   TORCH_CHECK_VALUE(false, "reduction='", std::string(reduction),
                     "' is not one of ('none', 'seq-mean', 'token-mean')");
-}
-
-// None -> +inf (no clamp); otherwise a positive bound.
-float clamp_value(std::optional<double> clamp) {
-  if (!clamp.has_value()) return std::numeric_limits<float>::infinity();
-  TORCH_CHECK_VALUE(!std::isnan(*clamp) && *clamp > 0.0, "clamp must be None or a positive number, got ",
-                    op_checks::py_float(*clamp));
-  return static_cast<float>(*clamp);
 }
 
 // Everything about one call that the kernels need, after the checks.
@@ -88,8 +73,8 @@ KLCall prepare(const Tensor& logprobs, const Tensor& ref_logprobs, const std::op
   op_checks::check_same_device({NamedTensor{"logprobs", &logprobs}, NamedTensor{"ref_logprobs", &ref_logprobs},
                                 NamedTensor{"mask", mask_ptr}});
   KLCall call;
-  call.estimator = estimator_code(estimator);
-  call.clamp = clamp_value(clamp);
+  call.estimator = kl_args::estimator_code(estimator);
+  call.clamp = static_cast<float>(kl_args::clamp_value("clamp", clamp));
   call.reduction = reduction_code(reduction);
   TORCH_CHECK_VALUE(call.reduction != Reduction::kSeqMean || logprobs.dim() > 0,
                     "reduction='seq-mean' needs logprobs with a sequence dimension, got a scalar");

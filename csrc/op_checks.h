@@ -115,6 +115,13 @@ inline double check_finite(const char* name, double value) {
   return value;
 }
 
+// γ and λ: finite and in [0, 1] (ops/_common.py::check_discount).
+inline double check_discount(const char* name, double value) {
+  check_finite(name, value);
+  TORCH_CHECK_VALUE(value >= 0.0 && value <= 1.0, name, " must be in [0, 1], got ", py_float(value));
+  return value;
+}
+
 // Raises the "must hold only 0 and 1" error for the mask element `bad` (a one-element tensor).
 [[noreturn]] inline void bad_mask_value(const char* name, const at::Tensor& mask, const at::Tensor& bad) {
   std::ostringstream found;

@@ -91,18 +91,9 @@ RankingOutputs ranking_outputs(const Tensor& rewards, const Tensor& ranks, const
     // not the pairs, are the op's cost (its outputs are the three scalars and the gradient).
     std::vector<float> per_prompt(static_cast<size_t>(3 * n));
     if (n > 0) {
-      RankingLossForwardParams p{};
-      p.rewards = c.rewards.const_data_ptr<float>();
-      p.ranks = c.ranks.const_data_ptr<int64_t>();
-      p.mask = optional_mask(c.mask);
-      p.n = n;
-      p.k = k;
-      p.margin = static_cast<float>(c.margin);
-      p.prompt_loss = per_prompt.data();
-      p.prompt_accuracy = per_prompt.data() + n;
-      p.num_pairs = per_prompt.data() + 2 * n;
-      p.d_rewards = with_grad ? d_rewards.mutable_data_ptr<float>() : nullptr;
-      cpu::ranking_loss_forward(p);
+      cpu::ranking_loss_forward(make_ranking_loss_forward_params(
+          c.rewards, c.ranks, c.mask, c.margin, per_prompt.data(), per_prompt.data() + n, per_prompt.data() + 2 * n,
+          with_grad ? d_rewards.mutable_data_ptr<float>() : nullptr));
     }
     // The mean over prompts with pairs, in prompt order (deterministic); no-pair prompts hold 0.
     const float* loss = per_prompt.data();

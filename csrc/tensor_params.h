@@ -159,12 +159,12 @@ inline GroupAdvantagesParams make_group_advantages_params(const at::Tensor& scor
   return p;
 }
 
-inline RankingLossForwardParams make_ranking_loss_forward_params(const at::Tensor& rewards,
-                                                                 const at::Tensor& ranks, const at::Tensor& mask,
-                                                                 double margin, const at::Tensor& prompt_loss,
-                                                                 const at::Tensor& prompt_accuracy,
-                                                                 const at::Tensor& num_pairs,
-                                                                 const at::Tensor& d_rewards = at::Tensor()) {
+// The per-prompt outputs as raw float arrays of n values each (the CPU op keeps them in one host buffer);
+// d_rewards may be null (no gradient wanted).
+inline RankingLossForwardParams make_ranking_loss_forward_params(const at::Tensor& rewards, const at::Tensor& ranks,
+                                                                 const at::Tensor& mask, double margin,
+                                                                 float* prompt_loss, float* prompt_accuracy,
+                                                                 float* num_pairs, float* d_rewards) {
   RankingLossForwardParams p{};
   p.rewards = rewards.const_data_ptr<float>();
   p.ranks = ranks.const_data_ptr<int64_t>();
@@ -172,11 +172,23 @@ inline RankingLossForwardParams make_ranking_loss_forward_params(const at::Tenso
   p.n = rewards.size(0);
   p.k = rewards.size(1);
   p.margin = static_cast<float>(margin);
-  p.prompt_loss = prompt_loss.mutable_data_ptr<float>();
-  p.prompt_accuracy = prompt_accuracy.mutable_data_ptr<float>();
-  p.num_pairs = num_pairs.mutable_data_ptr<float>();
-  p.d_rewards = d_rewards.defined() ? d_rewards.mutable_data_ptr<float>() : nullptr;
+  p.prompt_loss = prompt_loss;
+  p.prompt_accuracy = prompt_accuracy;
+  p.num_pairs = num_pairs;
+  p.d_rewards = d_rewards;
   return p;
+}
+
+inline RankingLossForwardParams make_ranking_loss_forward_params(const at::Tensor& rewards,
+                                                                 const at::Tensor& ranks, const at::Tensor& mask,
+                                                                 double margin, const at::Tensor& prompt_loss,
+                                                                 const at::Tensor& prompt_accuracy,
+                                                                 const at::Tensor& num_pairs,
+                                                                 const at::Tensor& d_rewards = at::Tensor()) {
+  return make_ranking_loss_forward_params(rewards, ranks, mask, margin, prompt_loss.mutable_data_ptr<float>(),
+                                          prompt_accuracy.mutable_data_ptr<float>(),
+                                          num_pairs.mutable_data_ptr<float>(),
+                                          d_rewards.defined() ? d_rewards.mutable_data_ptr<float>() : nullptr);
 }
 
 inline RankingLossBackwardParams make_ranking_loss_backward_params(const at::Tensor& grad_prompt_loss,

@@ -127,11 +127,11 @@ def test_opcheck_linear_logprobs_ops(device):
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
-def test_kl_ranking_and_gae_compile_fullgraph(backend, device):
+def test_kl_ranking_and_advantage_ops_compile_fullgraph(backend, device):
     """The eager calls skip the custom ops' dispatch (ops/_dispatch.py); compiled, the same calls go
     through the custom ops: both give the same values and gradients."""
     torch._dynamo.reset()
-    from fastrlhf.ops import gae, kl_penalty, ranking_loss
+    from fastrlhf.ops import compute_advantages, gae, group_advantages, kl_penalty, ranking_loss
 
     def loss_fn(logprobs, ref, mask, rewards, ranks, values):
         kl = kl_penalty(logprobs, ref, mask, "k3", reduction="seq-mean", backend=backend)
@@ -139,7 +139,14 @@ def test_kl_ranking_and_gae_compile_fullgraph(backend, device):
         advantages, returns = gae(
             -kl.detach()[:, None].expand_as(values), values, mask, 1.0, 0.95, backend=backend
         )
-        return kl.sum() + ranked.loss, advantages, returns
+        experience = compute_advantages(
+            kl.detach(), logprobs.detach(), ref, values, mask, 0.05, "k3", score_clip=1.0, backend=backend
+        )
+        grouped = group_advantages(rewards.detach(), mask[:1].expand(20, 17), backend=backend)
+        rpp = group_advantages(
+            rewards.detach()[:2], mask[:2, None].expand(2, 5, 17), "reinforce++", gamma=0.9, backend=backend
+        )
+        return kl.sum() + ranked.loss, advantages, returns, *experience, *grouped, *rpp
 
     logprobs = -torch.rand(3, 17, device=device).requires_grad_()
     ref = -torch.rand(3, 17, device=device)

@@ -1,5 +1,5 @@
 """The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss``,
-``gather_logprobs`` and ``gae``):
+``gather_logprobs``, ``gae``, ``compute_advantages`` and ``group_advantages``):
 their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
 reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
 not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
@@ -10,7 +10,16 @@ import torch
 from conftest import op_targets
 from numerics import assert_close_fp32
 
-from fastrlhf.ops import available_backends, gae, gather_logprobs, kl_penalty, ranking_loss, reference
+from fastrlhf.ops import (
+    available_backends,
+    compute_advantages,
+    gae,
+    gather_logprobs,
+    group_advantages,
+    kl_penalty,
+    ranking_loss,
+    reference,
+)
 
 COMPILED_TARGETS = [p for p in op_targets(include_torch=False) if p.values[0] in ("cpp", "cuda")]
 
@@ -119,6 +128,171 @@ def test_opcheck_gae(backend, device):
     for mask in (torch.rand(4, 13, device=device) > 0.3, (torch.rand(4, 13, device=device) > 0.5).float()):
         args = (rewards, values, mask, 0.99, 0.95)
         torch.library.opcheck(torch.ops.fastrlhf.gae.default, args, test_utils=OPCHECK_UTILS)
+
+
+def _advantages(s, lp, v, m, b, ref=None, **overrides):
+    """compute_advantages on (scores, logprobs, ref_logprobs = logprobs + 0.1, values, mask), overridden."""
+    kwargs = dict(kl_coef=0.05, estimator="k3", gamma=1.0, lam=0.95, backend=b) | overrides
+    return compute_advantages(s, lp, lp + 0.1 if ref is None else ref, v, m, **kwargs)
+
+
+def _one_token(mask):
+    one = torch.zeros_like(mask)
+    one[0, 0] = True
+    return one
+
+
+ADVANTAGES_BAD_CALLS = {
+    "scores dtype": lambda s, lp, v, m, b: _advantages(s.long(), lp, v, m, b),
+    "values dtype": lambda s, lp, v, m, b: _advantages(s, lp, v.long(), m, b),
+    "1-D values": lambda s, lp, v, m, b: _advantages(s, lp[0], v[0], m[0], b, ref=lp[0]),
+    "logprobs dtype": lambda s, lp, v, m, b: _advantages(s, lp.long(), v, m, b, ref=lp),
+    "ref_logprobs dtype": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, ref=lp.long()),
+    "mask shape": lambda s, lp, v, m, b: _advantages(s, lp, v, m[:, :2], b),
+    "logprobs shape": lambda s, lp, v, m, b: _advantages(s, lp[:, :2], v, m, b, ref=lp),
+    "ref_logprobs shape": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, ref=lp[:2]),
+    "mask values": lambda s, lp, v, m, b: _advantages(s, lp, v, m.long() * 2, b),
+    "scores shape": lambda s, lp, v, m, b: _advantages(s[:2], lp, v, m, b),
+    "2-D scores": lambda s, lp, v, m, b: _advantages(s[:, None], lp, v, m, b),
+    "device": lambda s, lp, v, m, b: _advantages(s, lp, v.to("meta"), m, b),
+    "negative kl_coef": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, kl_coef=-0.5),
+    "infinite kl_coef": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, kl_coef=float("inf")),
+    "estimator": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, estimator="k4"),
+    "kl_clamp": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, kl_clamp=-2.0),
+    "integer kl_clamp": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, kl_clamp=0),
+    "gamma above 1": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, gamma=1.5),
+    "nan lam": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, lam=float("nan")),
+    "score_clip": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, score_clip=float("nan")),
+    "one valid token to whiten": lambda s, lp, v, m, b: _advantages(s, lp, v, _one_token(m), b),
+    "no valid token to whiten": lambda s, lp, v, m, b: _advantages(s, lp, v, m & False, b),
+    "empty batch to whiten": lambda s, lp, v, m, b: _advantages(s[:0], lp[:0], v[:0], m[:0], b),
+}
+
+
+@pytest.mark.parametrize("case", list(ADVANTAGES_BAD_CALLS))
+def test_compute_advantages_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    scores, logp, values = torch.randn(3), -torch.rand(3, 5) * 3, torch.randn(3, 5)
+    mask = torch.rand(3, 5) > 0.3
+    expected = _message(lambda: ADVANTAGES_BAD_CALLS[case](scores, logp, values, mask, "torch"))
+    assert _message(lambda: ADVANTAGES_BAD_CALLS[case](scores, logp, values, mask, "auto")) == expected
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("whiten", [True, False])
+def test_compute_advantages_op_matches_float64_and_tracks_no_gradient(backend, device, dtype, whiten):
+    """Holes in the mask, an empty row, a row of one token, clipped scores, a clamped k3; inputs that
+    require grad give outputs that do not, as on the torch path. Against the float64 reference composed of
+    its own pieces (KL rewards, the score at the last token, GAE, masked whitening)."""
+    batch, length = 5, 301
+    logp, ref = -torch.rand(batch, length) * 4, -torch.rand(batch, length) * 4
+    values, scores = torch.randn(batch, length), torch.randn(batch) * 3
+    mask = torch.rand(batch, length) > 0.2
+    mask[1] = False
+    mask[2] = False
+    mask[2, 7] = True
+    inputs = [t.to(device, dtype).requires_grad_(True) for t in (scores, logp, ref, values)]
+    out = compute_advantages(
+        *inputs,
+        mask.to(device),
+        0.05,
+        "k3",
+        0.99,
+        0.9,
+        score_clip=2.5,
+        whiten=whiten,
+        kl_clamp=3.0,
+        backend=backend,
+    )
+    for name, got in zip(("token_rewards", "advantages", "returns"), out, strict=True):
+        assert got.dtype == torch.float32 and not got.requires_grad, name
+    s64, lp64, ref64, v64 = (t.detach().double() for t in inputs)
+    rewards, advantages, returns = reference.compute_advantages(
+        s64.clamp(-2.5, 2.5), lp64, ref64, v64, mask.to(device), 0.05, "k3", 0.99, 0.9, 3.0
+    )
+    if whiten:
+        advantages = reference.masked_whiten(advantages, mask.to(device))
+    assert_close_fp32("token_rewards", out.token_rewards, rewards)
+    assert_close_fp32("advantages", out.advantages, advantages)
+    assert_close_fp32("returns", out.returns, returns)
+
+
+def test_compute_advantages_whitening_does_not_depend_on_the_thread_count():
+    """The whitening's sums run over fixed blocks (here ~50 of them) added in block order."""
+    shape = (7, 30011)
+    scores, logp, ref, values = (
+        torch.randn(7) * 5,
+        -torch.rand(shape) * 5,
+        -torch.rand(shape) * 5,
+        torch.randn(shape),
+    )
+    mask = torch.rand(shape) > 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compute_advantages(scores, logp, ref, values, mask, 0.1, "k3").advantages
+        torch.set_num_threads(max(2, threads))
+        many = compute_advantages(scores, logp, ref, values, mask, 0.1, "k3").advantages
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_compute_advantages(backend, device):
+    scores = torch.randn(4, device=device, requires_grad=True)
+    logp, ref = -torch.rand(4, 13, device=device), -torch.rand(4, 13, device=device)
+    values = torch.randn(4, 13, device=device, requires_grad=True)
+    for mask in (torch.rand(4, 13, device=device) > 0.3, (torch.rand(4, 13, device=device) > 0.5).float()):
+        for options in ((None, True, None), (2.0, False, 1.5)):
+            score_clip, whiten, kl_clamp = options
+            args = (scores, logp, ref, values, mask, 0.05, "k3", 1.0, 0.95, score_clip, whiten, kl_clamp)
+            torch.library.opcheck(
+                torch.ops.fastrlhf.compute_advantages.default, args, test_utils=OPCHECK_UTILS
+            )
+
+
+GROUP_BAD_CALLS = {
+    "scores dtype": lambda s, m, b: group_advantages(s.long(), m, backend=b),
+    "1-D scores": lambda s, m, b: group_advantages(s[0], m, backend=b),
+    "k = 0": lambda s, m, b: group_advantages(s[:, :0], m[:, :0], backend=b),
+    "3-D mask shape": lambda s, m, b: group_advantages(s, m[:, :2], backend=b),
+    "2-D mask rows": lambda s, m, b: group_advantages(s, m.reshape(6, 7)[:5], backend=b),
+    "4-D mask": lambda s, m, b: group_advantages(s, m[None], backend=b),
+    "estimator": lambda s, m, b: group_advantages(s, m, "ppo", backend=b),
+    "rloo of one": lambda s, m, b: group_advantages(s[:, :1], m[:, :1], "rloo", backend=b),
+    "device": lambda s, m, b: group_advantages(s, m.to("meta"), backend=b),
+    "mask values": lambda s, m, b: group_advantages(s, m.long() * 2, backend=b),
+    "gamma": lambda s, m, b: group_advantages(s, m, "reinforce++", gamma=1.5, backend=b),
+    "nan eps": lambda s, m, b: group_advantages(s, m, eps=float("nan"), backend=b),
+    "negative eps": lambda s, m, b: group_advantages(s, m, eps=-1.0, backend=b),
+    "nan score": lambda s, m, b: group_advantages(
+        s.index_fill(1, torch.tensor([1]), float("nan")), m, backend=b
+    ),
+    "inf scores": lambda s, m, b: group_advantages(s.clone().fill_(float("-inf")), m, backend=b),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUP_BAD_CALLS))
+def test_group_advantages_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    scores, mask = torch.randn(2, 3), torch.rand(2, 3, 7) > 0.3
+    expected = _message(lambda: GROUP_BAD_CALLS[case](scores, mask, "torch"))
+    assert _message(lambda: GROUP_BAD_CALLS[case](scores, mask, "auto")) == expected
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce++", "reinforce++-baseline"])
+def test_group_advantages_op_returns_what_the_torch_path_returns(estimator):
+    """Same structure as the torch path: ``returns`` is the advantages tensor itself except for reinforce++;
+    float64 reference values; no gradient."""
+    scores = (torch.randn(4, 3) * 3).requires_grad_(True)
+    mask = torch.rand(4, 3, 50) > 0.2
+    mask[1, 2] = False
+    got = group_advantages(scores, mask, estimator, gamma=0.95)
+    want = group_advantages(scores.double(), mask, estimator, gamma=0.95, backend="torch")
+    assert not got.advantages.requires_grad and got.advantages.shape == mask.shape
+    assert (got.returns is got.advantages) == (want.returns is want.advantages)
+    assert_close_fp32("advantages", got.advantages, want.advantages)
+    assert_close_fp32("returns", got.returns, want.returns)
 
 
 @pytest.mark.parametrize("case", list(GATHER_BAD_CALLS))

@@ -369,11 +369,14 @@ def test_no_gradient_and_opcheck():
     from fastrlhf.ops import available_backends
 
     if available_backends()["cpp"].available:
-        torch.library.opcheck(
-            torch.ops.fastrlhf.group_advantages_fwd.default,
-            (torch.randn(6), torch.ones(6, 5, dtype=torch.uint8), 3, 1, 1.0, 1e-6, "cpp"),
-            test_utils=("test_schema", "test_faketensor"),
-        )
+        masks = (torch.rand(6, 5) > 0.3, torch.ones(2, 3, 5, dtype=torch.uint8))
+        for mask in masks:
+            for estimator in reference.OUTCOME_ESTIMATORS:
+                torch.library.opcheck(
+                    torch.ops.fastrlhf.group_advantages.default,
+                    (scores, mask, estimator, 0.9, 1e-6, True),
+                    test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+                )
 
 
 def test_loop_reference_is_independent():

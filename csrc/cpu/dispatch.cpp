@@ -99,6 +99,8 @@ void group_advantages_forward(const GroupAdvantagesParams& p) {
   FASTRLHF_CPU_DISPATCH(group_advantages_forward_kernel, p)
 }
 
+void masked_whiten(const MaskedWhitenParams& p) { FASTRLHF_CPU_DISPATCH(masked_whiten_kernel, p) }
+
 void ranking_loss_forward(const RankingLossForwardParams& p) {
   FASTRLHF_CPU_DISPATCH(ranking_loss_forward_kernel, p)
 }

@@ -5,6 +5,7 @@
 #include "common/gather_logprobs_params.h"
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
+#include "common/masked_whiten_params.h"
 #include "common/ranking_loss_params.h"
 #include "common/few_row_linear_params.h"
 #include "common/sample_params.h"
@@ -24,6 +25,8 @@ void kl_penalty_backward(const KLPenaltyGradParams& p);
 void gae_forward(const GaeParams& p);
 void advantages_forward(const AdvantagesParams& p);
 void group_advantages_forward(const GroupAdvantagesParams& p);
+// Whitens p.x into p.out over p.mask and stores the number of set positions in *p.count.
+void masked_whiten(const MaskedWhitenParams& p);
 void ranking_loss_forward(const RankingLossForwardParams& p);
 void sample_forward(const SampleParams& p);
 void few_row_linear_pack(const FewRowPackParams& p);

@@ -10,6 +10,7 @@
 #include "common/gather_logprobs_params.h"
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
+#include "common/masked_whiten_params.h"
 #include "common/ranking_loss_params.h"
 #include "common/sample_params.h"
 
@@ -22,6 +23,7 @@
   void gae_forward_kernel(const ::fastrlhf::GaeParams& p);                                 \
   void advantages_forward_kernel(const ::fastrlhf::AdvantagesParams& p);                   \
   void group_advantages_forward_kernel(const ::fastrlhf::GroupAdvantagesParams& p);        \
+  void masked_whiten_kernel(const ::fastrlhf::MaskedWhitenParams& p);                      \
   void ranking_loss_forward_kernel(const ::fastrlhf::RankingLossForwardParams& p);         \
   void sample_forward_kernel(const ::fastrlhf::SampleParams& p);                          \
   void few_row_linear_pack_kernel(const ::fastrlhf::FewRowPackParams& p);                 \

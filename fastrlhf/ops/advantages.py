@@ -6,7 +6,10 @@
     advantages    = masked_whiten(advantages)                     optional
 
 On the kernel backends the first three lines are one fused pass per row (KL, score placement and the
-reverse GAE walk together); whitening is a masked reduction on top.
+reverse GAE walk together); whitening is a masked reduction on top. The cpp and cuda backends run the
+TORCH_LIBRARY op ``torch.ops.fastrlhf.compute_advantages`` (csrc/advantages_op.cpp): checks, the fused pass
+and the whitening are C++, so a call costs little more than the dispatcher. The Triton backend is a Python
+custom op with the whitening in torch on top.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import NamedTuple
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._common import check_discount, check_sequences
 from fastrlhf.ops._dispatch import kernel_op
-from fastrlhf.ops._kernels import kernel_module
+from fastrlhf.ops._kernels import triton_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from fastrlhf.ops.gae import masked_whiten
 from fastrlhf.ops.kl_penalty import check_clamp, check_estimator
@@ -60,6 +63,11 @@ def compute_advantages(
         score_clip: clip scores to ``[-score_clip, score_clip]`` first (None: no clipping).
         whiten: whiten the advantages over the masked tokens (needs at least 2 of them).
     """
+    args = (kl_coef, estimator, gamma, lam, score_clip, whiten, kl_clamp)
+    if _schema_typed(*args) and runs_compiled_op(backend, scores, logprobs, ref_logprobs, values, mask):
+        return Advantages(
+            *torch.ops.fastrlhf.compute_advantages(scores, logprobs, ref_logprobs, values, mask, *args)
+        )
     check_tensor("scores", scores, FLOAT_DTYPES)
     mask_u8 = check_sequences(values, mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     if scores.shape != (values.shape[0],):
@@ -73,14 +81,30 @@ def compute_advantages(
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     code = check_estimator(estimator)
-    clamp_value = check_clamp(kl_clamp)
+    clamp_value = check_clamp(kl_clamp, "kl_clamp")
     gamma = check_discount("gamma", gamma)
     lam = check_discount("lam", lam)
-    if score_clip is not None:
-        clip = check_clamp(score_clip)
-        scores = scores.clamp(-clip, clip)
+    clip = None if score_clip is None else check_clamp(score_clip, "score_clip")
 
     chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
+    if chosen in COMPILED_OP_BACKENDS.values():
+        out = torch.ops.fastrlhf.compute_advantages(
+            scores,
+            logprobs,
+            ref_logprobs,
+            values,
+            mask,
+            kl_coef,
+            estimator,
+            gamma,
+            lam,
+            clip,
+            bool(whiten),
+            None if kl_clamp is None else clamp_value,
+        )
+        return Advantages(*out)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
     with torch.no_grad():
         if chosen == "torch":
             token_rewards, advantages, returns = reference.compute_advantages(
@@ -89,7 +113,7 @@ def compute_advantages(
         else:
             if ref_logprobs.dtype != logprobs.dtype or logprobs.dtype == torch.float64:
                 logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
-            token_rewards, advantages, returns = _advantages_op(
+            token_rewards, advantages, returns = _advantages_triton_op(
                 scores.detach().float().contiguous(),
                 logprobs.detach().contiguous(),
                 ref_logprobs.detach().contiguous(),
@@ -100,15 +124,25 @@ def compute_advantages(
                 clamp_value,
                 gamma,
                 lam,
-                chosen,
             )
         if whiten:
             advantages = masked_whiten(advantages, mask_u8)
     return Advantages(token_rewards, advantages, returns)
 
 
+def _schema_typed(kl_coef, estimator, gamma, lam, score_clip, whiten, kl_clamp) -> bool:
+    """The arguments are of the types the C++ op's schema takes (a number, a str, a bool, or None)."""
+    numbers = (kl_coef, gamma, lam) + tuple(x for x in (score_clip, kl_clamp) if x is not None)
+    return (
+        all(isinstance(x, (int, float)) for x in numbers)
+        and isinstance(estimator, str)
+        and isinstance(whiten, bool)
+    )
+
+
+# The Triton backend's custom op (the compiled backends have the C++ op, csrc/advantages_op.cpp).
 @kernel_op("fastrlhf::advantages_fwd")
-def _advantages_op(
+def _advantages_triton_op(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -119,17 +153,15 @@ def _advantages_op(
     clamp: float,
     gamma: float,
     lam: float,
-    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scores f32 ``[B]``; logprobs, ref_logprobs ``[B, T]`` (one dtype); values f32 ``[B, T]``; mask uint8
     ``[B, T]`` → (token_rewards, advantages, returns) f32 ``[B, T]``, without whitening."""
-    module = kernel_module(backend, "advantages")
-    out = module.advantages_forward(
+    out = triton_module("advantages").advantages_forward(
         scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator, clamp, gamma, lam
     )
     return tuple(out)
 
 
-@_advantages_op.register_fake
-def _(scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator, clamp, gamma, lam, backend):
+@_advantages_triton_op.register_fake
+def _(scores, logprobs, ref_logprobs, values, mask, kl_coef, estimator, clamp, gamma, lam):
     return torch.empty_like(values), torch.empty_like(values), torch.empty_like(values)

@@ -8,9 +8,11 @@ With one score per response and k responses per prompt (``reference.group_advant
     reinforce++-baseline   r - mean_g at every valid token, then whitened over the batch's valid tokens
 
 On the kernel backends one pass per row writes the token values (group statistics, the RLOO factor, the
-discount walk); the REINFORCE++ variants are then whitened by ``reference.masked_whiten``, the same
-masked reduction ``compute_advantages`` uses, which also holds the rule for fewer than two valid tokens
-(zeros). No gradient flows through any of it.
+discount walk); the REINFORCE++ variants are then whitened over the batch's valid tokens by the masked
+whitening ``compute_advantages`` uses (``reference.masked_whiten`` is its spec, with the rule for fewer
+than two valid tokens: zeros). The cpp and cuda backends run all of it as the TORCH_LIBRARY op
+``torch.ops.fastrlhf.group_advantages`` (csrc/group_advantages_op.cpp), checks included; the Triton
+backend is a Python custom op with the whitening in torch on top. No gradient flows through any of it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import NamedTuple
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._common import check_discount
 from fastrlhf.ops._dispatch import kernel_op
-from fastrlhf.ops._kernels import kernel_module
+from fastrlhf.ops._kernels import triton_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_mask, check_same_device, check_tensor
 
 # Estimator → the kernels' mode code (csrc/common/group_advantages.h, OutcomeMode); grpo's depends on
@@ -68,6 +70,11 @@ def group_advantages(
         all-equal group gives 0; whitening over fewer than 2 valid tokens gives 0 (see
         ``reference.masked_whiten``).
     """
+    if _schema_typed(estimator, gamma, eps, norm_by_std) and runs_compiled_op(backend, scores, response_mask):
+        return _from_op(
+            torch.ops.fastrlhf.group_advantages(scores, response_mask, estimator, gamma, eps, norm_by_std),
+            estimator,
+        )
     batch, k, length = check_group_inputs(scores, response_mask, estimator)
     device = check_same_device(scores=scores, response_mask=response_mask)
     mask_u8 = check_mask("response_mask", response_mask)
@@ -78,6 +85,11 @@ def group_advantages(
     check_finite_scores(scores)
 
     chosen = pick_backend(backend, device, dict(scores=scores), fp32_copies=True)
+    if chosen in COMPILED_OP_BACKENDS.values():
+        out = torch.ops.fastrlhf.group_advantages(
+            scores, response_mask, estimator, gamma, eps, bool(norm_by_std)
+        )
+        return _from_op(out, estimator)
     with torch.no_grad():
         if chosen == "torch":
             advantages, returns = reference.group_advantages(
@@ -85,18 +97,34 @@ def group_advantages(
             )
             return GroupAdvantages(advantages, returns)
         flat_mask = mask_u8.reshape(batch * k, length).contiguous()
-        values = _group_advantages_op(
+        values = _group_advantages_triton_op(
             scores.detach().reshape(-1).float().contiguous(),
             flat_mask,
             k,
             _mode(estimator, norm_by_std),
             gamma,
             eps,
-            chosen,
         )
         shape = response_mask.shape
         advantages, returns = reference.whiten_outcome(values.view(shape), flat_mask.view(shape), estimator)
     return GroupAdvantages(advantages, returns)
+
+
+def _schema_typed(estimator, gamma, eps, norm_by_std) -> bool:
+    """The arguments are of the types the C++ op's schema takes."""
+    return (
+        isinstance(estimator, str)
+        and isinstance(gamma, (int, float))
+        and isinstance(eps, (int, float))
+        and isinstance(norm_by_std, bool)
+    )
+
+
+def _from_op(out: tuple[torch.Tensor, torch.Tensor], estimator: str) -> GroupAdvantages:
+    """The C++ op's (advantages, returns): returns is a tensor of its own only for "reinforce++" (an op's
+    outputs may not alias); the other estimators return the advantages themselves."""
+    advantages, returns = out
+    return GroupAdvantages(advantages, returns if estimator == "reinforce++" else advantages)
 
 
 def check_group_inputs(
@@ -154,22 +182,22 @@ def _mode(estimator: str, norm_by_std: bool) -> int:
     return _CENTER  # reinforce++-baseline: r - group mean, whitened afterwards
 
 
+# The Triton backend's custom op (the compiled backends have the C++ op, csrc/group_advantages_op.cpp).
 @kernel_op("fastrlhf::group_advantages_fwd")
-def _group_advantages_op(
+def _group_advantages_triton_op(
     scores: torch.Tensor,
     mask: torch.Tensor,
     group_size: int,
     mode: int,
     gamma: float,
     eps: float,
-    backend: str,
 ) -> torch.Tensor:
     """scores f32 ``[N]``, mask uint8 ``[N, T]`` → f32 ``[N, T]``: each row's value at its valid tokens."""
-    return kernel_module(backend, "group_advantages").group_advantages_forward(
+    return triton_module("group_advantages").group_advantages_forward(
         scores, mask, group_size, mode, gamma, eps
     )
 
 
-@_group_advantages_op.register_fake
-def _(scores, mask, group_size, mode, gamma, eps, backend):
+@_group_advantages_triton_op.register_fake
+def _(scores, mask, group_size, mode, gamma, eps):
     return torch.empty(mask.shape, dtype=torch.float32, device=mask.device)

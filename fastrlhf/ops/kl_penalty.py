@@ -36,16 +36,17 @@ def check_estimator(estimator: str) -> int:
     return ESTIMATORS[estimator]
 
 
-def check_clamp(clamp) -> float:
-    """None → +inf (no clamp); otherwise a positive number (it bounds the estimate to [-clamp, clamp])."""
+def check_clamp(clamp, name: str = "clamp") -> float:
+    """None → +inf (no bound); otherwise a positive number (it bounds a value to [-clamp, clamp]).
+    ``name`` is the argument's name in the error."""
     if clamp is None:
         return math.inf
     try:
         value = float(clamp)
     except (TypeError, ValueError):
-        raise ValueError(f"clamp must be None or a positive number, got {clamp!r}") from None
+        raise ValueError(f"{name} must be None or a positive number, got {clamp!r}") from None
     if math.isnan(value) or value <= 0:
-        raise ValueError(f"clamp must be None or a positive number, got {clamp!r}")
+        raise ValueError(f"{name} must be None or a positive number, got {value}")
     return value
 
 

@@ -5,6 +5,7 @@
 #include "../kl_penalty.cpp"
 #include "../gae.cpp"
 #include "../group_advantages.cpp"
+#include "../masked_whiten.cpp"
 #include "../ranking_loss.cpp"
 #include "../sample.cpp"
 #include "../few_row_linear.cpp"
