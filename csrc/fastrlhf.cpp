@@ -9,6 +9,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "direct_calls.h"
 #include "gather_logprobs_entry.h"
 #include "cpu/dispatch.h"
 #include "tensor_params.h"
@@ -161,5 +162,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU, where a few rows against a large weight starve BLAS (it repacks the weight every call).");
   m.def("cpu_capability", &fastrlhf::cpu::capability_name,
         "CPU kernel set used at run time: 'avx512', 'avx2' or 'default' (follows ATEN_CPU_CAPABILITY).");
+  fastrlhf::define_direct_calls(m);
   m.def("with_cuda", &fastrlhf::compiled_with_cuda, "Whether the CUDA kernels were compiled in.");
 }

@@ -49,6 +49,9 @@ KL_BAD_CALLS = {
     "dtype": lambda x, b: kl_penalty(torch.zeros(2, 3, dtype=torch.long), x, backend=b),
     "device": lambda x, b: kl_penalty(x, x.to("meta"), backend=b),
     "seq-mean of a scalar": lambda x, b: kl_penalty(x[0, 0], x[0, 0], reduction="seq-mean", backend=b),
+    # arguments of a type the op's schema does not take: the Python checks name them
+    "estimator not a str": lambda x, b: kl_penalty(x, x, estimator=3, backend=b),
+    "clamp not a number": lambda x, b: kl_penalty(x, x, clamp="one", backend=b),
 }
 
 RANKING_BAD_CALLS = {
@@ -61,6 +64,7 @@ RANKING_BAD_CALLS = {
     "mask values": lambda r, k, b: ranking_loss(r, k, torch.full((3, 4), 3), backend=b),
     "margin": lambda r, k, b: ranking_loss(r, k, margin=float("nan"), backend=b),
     "device": lambda r, k, b: ranking_loss(r, k.to("meta"), backend=b),
+    "margin not a number": lambda r, k, b: ranking_loss(r, k, margin="wide", backend=b),
 }
 
 
@@ -74,6 +78,7 @@ GATHER_BAD_CALLS = {
     "infinite temperature": lambda x, y, b: gather_logprobs(x, y, temperature=float("inf"), backend=b),
     "label range": lambda x, y, b: gather_logprobs(x, y.clone().fill_(10), backend=b),
     "device": lambda x, y, b: gather_logprobs(x, y.to("meta"), backend=b),
+    "temperature not a number": lambda x, y, b: gather_logprobs(x, y, temperature="hot", backend=b),
 }
 
 
@@ -166,6 +171,9 @@ ADVANTAGES_BAD_CALLS = {
     "one valid token to whiten": lambda s, lp, v, m, b: _advantages(s, lp, v, _one_token(m), b),
     "no valid token to whiten": lambda s, lp, v, m, b: _advantages(s, lp, v, m & False, b),
     "empty batch to whiten": lambda s, lp, v, m, b: _advantages(s[:0], lp[:0], v[:0], m[:0], b),
+    "kl_coef not a number": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, kl_coef="big"),
+    "estimator not a str": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, estimator=1),
+    "lam not a number": lambda s, lp, v, m, b: _advantages(s, lp, v, m, b, lam=None),
 }
 
 
@@ -270,6 +278,8 @@ GROUP_BAD_CALLS = {
         s.index_fill(1, torch.tensor([1]), float("nan")), m, backend=b
     ),
     "inf scores": lambda s, m, b: group_advantages(s.clone().fill_(float("-inf")), m, backend=b),
+    "estimator not a str": lambda s, m, b: group_advantages(s, m, 1, backend=b),
+    "eps not a number": lambda s, m, b: group_advantages(s, m, eps="small", backend=b),
 }
 
 
@@ -526,3 +536,77 @@ def test_the_first_bad_mask_value_is_named_wherever_it_lies(dtype, bad_value):
     expected = _message(lambda: kl_penalty(x, x, mask, backend="torch"))
     assert _message(lambda: kl_penalty(x, x, mask, backend="auto")) == expected
     assert _message(lambda: gae(x, x, mask, 1.0, 0.9, backend="auto")) == expected
+
+
+def _direct_call_args():
+    """One valid argument list per TORCH_LIBRARY op with a typed extension entry (csrc/direct_calls.cpp)."""
+    logp, ref = -torch.rand(3, 5, requires_grad=True) * 2, -torch.rand(3, 5) * 2
+    mask = torch.rand(3, 5) > 0.3
+    return {
+        "gae": (torch.randn(3, 5), torch.randn(3, 5), mask, 0.99, 0.95),
+        "compute_advantages": (
+            torch.randn(3),
+            logp,
+            ref,
+            torch.randn(3, 5),
+            mask,
+            0.1,
+            "k3",
+            1.0,
+            0.9,
+            2.0,
+            True,
+            None,
+        ),
+        "group_advantages": (torch.randn(2, 3), torch.rand(2, 3, 4) > 0.2, "rloo", 1.0, 1e-6, True),
+        "kl_penalty": (logp, ref, mask, "k3", 5.0, "seq-mean"),
+        "ranking_loss": (torch.randn(3, 4, requires_grad=True), torch.randint(1, 4, (3, 4)), None, 0.5),
+        "gather_logprobs": (
+            torch.randn(4, 7, requires_grad=True),
+            torch.randint(0, 7, (4,)),
+            0.7,
+            -100,
+            True,
+            False,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_direct_call_args()))
+def test_the_extension_entry_of_an_op_is_the_dispatcher_op_itself(name):
+    """``fastrlhf._C.<op>`` (the wrappers' eager route) gives torch.ops' outputs bit for bit, with the same
+    autograd graph, and enters the dispatcher at the top: a dispatch mode (below autograd) sees the same ops
+    either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastrlhf import _C
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    args = _direct_call_args()[name]
+    direct, via_torch_ops = getattr(_C, name)(*args), getattr(torch.ops.fastrlhf, name)(*args)
+    for got, want in zip(direct, via_torch_ops, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=False)
+        assert (got.grad_fn is None) == (want.grad_fn is None)
+        assert type(got.grad_fn) is type(want.grad_fn)
+    with Seen() as seen_direct:
+        getattr(_C, name)(*args)
+    with Seen() as seen_torch_ops:
+        getattr(torch.ops.fastrlhf, name)(*args)
+    assert seen_direct.ops == seen_torch_ops.ops
+    assert seen_direct.ops[0].name().startswith(f"fastrlhf::{name}")
+
+
+def test_a_number_given_as_a_str_is_read_as_that_number_on_every_path():
+    """The Python checks read numbers with float(); the compiled op then gets the float, not the str."""
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    want = kl_penalty(x, y, estimator="k3", clamp=0.5, backend="torch")
+    for backend in ("torch", "auto", "cpp"):
+        assert_close_fp32(backend, kl_penalty(x, y, estimator="k3", clamp="0.5", backend=backend), want)

@@ -21,11 +21,14 @@ import torch
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._common import check_discount, check_sequences
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import triton_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from fastrlhf.ops.gae import masked_whiten
 from fastrlhf.ops.kl_penalty import check_clamp, check_estimator
+
+_COMPUTE_ADVANTAGES = CompiledOp("compute_advantages")
 
 
 class Advantages(NamedTuple):
@@ -63,11 +66,26 @@ def compute_advantages(
         score_clip: clip scores to ``[-score_clip, score_clip]`` first (None: no clipping).
         whiten: whiten the advantages over the masked tokens (needs at least 2 of them).
     """
-    args = (kl_coef, estimator, gamma, lam, score_clip, whiten, kl_clamp)
-    if _schema_typed(*args) and runs_compiled_op(backend, scores, logprobs, ref_logprobs, values, mask):
-        return Advantages(
-            *torch.ops.fastrlhf.compute_advantages(scores, logprobs, ref_logprobs, values, mask, *args)
-        )
+    if runs_compiled_op(backend, scores, logprobs, ref_logprobs, values, mask):
+        try:
+            return Advantages(
+                *_COMPUTE_ADVANTAGES(
+                    scores,
+                    logprobs,
+                    ref_logprobs,
+                    values,
+                    mask,
+                    kl_coef,
+                    estimator,
+                    gamma,
+                    lam,
+                    score_clip,
+                    whiten,
+                    kl_clamp,
+                )
+            )
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     check_tensor("scores", scores, FLOAT_DTYPES)
     mask_u8 = check_sequences(values, mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     if scores.shape != (values.shape[0],):
@@ -88,7 +106,7 @@ def compute_advantages(
 
     chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
     if chosen in COMPILED_OP_BACKENDS.values():
-        out = torch.ops.fastrlhf.compute_advantages(
+        out = _COMPUTE_ADVANTAGES(
             scores,
             logprobs,
             ref_logprobs,
@@ -128,16 +146,6 @@ def compute_advantages(
         if whiten:
             advantages = masked_whiten(advantages, mask_u8)
     return Advantages(token_rewards, advantages, returns)
-
-
-def _schema_typed(kl_coef, estimator, gamma, lam, score_clip, whiten, kl_clamp) -> bool:
-    """The arguments are of the types the C++ op's schema takes (a number, a str, a bool, or None)."""
-    numbers = (kl_coef, gamma, lam) + tuple(x for x in (score_clip, kl_clamp) if x is not None)
-    return (
-        all(isinstance(x, (int, float)) for x in numbers)
-        and isinstance(estimator, str)
-        and isinstance(whiten, bool)
-    )
 
 
 # The Triton backend's custom op (the compiled backends have the C++ op, csrc/advantages_op.cpp).

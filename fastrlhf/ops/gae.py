@@ -13,9 +13,12 @@ import torch
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._common import check_discount, check_sequences
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import check_mask, check_same_device, check_same_shape, check_tensor
+
+_GAE = CompiledOp("gae")
 
 
 def gae(
@@ -35,9 +38,11 @@ def gae(
     Returns:
         ``(advantages[B, T], returns[B, T])`` float32 (float64 for float64 values), 0 where masked.
     """
-    numbers = isinstance(gamma, (int, float)) and isinstance(lam, (int, float))
-    if numbers and runs_compiled_op(backend, rewards, values, mask):
-        return torch.ops.fastrlhf.gae(rewards, values, mask, gamma, lam)
+    if runs_compiled_op(backend, rewards, values, mask):
+        try:
+            return _GAE(rewards, values, mask, gamma, lam)
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     check_tensor("rewards", rewards)
     mask_u8 = check_sequences(values, mask, rewards=rewards)
     device = check_same_device(rewards=rewards, values=values, mask=mask)
@@ -47,7 +52,7 @@ def gae(
     if chosen == "torch":
         return reference.gae(rewards, values, mask_u8, gamma, lam)
     if chosen in COMPILED_OP_BACKENDS.values():
-        return torch.ops.fastrlhf.gae(rewards, values, mask, gamma, lam)
+        return _GAE(rewards, values, mask, gamma, lam)
     return _gae_triton_op(
         rewards.detach().float().contiguous(),
         values.detach().float().contiguous(),

@@ -17,6 +17,7 @@ import torch
 from fastrlhf._extension import extension
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -26,6 +27,8 @@ from fastrlhf.ops._validation import (
     check_same_device,
     check_tensor,
 )
+
+_GATHER_LOGPROBS = CompiledOp("gather_logprobs")
 
 
 def gather_logprobs(
@@ -51,12 +54,11 @@ def gather_logprobs(
     Returns:
         ``logprobs[...]`` float32 (float64 for float64 input), and ``entropy[...]`` if asked for.
     """
-    if (
-        runs_compiled_op(backend, logits, labels)
-        and isinstance(temperature, (int, float))
-        and isinstance(ignore_index, int)
-    ):
-        return _compiled(logits, labels, temperature, ignore_index, return_entropy, inplace_backward)
+    if runs_compiled_op(backend, logits, labels):
+        try:
+            return _compiled(logits, labels, temperature, ignore_index, return_entropy, inplace_backward)
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     check_tensor("logits", logits, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
     device = check_same_device(logits=logits, labels=labels)
@@ -95,8 +97,8 @@ def gather_logprobs(
 
 def _compiled(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
     """The cpp / cuda backends: the C++ op, which checks its own arguments."""
-    logprobs, entropy, _stats = torch.ops.fastrlhf.gather_logprobs(
-        logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+    logprobs, entropy, _stats = _GATHER_LOGPROBS(
+        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
     )
     return (logprobs, entropy) if return_entropy else logprobs
 

@@ -24,6 +24,7 @@ import torch
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._common import check_discount
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import triton_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_mask, check_same_device, check_tensor
@@ -31,6 +32,8 @@ from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_mask, che
 # Estimator → the kernels' mode code (csrc/common/group_advantages.h, OutcomeMode); grpo's depends on
 # norm_by_std.
 _CENTER, _NORMALIZE, _LEAVE_ONE_OUT, _DISCOUNT = 0, 1, 2, 3
+
+_GROUP_ADVANTAGES = CompiledOp("group_advantages")
 
 
 class GroupAdvantages(NamedTuple):
@@ -70,11 +73,13 @@ def group_advantages(
         all-equal group gives 0; whitening over fewer than 2 valid tokens gives 0 (see
         ``reference.masked_whiten``).
     """
-    if _schema_typed(estimator, gamma, eps, norm_by_std) and runs_compiled_op(backend, scores, response_mask):
-        return _from_op(
-            torch.ops.fastrlhf.group_advantages(scores, response_mask, estimator, gamma, eps, norm_by_std),
-            estimator,
-        )
+    if runs_compiled_op(backend, scores, response_mask):
+        try:
+            return _from_op(
+                _GROUP_ADVANTAGES(scores, response_mask, estimator, gamma, eps, norm_by_std), estimator
+            )
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     batch, k, length = check_group_inputs(scores, response_mask, estimator)
     device = check_same_device(scores=scores, response_mask=response_mask)
     mask_u8 = check_mask("response_mask", response_mask)
@@ -86,9 +91,7 @@ def group_advantages(
 
     chosen = pick_backend(backend, device, dict(scores=scores), fp32_copies=True)
     if chosen in COMPILED_OP_BACKENDS.values():
-        out = torch.ops.fastrlhf.group_advantages(
-            scores, response_mask, estimator, gamma, eps, bool(norm_by_std)
-        )
+        out = _GROUP_ADVANTAGES(scores, response_mask, estimator, gamma, eps, bool(norm_by_std))
         return _from_op(out, estimator)
     with torch.no_grad():
         if chosen == "torch":
@@ -108,16 +111,6 @@ def group_advantages(
         shape = response_mask.shape
         advantages, returns = reference.whiten_outcome(values.view(shape), flat_mask.view(shape), estimator)
     return GroupAdvantages(advantages, returns)
-
-
-def _schema_typed(estimator, gamma, eps, norm_by_std) -> bool:
-    """The arguments are of the types the C++ op's schema takes."""
-    return (
-        isinstance(estimator, str)
-        and isinstance(gamma, (int, float))
-        and isinstance(eps, (int, float))
-        and isinstance(norm_by_std, bool)
-    )
 
 
 def _from_op(out: tuple[torch.Tensor, torch.Tensor], estimator: str) -> GroupAdvantages:

@@ -16,6 +16,7 @@ import torch
 
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module, optional_mask
 from fastrlhf.ops._validation import (
@@ -28,6 +29,8 @@ from fastrlhf.ops._validation import (
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 REDUCTIONS = ("none", "seq-mean", "token-mean")
+
+_KL_PENALTY = CompiledOp("kl_penalty")
 
 
 def check_estimator(estimator: str) -> int:
@@ -72,13 +75,17 @@ def kl_penalty(
         float32 (float64 for float64 input) KL of the shape the reduction gives.
     """
     if runs_compiled_op(backend, logprobs, ref_logprobs, mask):
-        return torch.ops.fastrlhf.kl_penalty(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
+        try:
+            return _KL_PENALTY(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     check_tensor("logprobs", logprobs, FLOAT_DTYPES)
     check_tensor("ref_logprobs", ref_logprobs, FLOAT_DTYPES)
     check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
     device = check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     code = check_estimator(estimator)
     clamp_value = check_clamp(clamp)
+    clamp = None if clamp is None else clamp_value  # a number given as a str, say, goes on as a float
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
     if reduction == "seq-mean" and logprobs.dim() == 0:
@@ -87,7 +94,7 @@ def kl_penalty(
 
     chosen = pick_backend(backend, device, dict(logprobs=logprobs, ref_logprobs=ref_logprobs))
     if chosen in COMPILED_OP_BACKENDS.values():
-        return torch.ops.fastrlhf.kl_penalty(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
+        return _KL_PENALTY(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
     if chosen == "torch":
         kl = reference.kl_penalty(logprobs, ref_logprobs, mask_u8, estimator, clamp)
     else:

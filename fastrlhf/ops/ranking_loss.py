@@ -13,6 +13,7 @@ import torch
 
 from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
 from fastrlhf.ops._validation import (
@@ -25,6 +26,8 @@ from fastrlhf.ops._validation import (
     check_tensor,
 )
 from fastrlhf.ops.reference import RankingLossResult
+
+_RANKING_LOSS = CompiledOp("ranking_loss")
 
 
 def ranking_loss(
@@ -47,7 +50,10 @@ def ranking_loss(
         how many prompts had no pair (fewer than 2 valid responses, or only ties) and so count for nothing.
     """
     if runs_compiled_op(backend, rewards, ranks, mask):
-        return RankingLossResult(*torch.ops.fastrlhf.ranking_loss(rewards, ranks, mask, margin))
+        try:
+            return RankingLossResult(*_RANKING_LOSS(rewards, ranks, mask, margin))
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     check_tensor("rewards", rewards, FLOAT_DTYPES)
     check_tensor("ranks", ranks, INDEX_DTYPES)
     if rewards.dim() != 2:
@@ -63,7 +69,7 @@ def ranking_loss(
 
     chosen = pick_backend(backend, device, dict(rewards=rewards), fp32_copies=True)
     if chosen in COMPILED_OP_BACKENDS.values():
-        return RankingLossResult(*torch.ops.fastrlhf.ranking_loss(rewards, ranks, mask, margin))
+        return RankingLossResult(*_RANKING_LOSS(rewards, ranks, mask, margin))
     if chosen == "torch":
         return reference.ranking_loss(rewards, ranks, mask_u8, margin)
     prompt_loss, prompt_accuracy, num_pairs = _forward_op(
