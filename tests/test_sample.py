@@ -214,6 +214,22 @@ def test_extreme_logits_and_leading_dimensions(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", op_targets())
+def test_empty_batches_single_rows_and_logits_that_require_grad(backend, device):
+    """[0, V] gives empty results; a 1-D [V] row gives 0-d ones; logits that require grad give results
+    that do not (and the same tokens as their detached copy)."""
+    empty = sample(torch.randn(0, 9, device=device), return_entropy=True, backend=backend)
+    assert empty.tokens.shape == (0,) and empty.logprobs.shape == (0,) and empty.entropy.shape == (0,)
+    row = torch.randn(9, device=device)
+    single = sample(row, seed=5, backend=backend)
+    assert single.tokens.shape == () and single.logprobs.shape == ()
+    assert torch.equal(single.tokens, sample(row[None], seed=5, backend=backend).tokens[0])
+    logits = torch.randn(4, 9, device=device, requires_grad=True)
+    got = sample(logits, seed=5, return_entropy=True, backend=backend)
+    assert not got.logprobs.requires_grad and not got.entropy.requires_grad
+    assert torch.equal(got.tokens, sample(logits.detach(), seed=5, backend=backend).tokens)
+
+
+@pytest.mark.parametrize("backend, device", op_targets())
 def test_uniforms_at_the_ends_of_the_unit_interval(backend, device, monkeypatch):
     """u = 0 draws the first kept token, u just below 1 the last (never one outside the kept set)."""
     logits = random_logits(2, 200, device=device)

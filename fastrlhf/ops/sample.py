@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import compiled, triton_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_positive_finite, check_tensor
@@ -60,10 +60,18 @@ def sample(
     temperature = check_positive_finite("temperature", temperature)
     top_k = check_top_k(top_k)
     top_p, min_p = check_top_p(top_p), check_min_p(min_p)
-    rows = logits.detach().reshape(-1, logits.shape[-1])
+    # A decode step's [B, V] logits need no reshape and its [B] results no view back: each costs more than
+    # the kernel on a small batch (a view to a torch.Size is parsed as a shape of symbolic ints).
+    flat = logits.dim() == 2
+    rows = logits if flat else logits.reshape(-1, logits.shape[-1])
+    if rows.requires_grad:
+        rows = rows.detach()
     uniforms = sample_uniforms(rows.shape[0], rows.device, generator=generator, seed=seed)
 
-    chosen = pick_backend(backend, rows.device, dict(logits=rows))
+    if backend == "auto" and runs_compiled_op(backend, rows):  # the common call: the C++ or CUDA kernel
+        chosen = COMPILED_OP_BACKENDS[rows.device.type]
+    else:
+        chosen = pick_backend(backend, rows.device, dict(logits=rows))
     if chosen == "torch":
         result = reference.sample(rows, uniforms, temperature, top_k, top_p, min_p, return_entropy)
     else:
@@ -72,7 +80,9 @@ def sample(
         )
         result = SampleResult(tokens, logprobs, entropy if return_entropy else None)
     check_sampled_rows(rows, result.tokens)
-    shape = logits.shape[:-1]
+    if flat:
+        return result
+    shape = tuple(logits.shape[:-1])
     entropy = None if result.entropy is None else result.entropy.view(shape)
     return SampleResult(result.tokens.view(shape), result.logprobs.view(shape), entropy)
 
@@ -123,10 +133,9 @@ def check_sampled_rows(rows: torch.Tensor, tokens: torch.Tensor) -> None:
 
     One reduction (a sync on CUDA); the rows themselves are only inspected when one is bad.
     """
-    bad = tokens < 0
-    if not bool(bad.any()):
+    if tokens.numel() == 0 or int(tokens.min()) >= 0:  # one reduction, the cheapest test of a small batch
         return
-    row = int(bad.nonzero()[0, 0])
+    row = int((tokens < 0).nonzero()[0, 0])
     values = rows[row]
     if bool(torch.isnan(values).any()):
         what = f"a NaN at index {int(torch.isnan(values).nonzero()[0, 0])}"
