@@ -350,8 +350,12 @@ template <class T>
 void sample_typed(const SampleParams& p) {
   const int64_t n_blocks = (p.vocab + kScanBlock - 1) / kScanBlock;
   const bool truncating = (p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.0f;
-  // A row of V exps is tens of microseconds: one row per task balances well.
-  at::parallel_for(0, p.n_rows, 1, [&](int64_t lo, int64_t hi) {
+  // A row of 32k exps is tens of microseconds: one row per task balances well there. Short rows are
+  // grouped so that a task holds at least kMinTaskLogits of them: a decode step on a small vocabulary
+  // (2 x 16 logits) otherwise paid a thread fork and join, ~10 us, for under a microsecond of work.
+  constexpr int64_t kMinTaskLogits = 16384;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskLogits / std::max<int64_t>(1, p.vocab));
+  at::parallel_for(0, p.n_rows, grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> e(p.vocab), scratch(truncating ? p.vocab : 0);
     std::vector<double> block_sums(n_blocks);
     for (int64_t row = lo; row < hi; ++row) sample_row<T>(p, row, e.data(), scratch.data(), block_sums.data());
