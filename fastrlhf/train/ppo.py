@@ -60,6 +60,7 @@ from fastrlhf.train.sharding import (
     shard_frozen,
 )
 from fastrlhf.train.signals import StopOnSignals
+from fastrlhf.train.unwrap import unwrap_model
 from fastrlhf.train.update import ppo_update, ptx_batches
 from fastrlhf.train.zero import (
     refresh_master_weights,
@@ -510,7 +511,7 @@ def build_ppo_models(
         )
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_model(accelerator, model)
     head = unwrapped.lm_head
     track_zero3_model(accelerator, model, unwrapped, external=(head.weight, head.bias))
     threshold, sharded = config.shard_frozen_above_mib, []

@@ -29,6 +29,7 @@ from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
 from fastrlhf.train.guards import NonFiniteError
 from fastrlhf.train.run import TrainingRun, evaluating
+from fastrlhf.train.unwrap import unwrap_model
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ def train_rm(config: RMConfig) -> dict:
         if not eval_groups:
             return {}
         loss_sum, acc_sum, prompts = (torch.zeros((), dtype=torch.float64) for _ in range(3))
-        model = accelerator.unwrap_model(reward_model)
+        model = unwrap_model(accelerator, reward_model)
         with evaluating(model):
             for batch in eval_loader:
                 result = ranking(model, send_to_device(batch, run.device))
@@ -169,7 +170,7 @@ def train_rm(config: RMConfig) -> dict:
 
     # Normalise: demonstrations score 0 on average (InstructGPT), so a later PPO reward of 0 means
     # "as good as a demonstration".
-    unwrapped = accelerator.unwrap_model(reward_model)
+    unwrapped = unwrap_model(accelerator, reward_model)
     # Every process scores all demonstrations, so all end with the same bias without communication.
     unwrapped.set_normalization_bias(0.0)
     scores = score_pairs(unwrapped, tokenizer, demonstrations, truncation, config.batch_size)

@@ -33,8 +33,14 @@ from fastrlhf.train.guards import NonFiniteGuard, check_finite_parameters, clip_
 from fastrlhf.train.io import fsync_dir
 from fastrlhf.train.lock import RunDirectoryLock
 from fastrlhf.train.metrics import MetricsLogger, write_summary
-from fastrlhf.train.sharding import enable_fsdp2_on_cpu, gathered_copy, meta_replica
+from fastrlhf.train.sharding import (
+    enable_fsdp2_on_cpu,
+    gathered_copy,
+    meta_replica,
+    return_free_heap_to_the_os,
+)
 from fastrlhf.train.signals import RunInterrupted, StopOnSignals
+from fastrlhf.train.unwrap import unwrap_model
 from fastrlhf.train.zero import configure_deepspeed, enable_deepspeed_on_cpu, whole_model_construction
 
 log = logging.getLogger(__name__)
@@ -252,7 +258,7 @@ class TrainingRun:
                     "first_eval": first_eval,
                     "last_eval": last_eval,
                 },
-                model=accelerator.unwrap_model(model),
+                model=unwrap_model(accelerator, model),
             )
 
         with StopOnSignals() as stop:
@@ -415,11 +421,12 @@ class TrainingRun:
         # run's last step, just before the process group is destroyed, once left a process hanging.
         self.memory = self.memory_per_process()
         self.accelerator.wait_for_everyone()
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrap_model(self.accelerator, model)
         replica = self._replicas.get(id(model))
         if replica is not None:  # sharded (FSDP): gathered once, into a plain module on the main process
             unwrapped = gathered_copy(unwrapped, replica, self.accelerator)
         if self.is_main:
+            return_free_heap_to_the_os()
             with whole_model_construction(self.accelerator):
                 self._write_final_model(part(unwrapped) if part else unwrapped, tokenizer, final, save_fn)
         self.accelerator.wait_for_everyone()

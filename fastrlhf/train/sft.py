@@ -21,6 +21,7 @@ from fastrlhf.models.policy import CausalLMPolicy, require_plain_logits
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader, split_texts
 from fastrlhf.train.run import TrainingRun, evaluating
+from fastrlhf.train.unwrap import unwrap_model
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ def train_sft(config: SFTConfig) -> dict:
         if not eval_seqs:
             return {}
         total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        model = accelerator.unwrap_model(policy)
+        model = unwrap_model(accelerator, policy)
         with evaluating(model):
             for batch in eval_loader:
                 batch = send_to_device(batch, run.device)
@@ -108,7 +109,7 @@ def train_sft(config: SFTConfig) -> dict:
         desc="sft",
     )
     model_dir = run.save_model(policy, tokenizer)
-    trainable, total = trainable_parameters(accelerator.unwrap_model(policy))
+    trainable, total = trainable_parameters(unwrap_model(accelerator, policy))
     summary = {
         "task": "sft",
         "model_dir": str(model_dir),

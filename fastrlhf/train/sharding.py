@@ -61,25 +61,45 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
+def _libc():
+    """The C library, loaded with ctypes, or None where it cannot be found."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def release_freed_memory_to_the_os() -> bool:
     """Pin glibc's mmap threshold at 128 KiB, so every large block is its own mapping and goes back to
     the OS when freed; returns whether it was set. Without it glibc raises the threshold to the size of
     each large block freed, and FSDP's per-unit gather buffers, once freed, stay in the heap: measured on
     a 58M-parameter Llama (2 processes, AdamW), FSDP2's peak resident set was then no lower than DDP's.
     A user's own ``MALLOC_MMAP_THRESHOLD_`` is left alone."""
-    import ctypes
-    import ctypes.util
-
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
+    libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):  # not glibc (musl, macOS): nothing to pin
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def return_free_heap_to_the_os() -> bool:
+    """``malloc_trim(0)``: hand the pages glibc's heap holds free back to the OS; returns whether it ran.
+
+    Training frees its activations and rollout buffers into the heap, and glibc keeps those pages. Called
+    before a one-off large allocation (the final model's serialisation), it keeps that allocation from
+    landing on top of them: measured on the 2-core CPU machine (tiny Llama V=32000, PPO, separate
+    models), the final save otherwise set the run's peak resident set, 15-35 MiB above training's.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):  # not glibc: nothing to trim
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def meta_replica(model: nn.Module, leave_out: tuple = ()) -> nn.Module:

@@ -28,6 +28,7 @@ from fastrlhf.data.batching import model_inputs, pad_batch
 from fastrlhf.models.policy import target_logprobs
 from fastrlhf.train.guards import NonFiniteGuard, clip_and_check
 from fastrlhf.train.rollout import Rollout, micro_batches, select_rows
+from fastrlhf.train.unwrap import unwrap_model
 from fastrlhf.train.zero import gradient_sync
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def ppo_update(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None and finite:
-                ema.update(accelerator.unwrap_model(model).policy_lm)
+                ema.update(unwrap_model(accelerator, model).policy_lm)
     return stats, first_epoch_approx_kl, grad_norm
 
 
@@ -113,7 +114,7 @@ def backward_micro_batch(
     critic's forward: the two trunks' saved activations never coexist, which lowers the step's peak memory
     by one trunk's activations. The gradients are the same: the two losses share no parameter.
     """
-    actor_critic = accelerator.unwrap_model(model)
+    actor_critic = unwrap_model(accelerator, model)
     keep = micro["mask"]
     ones = torch.ones(int(keep.sum()), dtype=torch.bool, device=keep.device)
     split = backpropagates_parts_apart(accelerator, actor_critic)
