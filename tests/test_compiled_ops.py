@@ -610,3 +610,8 @@ def test_a_number_given_as_a_str_is_read_as_that_number_on_every_path():
     want = kl_penalty(x, y, estimator="k3", clamp=0.5, backend="torch")
     for backend in ("torch", "auto", "cpp"):
         assert_close_fp32(backend, kl_penalty(x, y, estimator="k3", clamp="0.5", backend=backend), want)
+    scores, values, mask = torch.randn(2), torch.randn(2, 3), torch.ones(2, 3)
+    want = compute_advantages(scores, x, y, values, mask, 0.1, "k3", kl_clamp=0.5, backend="torch")
+    for backend in ("torch", "auto", "cpp"):
+        got = compute_advantages(scores, x, y, values, mask, "0.1", "k3", kl_clamp="0.5", backend=backend)
+        assert_close_fp32(backend, got.advantages, want.advantages)

@@ -68,22 +68,8 @@ def compute_advantages(
     """
     if runs_compiled_op(backend, scores, logprobs, ref_logprobs, values, mask):
         try:
-            return Advantages(
-                *_COMPUTE_ADVANTAGES(
-                    scores,
-                    logprobs,
-                    ref_logprobs,
-                    values,
-                    mask,
-                    kl_coef,
-                    estimator,
-                    gamma,
-                    lam,
-                    score_clip,
-                    whiten,
-                    kl_clamp,
-                )
-            )
+            args = (kl_coef, estimator, gamma, lam, score_clip, whiten, kl_clamp)
+            return Advantages(*_COMPUTE_ADVANTAGES(scores, logprobs, ref_logprobs, values, mask, *args))
         except TypeError:  # an argument of a type the schema does not take: the checks below name it
             pass
     check_tensor("scores", scores, FLOAT_DTYPES)
@@ -100,26 +86,15 @@ def compute_advantages(
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     code = check_estimator(estimator)
     clamp_value = check_clamp(kl_clamp, "kl_clamp")
+    kl_clamp = None if kl_clamp is None else clamp_value  # a number given as a str goes on as a float
     gamma = check_discount("gamma", gamma)
     lam = check_discount("lam", lam)
     clip = None if score_clip is None else check_clamp(score_clip, "score_clip")
 
     chosen = pick_backend(backend, device, dict(values=values), fp32_copies=True)
     if chosen in COMPILED_OP_BACKENDS.values():
-        out = _COMPUTE_ADVANTAGES(
-            scores,
-            logprobs,
-            ref_logprobs,
-            values,
-            mask,
-            kl_coef,
-            estimator,
-            gamma,
-            lam,
-            clip,
-            bool(whiten),
-            None if kl_clamp is None else clamp_value,
-        )
+        args = (kl_coef, estimator, gamma, lam, clip, bool(whiten), kl_clamp)
+        out = _COMPUTE_ADVANTAGES(scores, logprobs, ref_logprobs, values, mask, *args)
         return Advantages(*out)
     if clip is not None:
         scores = scores.clamp(-clip, clip)
