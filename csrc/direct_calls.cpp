@@ -72,6 +72,14 @@ void define_direct_calls(py::module_& m) {
       m, "gather_logprobs", "torch.ops.fastrlhf.gather_logprobs without the Python argument parsing.",
       arg("logits"), arg("labels"), arg("temperature"), arg("ignore_index"), arg("return_entropy"),
       arg("inplace_backward"));
+  DirectCall<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const MaybeTensor&, const MaybeTensor&, double,
+      MaybeDouble, MaybeDouble, double, string_view, double, string_view)>::
+      define(m, "ppo_policy_loss", "torch.ops.fastrlhf.ppo_policy_loss without the Python argument parsing.",
+             arg("logprobs"), arg("old_logprobs"), arg("advantages"), arg("mask"), arg("ref_logprobs").none(true),
+             arg("entropy").none(true), arg("clip_eps"), arg("clip_eps_high").none(true),
+             arg("dual_clip").none(true), arg("kl_coef"), arg("kl_estimator"), arg("entropy_coef"),
+             arg("loss_agg"));
 }
 
 }  // namespace fastrlhf

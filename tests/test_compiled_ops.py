@@ -1,5 +1,5 @@
 """The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss``,
-``gather_logprobs``, ``gae``, ``compute_advantages`` and ``group_advantages``):
+``gather_logprobs``, ``gae``, ``compute_advantages``, ``group_advantages`` and ``ppo_policy_loss``):
 their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
 reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
 not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
@@ -17,6 +17,7 @@ from fastrlhf.ops import (
     gather_logprobs,
     group_advantages,
     kl_penalty,
+    ppo_policy_loss,
     ranking_loss,
     reference,
 )
@@ -326,6 +327,58 @@ def test_ranking_errors_read_the_same_on_the_cpp_and_torch_paths(case):
     assert _message(lambda: RANKING_BAD_CALLS[case](rewards, ranks, "auto")) == expected
 
 
+PPO_BAD_CALLS = {
+    "clip_eps": lambda x, m, b: ppo_policy_loss(x, x, x, m, clip_eps=1.0, backend=b),
+    "clip_eps not positive": lambda x, m, b: ppo_policy_loss(x, x, x, m, clip_eps=-0.1, backend=b),
+    "clip_eps_high": lambda x, m, b: ppo_policy_loss(x, x, x, m, clip_eps_high=float("inf"), backend=b),
+    "dual_clip": lambda x, m, b: ppo_policy_loss(x, x, x, m, dual_clip=1.0, backend=b),
+    "kl_coef": lambda x, m, b: ppo_policy_loss(x, x, x, m, kl_coef=float("inf"), backend=b),
+    "entropy_coef": lambda x, m, b: ppo_policy_loss(x, x, x, m, entropy_coef=float("nan"), backend=b),
+    "estimator": lambda x, m, b: ppo_policy_loss(x, x, x, m, kl_estimator="k4", backend=b),
+    "loss_agg": lambda x, m, b: ppo_policy_loss(x, x, x, m, loss_agg="sum", backend=b),
+    "seq-mean of 1-D": lambda x, m, b: ppo_policy_loss(
+        x[0], x[0], x[0], m[0], loss_agg="seq-mean-token-mean", backend=b
+    ),
+    "shape": lambda x, m, b: ppo_policy_loss(x, x, x[:, :2], m, backend=b),
+    "mask shape": lambda x, m, b: ppo_policy_loss(x, x, x, m[:1], backend=b),
+    "entropy shape": lambda x, m, b: ppo_policy_loss(x, x, x, m, entropy=x.T, backend=b),
+    "mask values": lambda x, m, b: ppo_policy_loss(x, x, x, torch.full((2, 3), 2), backend=b),
+    "dtype": lambda x, m, b: ppo_policy_loss(x.long(), x, x, m, backend=b),
+    "device": lambda x, m, b: ppo_policy_loss(x, x.to("meta"), x, m, backend=b),
+    # arguments of a type the op's schema does not take: the Python checks name them
+    "estimator not a str": lambda x, m, b: ppo_policy_loss(x, x, x, m, kl_estimator=3, backend=b),
+    "clip_eps not a number": lambda x, m, b: ppo_policy_loss(x, x, x, m, clip_eps="wide", backend=b),
+}
+
+
+@pytest.mark.parametrize("case", list(PPO_BAD_CALLS))
+def test_ppo_policy_loss_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    x, mask = -torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    expected = _message(lambda: PPO_BAD_CALLS[case](x, mask, "torch"))
+    assert _message(lambda: PPO_BAD_CALLS[case](x, mask, "auto")) == expected
+
+
+def test_ppo_policy_loss_does_not_depend_on_the_thread_count():
+    n_rows, length = 9, 5000  # token-mean: three segments; seq-mean: nine rows
+    old = -torch.rand(n_rows, length) * 3
+    new = (old + torch.randn(n_rows, length) * 0.3).requires_grad_(True)
+    adv, mask = torch.randn(n_rows, length), torch.rand(n_rows, length) < 0.8
+    threads = torch.get_num_threads()
+    try:
+        for agg in ("token-mean", "seq-mean-token-mean"):
+            runs = []
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                new.grad = None
+                out = ppo_policy_loss(new, old, adv, mask, kl_coef=0.0, loss_agg=agg)
+                out.loss.backward()
+                runs.append((out.loss, out.clip_fraction, out.approx_kl, new.grad.clone()))
+            for got, want in zip(*runs, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _kl_reference(logp, ref, mask, estimator, reduction):
     a = logp.detach().double().requires_grad_(True)
     b = ref.detach().double().requires_grad_(True)
@@ -433,6 +486,34 @@ def test_opcheck_kl_penalty(backend, device):
             torch.library.opcheck(
                 torch.ops.fastrlhf.kl_penalty_backward.default,
                 (grad, logp.detach(), ref.detach(), m, normalizer, "k3", clamp, reduction, True),
+                test_utils=("test_schema", "test_faketensor"),
+            )
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_ppo_policy_loss(backend, device):
+    logp = -torch.rand(4, 13, device=device, requires_grad=True)
+    old, ref = -torch.rand(4, 13, device=device), -torch.rand(4, 13, device=device)
+    adv, mask = torch.randn(4, 13, device=device), torch.rand(4, 13, device=device) > 0.3
+    entropy = torch.rand(4, 13, device=device, requires_grad=True)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        for r, e, dual in ((ref, entropy, 3.0), (None, None, None)):
+            args = (logp, old, adv, mask, r, e, 0.2, 0.28, dual, 0.05, "k3", 0.01, agg)
+            torch.library.opcheck(torch.ops.fastrlhf.ppo_policy_loss.default, args, test_utils=OPCHECK_UTILS)
+            row_weight = torch.ops.fastrlhf.ppo_policy_loss(*args)[5]
+            torch.library.opcheck(
+                torch.ops.fastrlhf.ppo_policy_loss_backward.default,
+                (
+                    torch.tensor(1.5, device=device),
+                    logp.detach(),
+                    old,
+                    adv,
+                    mask,
+                    r,
+                    e,
+                    row_weight,
+                    *args[6:],
+                ),
                 test_utils=("test_schema", "test_faketensor"),
             )
 
@@ -561,6 +642,21 @@ def _direct_call_args():
         "group_advantages": (torch.randn(2, 3), torch.rand(2, 3, 4) > 0.2, "rloo", 1.0, 1e-6, True),
         "kl_penalty": (logp, ref, mask, "k3", 5.0, "seq-mean"),
         "ranking_loss": (torch.randn(3, 4, requires_grad=True), torch.randint(1, 4, (3, 4)), None, 0.5),
+        "ppo_policy_loss": (
+            logp,
+            ref,
+            torch.randn(3, 5),
+            mask,
+            ref + 0.1,
+            torch.rand(3, 5, requires_grad=True),
+            0.2,
+            None,
+            3.0,
+            0.1,
+            "k2",
+            0.01,
+            "seq-mean-token-mean",
+        ),
         "gather_logprobs": (
             torch.randn(4, 7, requires_grad=True),
             torch.randint(0, 7, (4,)),

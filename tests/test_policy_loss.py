@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import cpu_backends, op_targets
 from loops import eager_logprobs_from_hidden, eager_ppo_policy_loss, eager_value_loss
 from numerics import assert_close_fp32, assert_within_2x
 
@@ -72,17 +72,32 @@ def rollout(batch, length, spread=0.4):
 
 # --------------------------------------------------------------------------------- from log-probs
 
+# The log-prob form runs on the reference and on the C++ / CUDA op (it has no Triton kernel).
+LOGPROB_TARGETS = [p for p in op_targets() if p.values[0] in ("torch", "cpp", "cuda")]
 
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_logprob_form_matches_eager_float64(cfg):
+def test_logprob_form_matches_eager_float64(cfg, backend, device):
     batch, length = 6, 13
     old, adv, mask, ref = rollout(batch, length)
     # New log-probs spread around the old ones so some ratios clip on each side.
     new = old + torch.randn(batch, length) * 0.3
     entropy = torch.rand(batch, length) * 3
-    lp = new.clone().requires_grad_(True)
-    ent = entropy.clone().requires_grad_(True)
-    result = ppo_policy_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, **op_kwargs(cfg))
+    lp = new.clone().to(device).requires_grad_(True)
+    ent = entropy.clone().to(device).requires_grad_(True)
+    result = ppo_policy_loss(
+        lp,
+        *on(device, old, adv, mask),
+        ref_logprobs=ref.to(device),
+        entropy=ent,
+        backend=backend,
+        **op_kwargs(cfg),
+    )
     result.loss.backward()
 
     lp64 = new.double().requires_grad_(True)
@@ -112,41 +127,163 @@ def test_logprob_form_matches_eager_float64(cfg):
     assert_close_fp32("mean entropy", result.entropy, (entropy.double() * m).sum() / m.sum())
 
 
-def test_garbage_in_padding_is_ignored():
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+def test_garbage_in_padding_is_ignored(backend, device):
     """Padded positions may hold inf/NaN (e.g. unfilled buffers): the loss and gradient stay finite."""
     old, adv, mask, ref = rollout(4, 9)
     new = old + 0.1 * torch.randn(4, 9)
-    for t in (old, adv, ref):
+    entropy = torch.rand(4, 9)
+    for t in (old, adv, ref, entropy):
         t[~mask] = float("nan")
     old[~mask & (torch.rand(4, 9) < 0.5)] = float("inf")
-    lp = new.clone().requires_grad_(True)
-    result = ppo_policy_loss(lp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+    lp = new.clone().to(device).requires_grad_(True)
+    ent = entropy.to(device).requires_grad_(True)
+    result = ppo_policy_loss(
+        lp,
+        *on(device, old, adv, mask),
+        ref_logprobs=ref.to(device),
+        entropy=ent,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        backend=backend,
+    )
     result.loss.backward()
     for name, value in result._asdict().items():
         assert value is None or torch.isfinite(value).all(), name
-    assert torch.isfinite(lp.grad).all() and torch.all(lp.grad[~mask] == 0)
+    assert torch.isfinite(lp.grad).all() and torch.all(lp.grad[~mask.to(device)] == 0)
+    assert torch.isfinite(ent.grad).all() and torch.all(ent.grad[~mask.to(device)] == 0)
 
 
-def test_no_valid_token_gives_zero_loss():
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+def test_a_nan_on_a_valid_token_is_not_hidden(backend, device):
+    old, adv, mask, _ = rollout(3, 6)
+    new = old.clone()
+    new[0, 0] = float("nan")
+    assert mask[0, 0]
+    result = ppo_policy_loss(*on(device, new, old, adv, mask), backend=backend)
+    assert torch.isnan(result.loss) and torch.isnan(result.approx_kl)
+
+
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+def test_no_valid_token_gives_zero_loss(backend, device):
     old, adv, _, _ = rollout(3, 5)
-    lp = old.clone().requires_grad_(True)
+    lp = old.clone().to(device).requires_grad_(True)
     for agg in ("token-mean", "seq-mean-token-mean"):
-        result = ppo_policy_loss(lp, old, adv, torch.zeros(3, 5, dtype=torch.bool), loss_agg=agg)
+        empty = torch.zeros(3, 5, dtype=torch.bool, device=device)
+        result = ppo_policy_loss(lp, *on(device, old, adv), empty, loss_agg=agg, backend=backend)
         assert float(result.loss) == 0.0 and float(result.clip_fraction) == 0.0
         result.loss.backward()
         assert torch.all(lp.grad == 0)
+    # Sequences of length 0: nothing to average, and nothing to differentiate.
+    nothing = torch.empty(3, 0, device=device)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        lp = nothing.clone().requires_grad_(True)
+        result = ppo_policy_loss(lp, nothing, nothing, nothing.bool(), loss_agg=agg, backend=backend)
+        assert float(result.loss) == 0.0 and float(result.approx_kl) == 0.0
+        result.loss.backward()
+        assert lp.grad.shape == (3, 0)
 
 
-def test_extreme_log_ratios_stay_finite():
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+def test_extreme_log_ratios_stay_finite(backend, device):
     old, adv, mask, _ = rollout(3, 8)
     new = old.clone()
     new[0, :3] = old[0, :3] + 80.0  # ratio e^80 before the cap
     new[1, :3] = old[1, :3] - 80.0
     adv[0, 1] = 0.0
-    lp = new.clone().requires_grad_(True)
-    result = ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0)
+    lp = new.clone().to(device).requires_grad_(True)
+    result = ppo_policy_loss(lp, *on(device, old, adv, mask), dual_clip=3.0, backend=backend)
     result.loss.backward()
     assert torch.isfinite(result.loss) and torch.isfinite(lp.grad).all()
+    want = ppo_policy_loss(new.double().requires_grad_(True), old.double(), adv.double(), mask, dual_clip=3.0)
+    want.loss.backward()
+    assert_close_fp32("loss", result.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_ties_get_autograds_split(backend, device, loss_agg):
+    """On-policy (ratio exactly 1) the clipped and unclipped terms tie on every token, and torch's max
+    sends half the gradient each way (the clamp passes its half). The op's formula gives the float64
+    reference's gradient there, with and without the dual clip."""
+    old, adv, mask, _ = rollout(5, 7)
+    new = old.clone()
+    cases = []
+    for dual in (None, 2.0):
+        lp = new.clone().to(device).requires_grad_(True)
+        got = ppo_policy_loss(
+            lp, *on(device, old, adv, mask), dual_clip=dual, loss_agg=loss_agg, backend=backend
+        )
+        got.loss.backward()
+        lp64 = new.double().requires_grad_(True)
+        want = ppo_policy_loss(lp64, old.double(), adv.double(), mask, dual_clip=dual, loss_agg=loss_agg)
+        want.loss.backward()
+        cases.append((got, lp.grad, want, lp64.grad))
+    for got, grad, want, grad64 in cases:
+        assert float(got.clip_fraction) == 0.0 and float(got.approx_kl) == 0.0
+        assert_close_fp32("loss", got.loss, want.loss, rtol=1e-6, atol=1e-7)
+        assert_close_fp32("grad", grad, grad64, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+def test_many_segments_and_threads_against_float64(backend, device):
+    """More tokens than one kernel row holds (token-mean sums fixed segments of 16384 in parallel)."""
+    n = 40_000 + 17
+    old = -torch.rand(n) * 5
+    new = old + torch.randn(n) * 0.3
+    adv = torch.randn(n)
+    mask = torch.rand(n) < 0.9
+    ref = old + torch.randn(n) * 0.2
+    kwargs = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, kl_estimator="k3")
+    lp = new.clone().to(device).requires_grad_(True)
+    got = ppo_policy_loss(
+        lp, *on(device, old, adv, mask), ref_logprobs=ref.to(device), backend=backend, **kwargs
+    )
+    got.loss.backward()
+    lp64 = new.double().requires_grad_(True)
+    want = ppo_policy_loss(lp64, old.double(), adv.double(), mask, ref_logprobs=ref.double(), **kwargs)
+    want.loss.backward()
+    for name in ("loss", "clip_fraction", "approx_kl", "ref_kl"):
+        assert_close_fp32(name, getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-7)
+    assert_close_fp32("grad", lp.grad, lp64.grad, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_within_2x_of_torch(backend, device, dtype):
+    old, adv, mask, ref = rollout(8, 33)
+    new = old + torch.randn(8, 33) * 0.3
+    kwargs = dict(clip_eps=0.2, kl_coef=0.1, kl_estimator="k2", loss_agg="seq-mean-token-mean")
+    low = [t.to(dtype) for t in (new, old, adv, ref)]
+    lp = low[0].detach().clone().to(device).requires_grad_(True)
+    got = ppo_policy_loss(
+        lp, *on(device, low[1], low[2], mask), ref_logprobs=low[3].to(device), backend=backend, **kwargs
+    )
+    got.loss.backward()
+    assert lp.grad.dtype == dtype
+    # The torch reference run in that dtype's inputs, and float64 on the same rounded inputs' originals.
+    lp_t = low[0].detach().clone().requires_grad_(True)
+    torch_run = ppo_policy_loss(lp_t, low[1], low[2], mask, ref_logprobs=low[3], backend="torch", **kwargs)
+    torch_run.loss.backward()
+    lp64 = new.double().requires_grad_(True)
+    want = ppo_policy_loss(lp64, old.double(), adv.double(), mask, ref_logprobs=ref.double(), **kwargs)
+    want.loss.backward()
+    assert_within_2x("loss", got.loss.cpu(), want.loss, torch_run.loss)
+    assert_within_2x("grad", lp.grad.cpu(), lp64.grad, lp_t.grad)
+
+
+def test_the_log_prob_form_has_no_triton_backend():
+    old, adv, mask, _ = rollout(2, 4)
+    with pytest.raises(ValueError, match="no triton implementation"):
+        ppo_policy_loss(old, old, adv, mask, backend="triton")
+
+
+def test_a_backend_preference_the_op_lacks_falls_back_to_its_auto_order(monkeypatch):
+    old, adv, mask, _ = rollout(2, 4)
+    want = ppo_policy_loss(old.clone(), old, adv, mask)
+    monkeypatch.setenv("FASTRLHF_BACKEND", "triton")
+    got = ppo_policy_loss(old.clone(), old, adv, mask)
+    assert_close_fp32("loss", got.loss, want.loss)
 
 
 # --------------------------------------------------------------------------------- fused from hidden

@@ -117,4 +117,8 @@ void few_row_linear_forward(const FewRowLinearParams& p) {
   FASTRLHF_CPU_DISPATCH(few_row_linear_forward_kernel, p)
 }
 
+void ppo_loss_forward(const PPOLossForwardParams& p) { FASTRLHF_CPU_DISPATCH(ppo_loss_forward_kernel, p) }
+
+void ppo_loss_backward(const PPOLossBackwardParams& p) { FASTRLHF_CPU_DISPATCH(ppo_loss_backward_kernel, p) }
+
 }  // namespace fastrlhf::cpu

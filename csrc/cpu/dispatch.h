@@ -6,6 +6,7 @@
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/masked_whiten_params.h"
+#include "common/ppo_loss_params.h"
 #include "common/ranking_loss_params.h"
 #include "common/few_row_linear_params.h"
 #include "common/sample_params.h"
@@ -31,5 +32,7 @@ void ranking_loss_forward(const RankingLossForwardParams& p);
 void sample_forward(const SampleParams& p);
 void few_row_linear_pack(const FewRowPackParams& p);
 void few_row_linear_forward(const FewRowLinearParams& p);
+void ppo_loss_forward(const PPOLossForwardParams& p);
+void ppo_loss_backward(const PPOLossBackwardParams& p);
 
 }  // namespace fastrlhf::cpu

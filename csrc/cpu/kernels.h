@@ -11,6 +11,7 @@
 #include "common/group_advantages_params.h"
 #include "common/kl_penalty_params.h"
 #include "common/masked_whiten_params.h"
+#include "common/ppo_loss_params.h"
 #include "common/ranking_loss_params.h"
 #include "common/sample_params.h"
 
@@ -27,4 +28,6 @@
   void ranking_loss_forward_kernel(const ::fastrlhf::RankingLossForwardParams& p);         \
   void sample_forward_kernel(const ::fastrlhf::SampleParams& p);                          \
   void few_row_linear_pack_kernel(const ::fastrlhf::FewRowPackParams& p);                 \
-  void few_row_linear_forward_kernel(const ::fastrlhf::FewRowLinearParams& p);
+  void few_row_linear_forward_kernel(const ::fastrlhf::FewRowLinearParams& p);            \
+  void ppo_loss_forward_kernel(const ::fastrlhf::PPOLossForwardParams& p);                \
+  void ppo_loss_backward_kernel(const ::fastrlhf::PPOLossBackwardParams& p);

@@ -11,6 +11,7 @@
 #include "cuda/gather_logprobs.h"
 #include "cuda/group_advantages.h"
 #include "cuda/kl_penalty.h"
+#include "cuda/ppo_loss.h"
 #include "cuda/ranking_loss.h"
 #include "cuda/sample.h"
 #include "tensor_params.h"
@@ -119,6 +120,18 @@ void sample_forward(const at::Tensor& logits, const at::Tensor& uniforms, double
   C10_CUDA_CHECK(launch_sample(
       make_sample_params(logits, uniforms, inv_temperature, top_k, top_p, min_p, tokens, logprobs, entropy),
       at::cuda::getCurrentCUDAStream()));
+}
+
+void ppo_loss_forward(const PPOLossForwardParams& p, const at::Tensor& device_of) {
+  check_cuda(device_of);
+  const c10::cuda::CUDAGuard guard(device_of.device());
+  C10_CUDA_CHECK(launch_ppo_loss_forward(p, at::cuda::getCurrentCUDAStream()));
+}
+
+void ppo_loss_backward(const PPOLossBackwardParams& p, const at::Tensor& device_of) {
+  check_cuda(device_of);
+  const c10::cuda::CUDAGuard guard(device_of.device());
+  C10_CUDA_CHECK(launch_ppo_loss_backward(p, sm_count(), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace fastrlhf::cuda

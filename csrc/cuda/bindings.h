@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "common/ppo_loss_params.h"
+
 namespace fastrlhf::cuda {
 
 void gather_logprobs_forward(const at::Tensor& logits, const at::Tensor& labels, double inv_temperature,
@@ -43,5 +45,9 @@ void ranking_loss_backward(const at::Tensor& grad_prompt_loss, const at::Tensor&
 void sample_forward(const at::Tensor& logits, const at::Tensor& uniforms, double inv_temperature, int64_t top_k,
                     double top_p, double min_p, const at::Tensor& tokens, const at::Tensor& logprobs,
                     const at::Tensor& entropy);
+
+// Pointers already bound to CUDA tensors on `device_of`'s device (csrc/ppo_loss_op.cpp).
+void ppo_loss_forward(const PPOLossForwardParams& p, const at::Tensor& device_of);
+void ppo_loss_backward(const PPOLossBackwardParams& p, const at::Tensor& device_of);
 
 }  // namespace fastrlhf::cuda

@@ -135,7 +135,8 @@ def resolve_backend(backend: str, device: torch.device, op_backends: tuple[str, 
     """Pick the backend that runs an op on tensors of ``device``.
 
     ``op_backends`` lists the backends that implement this op. An explicit ``backend`` argument wins;
-    with ``"auto"``, ``FASTRLHF_BACKEND`` is used when set, else the auto order for the device.
+    with ``"auto"``, ``FASTRLHF_BACKEND`` is used when set, else the auto order for the device. The
+    variable is a preference for every op: an op without that backend takes its auto order.
     Raises ValueError naming the argument when the choice is unknown or cannot run on ``device``.
     """
     source = "backend"
@@ -145,6 +146,8 @@ def resolve_backend(backend: str, device: torch.device, op_backends: tuple[str, 
             backend, source = env, "FASTRLHF_BACKEND"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{source}={backend!r} is not one of {('auto',) + BACKENDS}")
+    if source == "FASTRLHF_BACKEND" and backend not in op_backends:
+        backend = "auto"
 
     runnable = _runnable_on(device.type)
     if backend == "auto":
@@ -230,7 +233,12 @@ def runs_compiled_op(backend: str, *inputs) -> bool:
 
 
 def pick_backend(
-    backend: str, device: torch.device, inputs: dict[str, torch.Tensor], *, fp32_copies: bool = False
+    backend: str,
+    device: torch.device,
+    inputs: dict[str, torch.Tensor],
+    *,
+    fp32_copies: bool = False,
+    op_backends: tuple[str, ...] = BACKENDS,
 ) -> str:
     """The backend that runs an op on ``inputs`` (named as the op's arguments), by one rule for every op.
 
@@ -239,12 +247,13 @@ def pick_backend(
     - otherwise ``resolve_backend`` picks (``FASTRLHF_BACKEND``, then the device's auto order);
     - a kernel backend reads ``KERNEL_DTYPES`` natively. An op that hands its kernels fp32 copies
       (``fp32_copies``: the advantage and ranking ops, whose inputs are small) takes any float dtype;
-      the others refuse the rest, naming the input.
+      the others refuse the rest, naming the input;
+    - ``op_backends``: the backends the op has (``resolve_backend``).
     Raises ValueError naming the argument when the choice cannot run these inputs.
     """
     if backend == "auto" and any(t.dtype == torch.float64 for t in inputs.values()):
         return "torch"
-    chosen = resolve_backend(backend, device)
+    chosen = resolve_backend(backend, device, op_backends)
     if chosen != "torch" and not fp32_copies:
         for name, tensor in inputs.items():
             if tensor.dtype not in KERNEL_DTYPES:

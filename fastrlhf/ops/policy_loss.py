@@ -1,7 +1,10 @@
 """PPO's clipped policy loss, from log-probs or fused with the hidden × lm_head product.
 
-``ppo_policy_loss`` takes ready-made log-probs: the per-token math is a handful of elementwise ops on
-``[B, T]`` (``reference.ppo_token_losses``), so it runs as plain torch with autograd.
+``ppo_policy_loss`` takes ready-made log-probs. On the cpp and cuda backends it is the TORCH_LIBRARY op
+``torch.ops.fastrlhf.ppo_policy_loss`` (csrc/ppo_loss_op.cpp): one pass over the tokens sums each row's
+loss and stats, the aggregation (token-mean or seq-mean-token-mean) and the stats' means are its
+epilogue, and the gradient is one more elementwise pass, all in C++. The torch backend is the reference
+(``reference.ppo_token_losses``), and takes float64.
 
 ``linear_ppo_policy_loss`` takes the last hidden states and the lm_head instead and never holds the
 ``[N, V]`` logits. Because the loss is a scalar whose per-token derivative is known as soon as a
@@ -19,6 +22,8 @@ import dataclasses
 import torch
 
 from fastrlhf.ops import reference
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._linear_chunks import LinearGrads, LinearHead, backward_chunk, chunk_bounds
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
@@ -34,6 +39,12 @@ from fastrlhf.ops.gather_logprobs import forward_kernel
 from fastrlhf.ops.kl_penalty import check_estimator
 from fastrlhf.ops.linear_logprobs import check_chunk_size, check_linear_inputs, kernel_backend
 from fastrlhf.ops.reference import LOSS_AGGREGATIONS, PolicyLossResult
+
+# The backends of ``ppo_policy_loss``: the reference and the C++/CUDA op (no Triton kernel: the loss is a
+# few flops per token read, and a TORCH_LIBRARY op is the cheapest call).
+POLICY_LOSS_BACKENDS = ("torch", "cpp", "cuda")
+
+_PPO_POLICY_LOSS = CompiledOp("ppo_policy_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +140,7 @@ def ppo_policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
+    backend: str = "auto",
 ) -> PolicyLossResult:
     """PPO's clipped surrogate loss from per-token log-probs.
 
@@ -147,9 +159,21 @@ def ppo_policy_loss(
             ``entropy_coef`` it is a bonus (subtracted), and its mean is reported either way.
         loss_agg: "token-mean" (every valid token weighs the same) or "seq-mean-token-mean" (each
             sequence's token mean, then the mean over sequences).
+        backend: "auto", "torch", "cpp" or "cuda" (see ``fastrlhf.ops``).
     Returns:
-        ``PolicyLossResult(loss, clip_fraction, approx_kl, entropy, ref_kl)``.
+        ``PolicyLossResult(loss, clip_fraction, approx_kl, entropy, ref_kl)``: float32 scalars (float64
+        for float64 input on the torch backend); the gradient flows to ``logprobs`` and ``entropy``.
     """
+    inputs = (logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy)
+    if runs_compiled_op(backend, *inputs):
+        try:
+            out = _PPO_POLICY_LOSS(
+                *inputs, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg
+            )
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
+        else:
+            return _compiled_result(out, entropy is not None, ref_logprobs is not None)
     options = check_loss_options(
         clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg
     )
@@ -173,6 +197,21 @@ def ppo_policy_loss(
         entropy=entropy,
     )
     mask_u8 = check_mask("mask", mask)
+    named = dict(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    named.update({k: v for k, v in dict(ref_logprobs=ref_logprobs, entropy=entropy).items() if v is not None})
+    chosen = pick_backend(backend, logprobs.device, named, op_backends=POLICY_LOSS_BACKENDS)
+    if chosen in COMPILED_OP_BACKENDS.values():
+        out = _PPO_POLICY_LOSS(
+            *inputs,
+            options.clip_eps_low,
+            options.clip_eps_high,
+            options.dual_clip,
+            options.kl_coef,
+            options.kl_estimator,
+            options.entropy_coef,
+            options.loss_agg,
+        )
+        return _compiled_result(out, entropy is not None, ref_logprobs is not None)
     return reference.ppo_policy_loss(
         logprobs,
         old_logprobs,
@@ -182,6 +221,13 @@ def ppo_policy_loss(
         entropy=entropy,
         entropy_coef=options.entropy_coef,
         **options.reference_kwargs(),
+    )
+
+
+def _compiled_result(out, has_entropy: bool, has_ref: bool) -> PolicyLossResult:
+    loss, clip_fraction, approx_kl, entropy, ref_kl, _row_weight = out
+    return PolicyLossResult(
+        loss, clip_fraction, approx_kl, entropy if has_entropy else None, ref_kl if has_ref else None
     )
 
 
@@ -283,9 +329,9 @@ def linear_ppo_policy_loss(
         _FusedConfig(1.0 / temperature, ignore_index, with_entropy, chunk_rows, chosen, options),
     )
     loss, logprobs, entropy = fused
-    # The stats come from the same per-token log-probs the loss saw, through the one definition.
+    # The stats come from the same per-token log-probs the loss saw, through the log-prob form of the op.
     with torch.no_grad():
-        stats = reference.ppo_policy_loss(
+        stats = ppo_policy_loss(
             logprobs.view(labels.shape),
             logprobs.view(labels.shape) if old_logprobs is None else old_logprobs,
             advantages,

@@ -7,3 +7,4 @@
 #include "../ranking_loss.cpp"
 #include "../sample.cpp"
 #include "../few_row_linear.cpp"
+#include "../ppo_loss.cpp"

@@ -9,3 +9,4 @@
 #include "../ranking_loss.cpp"
 #include "../sample.cpp"
 #include "../few_row_linear.cpp"
+#include "../ppo_loss.cpp"
