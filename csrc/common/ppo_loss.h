@@ -33,59 +33,64 @@ struct PPOLossOptions {
   bool has_entropy;
 };
 
+template <class T>
 struct PPOTokenStats {
-  float loss;
-  float clipped;    // 1 where the clipped surrogate is in force
-  float approx_kl;  // e^l - 1 - l
-  float ref_kl;     // KL(logp, ref); 0 without a reference
+  T loss;
+  T clipped;    // 1 where the clipped surrogate is in force
+  T approx_kl;  // e^l - 1 - l
+  T ref_kl;     // KL(logp, ref); 0 without a reference
 };
 
-FASTRLHF_HD float ppo_clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// The selects the loss needs, on top of common/kl.h's policy (ScalarPPOMath here; the SIMD one in
+// csrc/cpu/ppo_loss.cpp). Selects rather than branches: the signs of A and the clip decisions are data,
+// and a mispredicted branch costs more than the arithmetic of both sides.
+struct ScalarPPOMath : ScalarKLMath {
+  // x where a > b, else y (a NaN compares false).
+  static FASTRLHF_HD float where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
+  static FASTRLHF_HD float where_lt(float a, float b, float x, float y) { return a < b ? x : y; }
+  // d max(a, b) / da as torch's autograd takes it: 1 where a > b (or either is NaN), 1/2 at a tie, else 0.
+  static FASTRLHF_HD float max_share(float a, float b) { return a < b ? 0.0f : (a == b ? 0.5f : 1.0f); }
+};
 
-// d max(a, b) / da as torch's autograd takes it: 1 where a > b (or either is NaN), 1/2 at a tie, else 0.
-FASTRLHF_HD float max_share(float a, float b) { return a < b ? 0.0f : (a == b ? 0.5f : 1.0f); }
-
-template <KLEstimator E>
-FASTRLHF_HD PPOTokenStats ppo_token_forward(float logp, float old, float adv, float ref, float entropy,
-                                            const PPOLossOptions& o) {
-  const float l = ppo_clamp(logp - old, -kLogRatioCap, kLogRatioCap);
-  const float r = expf(l);
-  const float unclipped = -adv * r;
-  const float clipped = -adv * ppo_clamp(r, o.ratio_low, o.ratio_high);
-  // Selects rather than branches: the signs of A and the clip decisions are data, and a mispredicted
-  // branch costs more than the arithmetic of both sides.
-  float pg = clipped > unclipped ? clipped : unclipped;  // a NaN in unclipped stays
-  const float cap = -adv * o.dual_clip;
-  const float capped = cap < pg ? cap : pg;
-  pg = adv < 0.0f ? capped : pg;  // dual_clip = +inf caps nothing
-  PPOTokenStats s;
-  s.ref_kl = o.has_ref ? kl_estimate<ScalarKLMath, E>(logp - ref) : 0.0f;
-  if (o.has_ref && o.kl_coef != 0.0f) pg += o.kl_coef * s.ref_kl;
-  if (o.has_entropy && o.entropy_coef != 0.0f) pg -= o.entropy_coef * entropy;
+template <class Math, KLEstimator E, class T>
+FASTRLHF_HD PPOTokenStats<T> ppo_token_forward(const T& logp, const T& old, const T& adv, const T& ref,
+                                               const T& entropy, const PPOLossOptions& o) {
+  const T l = Math::clamp(logp - old, T(-kLogRatioCap), T(kLogRatioCap));
+  const T r = Math::exp(l);
+  const T unclipped = T(0.0f) - adv * r;
+  const T clipped = T(0.0f) - adv * Math::clamp(r, T(o.ratio_low), T(o.ratio_high));
+  T pg = Math::where_gt(clipped, unclipped, clipped, unclipped);  // a NaN in unclipped stays
+  const T cap = T(0.0f) - adv * T(o.dual_clip);
+  pg = Math::where_lt(adv, T(0.0f), Math::where_lt(cap, pg, cap, pg), pg);  // dual_clip = +inf caps nothing
+  PPOTokenStats<T> s;
+  s.ref_kl = o.has_ref ? kl_estimate<Math, E>(logp - ref) : T(0.0f);
+  if (o.has_ref && o.kl_coef != 0.0f) pg = pg + T(o.kl_coef) * s.ref_kl;
+  if (o.has_entropy && o.entropy_coef != 0.0f) pg = pg - T(o.entropy_coef) * entropy;
   s.loss = pg;
-  s.clipped = clipped > unclipped ? 1.0f : 0.0f;
+  s.clipped = Math::where_gt(clipped, unclipped, T(1.0f), T(0.0f));
   // e^l - 1 - l from r = e^l, or from its series near 0 where the subtraction cancels (common/kl.h):
-  // no expm1 call.
-  s.approx_kl = fabsf(l) < kK3SeriesBound ? k3_series(l) : (r - 1.0f) - l;
+  // no expm1.
+  s.approx_kl = Math::select_small(l, T(kK3SeriesBound), k3_series(l), (r - T(1.0f)) - l);
   return s;
 }
 
 // d loss / d logp of one valid token (the entropy's derivative is -entropy_coef, a constant).
-template <KLEstimator E>
-FASTRLHF_HD float ppo_token_grad(float logp, float old, float adv, float ref, const PPOLossOptions& o) {
-  const float d = logp - old;
-  const float l = ppo_clamp(d, -kLogRatioCap, kLogRatioCap);
-  const float r = expf(l);
-  const float unclipped = -adv * r;
-  const float clipped = -adv * ppo_clamp(r, o.ratio_low, o.ratio_high);
-  const float clip_pass = (r >= o.ratio_low && r <= o.ratio_high) ? 1.0f : 0.0f;
-  float d_pg = max_share(unclipped, clipped) * -adv + max_share(clipped, unclipped) * -adv * clip_pass;
+template <class Math, KLEstimator E, class T>
+FASTRLHF_HD T ppo_token_grad(const T& logp, const T& old, const T& adv, const T& ref, const PPOLossOptions& o) {
+  const T d = logp - old;
+  const T l = Math::clamp(d, T(-kLogRatioCap), T(kLogRatioCap));
+  const T r = Math::exp(l);
+  const T neg_adv = T(0.0f) - adv;
+  const T unclipped = neg_adv * r;
+  const T clipped = neg_adv * Math::clamp(r, T(o.ratio_low), T(o.ratio_high));
+  // A clamp passes the gradient on its closed range and gives exactly 0 outside it (not 0 times an inf).
+  T d_pg = Math::max_share(unclipped, clipped) * neg_adv +
+           Math::pass_within(r, T(o.ratio_low), T(o.ratio_high), Math::max_share(clipped, unclipped) * neg_adv);
   // d min(pg, cap) / d pg is d max(cap, pg) / d cap; with dual_clip = +inf the cap never binds.
-  const float pg = clipped > unclipped ? clipped : unclipped;
-  d_pg *= adv < 0.0f ? max_share(-adv * o.dual_clip, pg) : 1.0f;
-  const float ratio_pass = (d >= -kLogRatioCap && d <= kLogRatioCap) ? 1.0f : 0.0f;
-  float g = d_pg * r * ratio_pass;
-  if (o.has_ref && o.kl_coef != 0.0f) g += o.kl_coef * kl_estimate_grad<ScalarKLMath, E>(logp - ref);
+  const T pg = Math::where_gt(clipped, unclipped, clipped, unclipped);
+  d_pg = d_pg * Math::where_lt(adv, T(0.0f), Math::max_share(neg_adv * T(o.dual_clip), pg), T(1.0f));
+  T g = Math::pass_within(d, T(-kLogRatioCap), T(kLogRatioCap), d_pg * r);
+  if (o.has_ref && o.kl_coef != 0.0f) g = g + T(o.kl_coef) * kl_estimate_grad<Math, E>(logp - ref);
   return g;
 }
 

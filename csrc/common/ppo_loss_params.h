@@ -26,10 +26,10 @@ struct PPOLossTokens {
   PPOLossOptions options;
 };
 
-// Sums over each row's valid tokens, the forward's reduction epilogue reads them.
+// Sums over each row's valid tokens; the forward's reduction epilogue reads them.
 enum PPOLossSum : int { kLossSum = 0, kClippedSum = 1, kApproxKLSum = 2, kEntropySum = 3, kRefKLSum = 4, kSums = 5 };
 
-// Adds token i of t to its row's sums and valid-token count (the forward kernels' loop body).
+// Adds token i of t to its row's sums and valid-token count (the CUDA forward's loop body).
 template <KLEstimator E>
 FASTRLHF_HD void add_token(const PPOLossTokens& t, int64_t i, double (&sums)[kSums], int64_t& count) {
   // Padding may hold anything, NaN included: its results are computed and then selected away (a select,
@@ -37,8 +37,8 @@ FASTRLHF_HD void add_token(const PPOLossTokens& t, int64_t i, double (&sums)[kSu
   const bool valid = t.mask[i] != 0;
   const float ref = t.ref_logprobs != nullptr ? t.ref_logprobs[i] : 0.0f;
   const float entropy = t.entropy != nullptr ? t.entropy[i] : 0.0f;
-  const PPOTokenStats s =
-      ppo_token_forward<E>(t.logprobs[i], t.old_logprobs[i], t.advantages[i], ref, entropy, t.options);
+  const PPOTokenStats<float> s =
+      ppo_token_forward<ScalarPPOMath, E>(t.logprobs[i], t.old_logprobs[i], t.advantages[i], ref, entropy, t.options);
   sums[kLossSum] += valid ? s.loss : 0.0f;
   sums[kClippedSum] += valid ? s.clipped : 0.0f;
   sums[kApproxKLSum] += valid ? s.approx_kl : 0.0f;
@@ -47,11 +47,12 @@ FASTRLHF_HD void add_token(const PPOLossTokens& t, int64_t i, double (&sums)[kSu
   count += valid;
 }
 
-// scale · d loss / d logp of token i (0 where masked): the backward kernels' loop body.
+// scale · d loss / d logp of token i (0 where masked): the CUDA backward's loop body, and the CPU
+// backward's scalar tail.
 template <KLEstimator E>
 FASTRLHF_HD float token_grad(const PPOLossTokens& t, int64_t i, float scale) {
   const float ref = t.ref_logprobs != nullptr ? t.ref_logprobs[i] : 0.0f;
-  const float g = scale * ppo_token_grad<E>(t.logprobs[i], t.old_logprobs[i], t.advantages[i], ref, t.options);
+  const float g = scale * ppo_token_grad<ScalarPPOMath, E>(t.logprobs[i], t.old_logprobs[i], t.advantages[i], ref, t.options);
   return t.mask[i] ? g : 0.0f;  // a select: padding's NaN never reaches the output
 }
 
