@@ -71,6 +71,7 @@ gpu_tests() {
   FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE \
     tests/test_required_backends.py tests/test_backends.py tests/test_compile.py tests/test_ops_fuzz.py \
     tests/test_gather_logprobs.py tests/test_linear_logprobs.py tests/test_group_advantages.py \
+    tests/test_policy_loss.py tests/test_compiled_ops.py \
     -k "${GPU_CHECK_TESTS_K:-gpu or cuda or required or backends}"
 }
 
@@ -90,7 +91,8 @@ bench_models() {
 }
 
 bench_advantages() {
-  "$PYTHON" bench/run.py --device cuda --ops kl_penalty,ranking_loss,gae,compute_advantages,group_advantages \
+  "$PYTHON" bench/run.py --device cuda \
+    --ops kl_penalty,ranking_loss,gae,compute_advantages,group_advantages,ppo_logprob_loss \
     --modes fwd,full --providers eager,verl,fastrlhf --no-memory --csv "$RESULTS/bench.csv" \
     --plots-dir "$(mktemp -d)"
 }
