@@ -44,28 +44,34 @@ void check_optional_vector(const at::Tensor& t, const char* name, int64_t n, con
   if (t.defined() && t.numel() > 0) check_vector(t, name, n, at::kFloat, like);
 }
 
-// Every label is ignore_index or in [0, vocab): else a ValueError worded as the Python check words it
-// (ops/_validation.py::check_labels_in_range), which the CPU path leaves to this loop (no extra torch
-// ops per call). CPU tensors only: on a GPU the check would synchronise, and Python makes it there.
-void check_labels_in_range_cpu(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
-  const int64_t* label = labels.data_ptr<int64_t>();
-  int64_t count = 0;
-  int64_t first = 0;
-  for (int64_t i = 0; i < labels.numel(); ++i) {
-    if (label[i] != ignore_index && (label[i] < 0 || label[i] >= vocab)) {
-      if (count++ == 0) first = label[i];
-    }
-  }
-  TORCH_CHECK_VALUE(count == 0, "labels has ", count, " value(s) outside [0, ", vocab,
-                    ") that are not ignore_index=", ignore_index, " (first: ", first, ")");
-}
-
 void check_inv_temperature(double inv_temperature) {
   TORCH_CHECK(inv_temperature > 0.0 && std::isfinite(inv_temperature),
               "fastrlhf: inv_temperature must be finite and > 0, got ", inv_temperature);
 }
 
 }  // namespace
+
+void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  if (labels.numel() == 0 || labels.is_meta()) return;
+  int64_t count = 0;
+  int64_t first = 0;
+  if (labels.is_cpu()) {
+    // One pass with no torch ops: the CPU forward calls this on every call.
+    const at::Tensor flat = labels.scalar_type() == at::kLong ? labels.contiguous() : labels.to(at::kLong).contiguous();
+    const int64_t* label = flat.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      if (label[i] != ignore_index && (label[i] < 0 || label[i] >= vocab)) {
+        if (count++ == 0) first = label[i];
+      }
+    }
+  } else {
+    const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
+    count = bad.sum().item<int64_t>();
+    if (count > 0) first = labels.masked_select(bad)[0].item<int64_t>();
+  }
+  TORCH_CHECK_VALUE(count == 0, "labels has ", count, " value(s) outside [0, ", vocab,
+                    ") that are not ignore_index=", ignore_index, " (first: ", first, ")");
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at::Tensor& logits,
                                                                         const at::Tensor& labels,
@@ -86,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at:
   if (n == 0) return {logprobs, stats, entropy};
 
   if (logits.is_cpu()) {
-    check_labels_in_range_cpu(labels, logits.size(1), ignore_index);
+    check_labels_in_range(labels, logits.size(1), ignore_index);
     cpu::gather_logprobs_forward(
         make_forward_params(logits, labels, inv_temperature, ignore_index, logprobs, stats, entropy));
   } else if (logits.is_cuda()) {

@@ -18,6 +18,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at:
                                                                         int64_t ignore_index,
                                                                         bool with_entropy);
 
+// Every label is ignore_index or in [0, vocab), else a ValueError worded as ops/_validation.py's
+// check_labels_in_range. CPU tensors: one loop; other devices: a reduction and a device-to-host read (a
+// sync). Meta tensors have no values to check.
+void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index);
+
 // Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy are
 // undefined or [0]-sized when the entropy has no gradient.
 void gather_logprobs_backward(const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy,

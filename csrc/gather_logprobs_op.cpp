@@ -33,18 +33,6 @@ struct GatherCall {
   double inv_temperature;
 };
 
-// Every label is ignore_index or in [0, V), worded as ops/_validation.py::check_labels_in_range. The CPU
-// kernel checks in its own loop; a CUDA tensor needs a reduction (and a sync), as the Python path does.
-void check_labels_on_device(const Tensor& labels, int64_t vocab, int64_t ignore_index) {
-  if (labels.numel() == 0 || labels.is_cpu() || labels.is_meta()) return;
-  const Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
-  const int64_t count = bad.sum().item<int64_t>();
-  if (count == 0) return;
-  const int64_t first = labels.masked_select(bad)[0].item<int64_t>();
-  TORCH_CHECK_VALUE(false, "labels has ", count, " value(s) outside [0, ", vocab, ") that are not ignore_index=",
-                    ignore_index, " (first: ", first, ")");
-}
-
 GatherCall prepare(const Tensor& logits, const Tensor& labels, double temperature, int64_t ignore_index,
                    bool check_labels) {
   op_checks::check_float(logits, "logits");
@@ -65,7 +53,8 @@ GatherCall prepare(const Tensor& logits, const Tensor& labels, double temperatur
   call.labels = labels.reshape({-1}).to(at::kLong).contiguous();
   call.lead = lead.vec();
   call.inv_temperature = 1.0 / temperature;
-  if (check_labels) check_labels_on_device(call.labels, vocab, ignore_index);
+  // The CPU kernel checks the labels in its own loop; a CUDA tensor needs the reduction (and a sync).
+  if (check_labels && !call.labels.is_cpu()) check_labels_in_range(call.labels, vocab, ignore_index);
   return call;
 }
 

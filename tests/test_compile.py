@@ -1,6 +1,7 @@
-"""gather_logprobs and linear_logprobs are torch.library custom ops: torch.compile traces them with no
-graph break, on the C++ backend on the CPU and on every GPU backend, and opcheck finds their schema, fake
-and autograd registrations consistent on each device."""
+"""gather_logprobs and linear_logprobs are ops torch.compile traces with no graph break (TORCH_LIBRARY ops
+on the C++ / CUDA backends, torch.library custom ops on Triton), on the C++ backend on the CPU and on every
+GPU backend, and opcheck finds the Python custom ops' schema, fake and autograd registrations consistent
+on each device."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss``,
-``gather_logprobs``, ``gae``, ``compute_advantages``, ``group_advantages`` and ``ppo_policy_loss``):
+``gather_logprobs``, ``linear_logprobs``, ``gae``, ``compute_advantages``, ``group_advantages`` and
+``ppo_policy_loss``):
 their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
 reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
 not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
@@ -17,6 +18,7 @@ from fastrlhf.ops import (
     gather_logprobs,
     group_advantages,
     kl_penalty,
+    linear_logprobs,
     ppo_policy_loss,
     ranking_loss,
     reference,
@@ -80,6 +82,30 @@ GATHER_BAD_CALLS = {
     "label range": lambda x, y, b: gather_logprobs(x, y.clone().fill_(10), backend=b),
     "device": lambda x, y, b: gather_logprobs(x, y.to("meta"), backend=b),
     "temperature not a number": lambda x, y, b: gather_logprobs(x, y, temperature="hot", backend=b),
+}
+
+LINEAR_BAD_CALLS = {
+    "hidden dtype": lambda x, w, y, bias, b: linear_logprobs(x.long(), w, y, backend=b),
+    "weight dtype": lambda x, w, y, bias, b: linear_logprobs(x, w.double(), y, backend=b),
+    "labels dtype": lambda x, w, y, bias, b: linear_logprobs(x, w, y.float(), backend=b),
+    "bias dtype": lambda x, w, y, bias, b: linear_logprobs(x, w, y, bias.long(), backend=b),
+    "scalar hidden": lambda x, w, y, bias, b: linear_logprobs(x[0, 0], w, y[0], backend=b),
+    "1-D weight": lambda x, w, y, bias, b: linear_logprobs(x, w[0], y, backend=b),
+    "hidden size": lambda x, w, y, bias, b: linear_logprobs(x, w[:, :-1], y, backend=b),
+    "empty vocabulary": lambda x, w, y, bias, b: linear_logprobs(x, w[:0], y, backend=b),
+    "labels shape": lambda x, w, y, bias, b: linear_logprobs(x, w, y[:2], backend=b),
+    "bias shape": lambda x, w, y, bias, b: linear_logprobs(x, w, y, bias[:-1], backend=b),
+    "temperature": lambda x, w, y, bias, b: linear_logprobs(x, w, y, temperature=-1.0, backend=b),
+    "chunk_size": lambda x, w, y, bias, b: linear_logprobs(x, w, y, chunk_size=0, backend=b),
+    "bool chunk_size": lambda x, w, y, bias, b: linear_logprobs(x, w, y, chunk_size=True, backend=b),
+    "label range": lambda x, w, y, bias, b: linear_logprobs(x, w, y.clone().fill_(10), backend=b),
+    "label range in a later chunk": lambda x, w, y, bias, b: linear_logprobs(
+        x, w, torch.tensor([1, 2, 3, -3]), chunk_size=2, backend=b
+    ),
+    "device": lambda x, w, y, bias, b: linear_logprobs(x, w, y.to("meta"), backend=b),
+    "temperature not a number": lambda x, w, y, bias, b: linear_logprobs(
+        x, w, y, temperature="hot", backend=b
+    ),
 }
 
 
@@ -311,6 +337,14 @@ def test_gather_errors_read_the_same_on_the_cpp_and_torch_paths(case):
     logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
     expected = _message(lambda: GATHER_BAD_CALLS[case](logits, labels, "torch"))
     assert _message(lambda: GATHER_BAD_CALLS[case](logits, labels, "auto")) == expected
+
+
+@pytest.mark.parametrize("case", list(LINEAR_BAD_CALLS))
+def test_linear_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    hidden, weight = torch.randn(4, 6), torch.randn(10, 6)
+    labels, bias = torch.randint(0, 10, (4,)), torch.randn(10)
+    expected = _message(lambda: LINEAR_BAD_CALLS[case](hidden, weight, labels, bias, "torch"))
+    assert _message(lambda: LINEAR_BAD_CALLS[case](hidden, weight, labels, bias, "auto")) == expected
 
 
 @pytest.mark.parametrize("case", list(KL_BAD_CALLS))
@@ -578,6 +612,41 @@ def test_opcheck_gather_logprobs(backend, device):
         )
 
 
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_linear_logprobs(backend, device):
+    hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    weight = torch.randn(45, 16, device=device, requires_grad=True)
+    bias = torch.randn(45, device=device, requires_grad=True)
+    labels = torch.randint(0, 45, (2, 5), device=device)
+    labels[1, 2] = -100
+    for b in (bias, None):
+        for return_entropy in (True, False):
+            # chunk_rows 3: several row chunks forward and several column blocks backward
+            args = (hidden, weight, labels, b, 1.1, -100, return_entropy, 3)
+            torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs.default, args, test_utils=OPCHECK_UTILS)
+            _lp, entropy, stats = torch.ops.fastrlhf.linear_logprobs(*args)
+            grad_entropy = torch.randn(2, 5, device=device) if return_entropy else None
+            for output_mask in ([True, True, True], [False, True, False], [True, False, True]):
+                torch.library.opcheck(
+                    torch.ops.fastrlhf.linear_logprobs_backward.default,
+                    (
+                        torch.randn(2, 5, device=device),
+                        grad_entropy,
+                        hidden.detach(),
+                        weight.detach(),
+                        labels,
+                        None if b is None else b.detach(),
+                        stats,
+                        entropy,
+                        1.1,
+                        -100,
+                        3,
+                        output_mask,
+                    ),
+                    test_utils=("test_schema", "test_faketensor"),
+                )
+
+
 MASK_DTYPES = [
     torch.float32,
     torch.float64,
@@ -656,6 +725,16 @@ def _direct_call_args():
             "k2",
             0.01,
             "seq-mean-token-mean",
+        ),
+        "linear_logprobs": (
+            torch.randn(5, 6, requires_grad=True),
+            torch.randn(9, 6, requires_grad=True),
+            torch.tensor([0, 8, -100, 3, 4]),
+            torch.randn(9, requires_grad=True),
+            0.9,
+            -100,
+            True,
+            2,
         ),
         "gather_logprobs": (
             torch.randn(4, 7, requires_grad=True),

@@ -11,7 +11,7 @@ from conftest import cpu_backends, gpu_backends
 from loops import eager_logprobs_from_hidden
 from numerics import assert_close_fp32, assert_within_2x
 
-from fastrlhf.ops import _linear_chunks, linear_logprobs
+from fastrlhf.ops import available_backends, linear_logprobs
 from fastrlhf.ops._linear_chunks import default_chunk_rows
 
 
@@ -126,23 +126,33 @@ def test_frozen_weight_and_frozen_hidden(backend):
     assert_close_fp32("grad weight", w.grad, w64.grad, rtol=1e-4, atol=1e-5)
 
 
+def logits_gemms(fn) -> list[tuple[int, int]]:
+    """The ``[rows, cols]`` shape of every block of logits ``fn`` makes: the products ``[r, H] @ [H, c]``
+    that torch's profiler records, whether Python (the chunk engine) or C++ (the compiled op) calls them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    blocks = []
+    for event in prof.events():
+        if event.name == "aten::mm" and len(event.input_shapes) >= 2:
+            a, b = event.input_shapes[:2]
+            if len(a) == 2 and len(b) == 2 and a[1] == b[0] == HIDDEN_OF_CHUNK_CASE:
+                blocks.append((a[0], b[1]))
+    return blocks
+
+
+HIDDEN_OF_CHUNK_CASE = 12
+
+
 @pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
-def test_never_more_than_one_chunk_of_logits(backend, monkeypatch):
-    """Every block of logits the engine makes holds at most ``chunk_size × V`` values: row blocks in the
+def test_never_more_than_one_chunk_of_logits(backend):
+    """Every block of logits the op makes holds at most ``chunk_size × V`` values: row blocks in the
     forward, vocabulary-column blocks in the backward, which together cover the logits once each."""
     rows, vocab, chunk = 45, 333, 8
-    hidden, weight, bias, labels = make_case(rows, 12, vocab)
-    made = []
-    original = _linear_chunks.LinearHead.logits
-
-    def spy(self, hidden_rows, columns=slice(None)):
-        out = original(self, hidden_rows, columns)
-        made.append(tuple(out.shape))
-        return out
-
-    monkeypatch.setattr(_linear_chunks.LinearHead, "logits", spy)
+    hidden, weight, bias, labels = make_case(rows, HIDDEN_OF_CHUNK_CASE, vocab)
     x = hidden.clone().requires_grad_(True)
-    linear_logprobs(x, weight, labels, bias, chunk_size=chunk, backend=backend).sum().backward()
+    made = logits_gemms(
+        lambda: linear_logprobs(x, weight, labels, bias, chunk_size=chunk, backend=backend).sum().backward()
+    )
     forward_blocks = [s for s in made if s[1] == vocab]
     backward_blocks = [s for s in made if s[0] == rows and s[1] < vocab]
     assert len(forward_blocks) + len(backward_blocks) == len(made)
@@ -150,6 +160,37 @@ def test_never_more_than_one_chunk_of_logits(backend, monkeypatch):
     assert all(r * v <= chunk * vocab for r, v in made)
     assert sum(r for r, _ in forward_blocks) == rows
     assert sum(v for _, v in backward_blocks) == vocab
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 64])
+def test_compiled_op_gives_the_chunk_engines_bits(dtype, chunk):
+    """The C++ op (cpp) and the Python chunk engine (under the Triton backend's custom op, run here on
+    the cpp gather kernels) make the same GEMMs on the same blocks: the same values and gradients, bit
+    for bit, with and without the entropy's gradient."""
+    from fastrlhf.ops.linear_logprobs import _forward_op
+
+    if not available_backends()["cpp"].available:
+        pytest.skip(f"cpp: {available_backends()['cpp'].reason}")
+    hidden, weight, bias, labels = make_case(37, 24, 301, dtype=dtype)
+    g, h = torch.randn(37), torch.randn(37)
+    rows = default_chunk_rows(37, 24, 301, "cpu") if chunk is None else chunk
+
+    def compiled(x, w, b):
+        return linear_logprobs(x, w, labels, b, 0.9, return_entropy=True, chunk_size=chunk, backend="cpp")
+
+    def engine(x, w, b):
+        lp, _stats, ent = _forward_op(x, w, b, labels, 1.0 / 0.9, -100, True, rows, "cpp")
+        return lp, ent
+
+    for with_entropy_grad in (True, False):
+        scale = h if with_entropy_grad else torch.zeros(37)
+        got = grads_of(compiled, hidden, weight, bias, g, scale)
+        want = grads_of(engine, hidden, weight, bias, g, scale)
+        for name, a, b in zip(("logprobs", "entropy"), got[:2], want[:2], strict=True):
+            assert torch.equal(a, b), name
+        for name, a, b in zip(("hidden", "weight", "bias"), got[2], want[2], strict=True):
+            assert a.dtype == b.dtype == dtype and torch.equal(a, b), name
 
 
 def test_default_chunk_follows_n_h_v():

@@ -19,6 +19,7 @@ d(logits), and then
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,6 +34,7 @@ from fastrlhf.ops.gather_logprobs import backward_kernel, forward_kernel
 MIN_CHUNK_ROWS = {"cuda": 256, "cpu": 128}
 
 
+@functools.lru_cache(maxsize=1024)  # on every call of the ops; a few shapes recur through a run
 def default_chunk_rows(rows: int, hidden_size: int, vocab_size: int, device_type: str) -> int:
     """Rows per chunk: enough that the fp32 ``[chunk, V]`` logits take about as much memory as the
     ``[N, H]`` hidden states they stand in for (so chunking never costs more than the input itself),

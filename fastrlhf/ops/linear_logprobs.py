@@ -5,8 +5,13 @@ in full: ``_linear_chunks`` runs the forward one block of rows at a time, with f
 backward recomputes the logits one block of vocabulary columns at a time (one extra GEMM) instead of
 keeping them. Four GEMMs in all against eager's three; the fused PPO loss needs only three.
 
-Layers: ``linear_logprobs()`` (validation, backend choice) → ``fastrlhf::linear_logprobs_fwd`` /
-``_bwd`` custom ops (opaque to torch.compile) → the chunk engine → the gather kernels of the backend.
+Layers, from the user down:
+    linear_logprobs()        backend choice and the chunk size; for torch / triton also validation
+    cpp, cuda: fastrlhf::linear_logprobs, a TORCH_LIBRARY op (csrc/linear_logprobs_op.cpp): checks, the
+        chunk loop over the GEMMs and the gather kernels, and the autograd formula in C++
+    triton: fastrlhf::linear_logprobs_fwd / _bwd, torch.library custom ops defined here, over the Python
+        chunk engine (``_linear_chunks``) and the Triton gather kernels
+The two chunk engines make the same GEMMs on the same blocks, so cpp and the engine give the same bits.
 The "torch" backend is ``reference.linear_logprobs``: the eager composition, full logits and all.
 """
 
@@ -15,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import pick_backend
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
+from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._linear_chunks import LinearHead, backward_by_columns, default_chunk_rows, forward_chunks
 from fastrlhf.ops._validation import (
@@ -26,6 +32,8 @@ from fastrlhf.ops._validation import (
     check_same_device,
     check_tensor,
 )
+
+_LINEAR_LOGPROBS = CompiledOp("linear_logprobs")
 
 
 def check_linear_inputs(hidden, weight, labels, bias) -> torch.device:
@@ -103,6 +111,15 @@ def linear_logprobs(
     Returns:
         ``logprobs[...]`` float32 (float64 for float64 input), and ``entropy[...]`` if asked for.
     """
+    # A bool is an int to the typed call; the Python path refuses it as a chunk size.
+    plain_chunk = chunk_size is None or type(chunk_size) is int
+    if plain_chunk and runs_compiled_op(backend, hidden, weight, labels, bias):
+        try:
+            return _compiled(
+                hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_size
+            )
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     device = check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_positive_finite("temperature", temperature)
     ignore_index = int(ignore_index)
@@ -110,6 +127,8 @@ def linear_logprobs(
     rows = labels.numel()
     chunk_rows = check_chunk_size(chunk_size, rows, hidden_size, vocab, device)
     chosen = kernel_backend(backend, hidden, device)
+    if chosen in COMPILED_OP_BACKENDS.values():
+        return _compiled(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_rows)
     if chosen == "torch":
         check_labels_in_range(labels, vocab, ignore_index)
         return reference.linear_logprobs(
@@ -127,8 +146,24 @@ def linear_logprobs(
     return logprobs.view(lead_shape)
 
 
+def _compiled(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_size):
+    """The cpp / cuda backends: the C++ op, which checks its own arguments (a bad shape included: the
+    default chunk size below only reads shapes)."""
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(
+            labels.numel(),
+            hidden.shape[-1] if hidden.dim() else 0,
+            weight.shape[0] if weight.dim() else 0,
+            "cpu" if hidden.is_cpu else hidden.device.type,
+        )
+    logprobs, entropy, _stats = _LINEAR_LOGPROBS(
+        hidden, weight, labels, bias, temperature, ignore_index, bool(return_entropy), chunk_size
+    )
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
 # ----------------------------------------------------------------------------------------------------
-# custom ops
+# the Triton backend's custom ops
 # ----------------------------------------------------------------------------------------------------
 
 
