@@ -146,6 +146,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy\n"
         "are [0]-sized when the entropy has no gradient.");
+  m.def("check_labels_in_range", &fastrlhf::check_labels_in_range, py::arg("labels"), py::arg("vocab"),
+        py::arg("ignore_index"),
+        "ValueError unless every label is ignore_index or in [0, vocab): one loop on a CPU tensor (no torch\n"
+        "ops), a reduction and a sync elsewhere. Worded as ops/_validation.py::check_labels_in_range.");
   m.def("sample_forward", &fastrlhf::sample_forward, py::arg("logits"), py::arg("uniforms"),
         py::arg("inv_temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("with_entropy"),
         py::call_guard<py::gil_scoped_release>(),

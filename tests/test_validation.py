@@ -7,6 +7,7 @@ import torch
 from conftest import cpu_backends
 
 from fastrlhf.ops import gather_logprobs
+from fastrlhf.ops._validation import check_labels_in_range
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -53,3 +54,35 @@ def test_empty_vocab_and_scalar():
 def test_unknown_backend():
     with pytest.raises(ValueError, match=r"backend='fast' is not one of"):
         gather_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_the_compiled_label_check_reads_as_the_torch_one(dtype):
+    """On CPU tensors the label range check is one C++ loop; its message (count, first bad label in
+    row-major order) is the torch composition's, word for word."""
+    from fastrlhf._extension import extension
+
+    module = extension()
+    if module is None:
+        pytest.skip("the compiled extension is not built")
+    labels = torch.tensor([[3, 0, 200], [7, 9, 101]]).to(dtype)
+    vocab, ignore_index = 9, 7
+
+    def torch_message():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        first, count = labels[bad].flatten()[0].item(), int(bad.sum())
+        return (
+            f"labels has {count} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index} "
+            f"(first: {first})"
+        )
+
+    with pytest.raises(ValueError) as info:
+        check_labels_in_range(labels, vocab, ignore_index)
+    assert str(info.value) == torch_message() == module_message(module, labels, vocab, ignore_index)
+    check_labels_in_range(labels.clamp(max=8), vocab, ignore_index)  # all in range: no error
+
+
+def module_message(module, labels, vocab, ignore_index) -> str:
+    with pytest.raises(ValueError) as info:
+        module.check_labels_in_range(labels, vocab, ignore_index)
+    return str(info.value)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from fastrlhf._extension import extension
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -56,6 +58,11 @@ def check_labels_in_range(
     """Every label is ``ignore_index`` or in ``[0, vocab_size)``. One reduction; syncs on CUDA."""
     if labels.numel() == 0:
         return
+    if name == "labels" and labels.is_cpu:
+        compiled = extension()
+        if compiled is not None:  # the same check and words as one C++ loop: ~1 µs, not four torch ops
+            compiled.check_labels_in_range(labels, int(vocab_size), int(ignore_index))
+            return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
