@@ -11,6 +11,7 @@ from conftest import cpu_backends, op_targets
 from loops import eager_logprobs_from_hidden, eager_ppo_policy_loss, eager_value_loss
 from numerics import assert_close_fp32, assert_within_2x
 
+import fastrlhf.ops.policy_loss as policy_loss_module
 from fastrlhf.ops import (
     gather_logprobs,
     linear_logprobs,
@@ -357,6 +358,36 @@ def test_hidden_form_matches_eager_float64(backend, cfg):
     assert_close_fp32("loss", result.loss, loss, rtol=1e-5, atol=1e-6)
     assert_close_fp32("clip_fraction", result.clip_fraction, clip_fraction)
     assert_close_fp32("approx_kl", result.approx_kl, approx_kl, rtol=1e-5, atol=1e-6)
+    for name, got, expected in zip(("hidden", "weight", "bias"), grads, want, strict=True):
+        assert_close_fp32(f"grad {name}", got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
+@pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[5]], ids=["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("route", ["compiled", "autograd"])
+def test_hidden_form_token_gradient_routes_match_float64(backend, cfg, route, monkeypatch):
+    """Each chunk's d(loss)/d(log-prob) comes from the ppo_policy_loss op's backward with the loss's token
+    weights as its row weights, or, without the extension, from autograd through the reference's token
+    losses. Both routes, with entropy and KL terms, padding, an empty row and many chunks, against float64."""
+    if route == "compiled" and not policy_loss_module.compiled_ops_run_on("cpu"):
+        pytest.skip("the extension is not built")
+    if route == "autograd":
+        monkeypatch.setattr(policy_loss_module, "compiled_ops_run_on", lambda device_type: False)
+    batch, length, hidden_size, vocab = 5, 9, 16, 211
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab)
+    with torch.no_grad():
+        now = linear_logprobs(hidden, weight, labels, bias, temperature=1.1)
+    old = now + 0.3 * torch.randn(batch, length)
+    _, adv, mask, _ = rollout(batch, length)
+    ref = now + 0.2 * torch.randn(batch, length)
+    result, grads = fused_case(
+        backend, cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.1, chunk_size=4
+    )
+    (loss, clip_fraction, _), want = eager_hidden_case(
+        cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.1, torch.float64
+    )
+    assert float(clip_fraction) > 0  # the clipped branch is exercised
+    assert_close_fp32("loss", result.loss, loss, rtol=1e-5, atol=1e-6)
     for name, got, expected in zip(("hidden", "weight", "bias"), grads, want, strict=True):
         assert_close_fp32(f"grad {name}", got, expected, rtol=1e-4, atol=1e-6)
 

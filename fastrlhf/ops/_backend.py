@@ -184,6 +184,12 @@ def _auto_runs_compiled_op(device_type: str) -> bool:
     return known
 
 
+def compiled_ops_run_on(device_type: str) -> bool:
+    """Whether the TORCH_LIBRARY ops have kernels for ``device_type`` tensors here (the extension is
+    loaded, with CUDA for "cuda"): what a Python path needs before it calls one of them directly."""
+    return COMPILED_OP_BACKENDS.get(device_type) in _runnable_on(device_type)
+
+
 def _backend_override() -> str | None:
     """``FASTRLHF_BACKEND`` as set now (tests and users change it at run time, so it is read on every call).
 

@@ -10,9 +10,11 @@ epilogue, and the gradient is one more elementwise pass, all in C++. The torch b
 ``[N, V]`` logits. Because the loss is a scalar whose per-token derivative is known as soon as a
 chunk's log-probs are, the gradient is computed during the forward pass (as Liger's fused linear
 losses do): per chunk, one GEMM for the logits, the gather kernel forward, the per-token derivative of
-the loss, the gather kernel backward in place, and two GEMMs for d(hidden) and d(weight). That is three
+the loss (the ``ppo_policy_loss`` op's backward, with the aggregation's token weights as its row
+weights), the gather kernel backward in place, and two GEMMs for d(hidden) and d(weight). That is three
 GEMMs in all, against four for ``linear_logprobs`` followed by ``ppo_policy_loss`` (whose backward must
-recompute the logits). The backward only scales the stored gradients by the incoming one.
+recompute the logits). The loss value and the stats are one call of ``ppo_policy_loss`` on the finished
+log-probs. The backward only scales the stored gradients by the incoming one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 import torch
 
 from fastrlhf.ops import reference
-from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
+from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, compiled_ops_run_on, pick_backend, runs_compiled_op
 from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._linear_chunks import LinearGrads, LinearHead, backward_chunk, chunk_bounds
 from fastrlhf.ops._validation import (
@@ -71,6 +73,17 @@ class PolicyLossOptions:
             self.kl_coef,
             self.kl_estimator,
             entropy,
+            self.entropy_coef,
+        )
+
+    def op_arguments(self) -> tuple:
+        """The ``ppo_policy_loss`` op's scalar arguments before ``loss_agg``, in its schema's order."""
+        return (
+            self.clip_eps_low,
+            self.clip_eps_high,
+            self.dual_clip,
+            self.kl_coef,
+            self.kl_estimator,
             self.entropy_coef,
         )
 
@@ -201,16 +214,7 @@ def ppo_policy_loss(
     named.update({k: v for k, v in dict(ref_logprobs=ref_logprobs, entropy=entropy).items() if v is not None})
     chosen = pick_backend(backend, logprobs.device, named, op_backends=POLICY_LOSS_BACKENDS)
     if chosen in COMPILED_OP_BACKENDS.values():
-        out = _PPO_POLICY_LOSS(
-            *inputs,
-            options.clip_eps_low,
-            options.clip_eps_high,
-            options.dual_clip,
-            options.kl_coef,
-            options.kl_estimator,
-            options.entropy_coef,
-            options.loss_agg,
-        )
+        out = _PPO_POLICY_LOSS(*inputs, *options.op_arguments(), options.loss_agg)
         return _compiled_result(out, entropy is not None, ref_logprobs is not None)
     return reference.ppo_policy_loss(
         logprobs,
@@ -313,35 +317,50 @@ def linear_ppo_policy_loss(
         )
 
     valid = mask_u8.bool() & (labels != ignore_index)
-    token_weights = reference.loss_token_weights(valid, options.loss_agg, torch.float32).reshape(-1)
     flat = dict(
         old_logprobs=None if old_logprobs is None else old_logprobs.reshape(-1).float(),
         advantages=advantages.reshape(-1).float(),
         ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1).float(),
+        valid=valid.reshape(-1),
     )
-    fused = _FusedLinearPolicyLoss.apply(
+    # The loss value and the stats: one call of the log-prob form on the log-probs the gradient saw.
+    # ``ppo_policy_loss`` fills it in the forward pass below, and the loss returned is its loss.
+    stats_out: list[PolicyLossResult] = []
+
+    def loss_and_stats(logprobs_flat, entropy_flat) -> PolicyLossResult:
+        shaped = logprobs_flat.view(labels.shape)
+        return ppo_policy_loss(
+            shaped,
+            shaped if old_logprobs is None else old_logprobs,
+            advantages,
+            valid,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy_flat.view(labels.shape) if with_entropy else None,
+            entropy_coef=options.entropy_coef,
+            **options.reference_kwargs(),
+        )
+
+    loss, logprobs, _entropy = _FusedLinearPolicyLoss.apply(
         hidden.reshape(rows, hidden_size),
         weight,
         bias,
         labels.reshape(-1).to(torch.int64).contiguous(),
-        token_weights,
+        _chunk_loss_weights(valid, options.loss_agg),
         flat,
         _FusedConfig(1.0 / temperature, ignore_index, with_entropy, chunk_rows, chosen, options),
+        loss_and_stats,
+        stats_out,
     )
-    loss, logprobs, entropy = fused
-    # The stats come from the same per-token log-probs the loss saw, through the log-prob form of the op.
-    with torch.no_grad():
-        stats = ppo_policy_loss(
-            logprobs.view(labels.shape),
-            logprobs.view(labels.shape) if old_logprobs is None else old_logprobs,
-            advantages,
-            valid,
-            ref_logprobs=ref_logprobs,
-            entropy=entropy.view(labels.shape) if with_entropy else None,
-            entropy_coef=options.entropy_coef,
-            **options.reference_kwargs(),
-        )
-    return stats._replace(loss=loss, logprobs=logprobs.view(labels.shape))
+    return stats_out[0]._replace(loss=loss, logprobs=logprobs.view(labels.shape))
+
+
+def _chunk_loss_weights(valid: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """The loss's weight of each token, as the per-chunk gradient takes it: ``[1]`` (every valid token's
+    weight, 1/valid tokens) for "token-mean", ``[N]`` per token (``reference.loss_token_weights``) for
+    "seq-mean-token-mean"."""
+    if loss_agg == "token-mean":
+        return (1.0 / valid.sum().clamp_min(1).to(torch.float32)).reshape(1)
+    return reference.loss_token_weights(valid, loss_agg, torch.float32).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,11 +373,34 @@ class _FusedConfig:
     options: PolicyLossOptions
 
 
-def _token_gradients(options: PolicyLossOptions, logprobs, entropy, old, adv, ref, weights):
-    """d(Σ w·token_loss)/d(logp) and /d(entropy) for one chunk, by autograd on ``[C]`` vectors (cheap next
-    to the chunk's GEMMs, and the loss stays defined in one place). Masked tokens have w = 0 and inputs
-    made safe, so their gradient is exactly 0."""
-    valid = weights > 0
+def _token_gradients(options: PolicyLossOptions, logprobs, entropy, old, adv, ref, valid, weights, compiled):
+    """d(Σ w·token_loss)/d(logp) and /d(entropy) of one chunk's ``[C]`` tokens (``weights``: ``[1]`` for
+    token-mean, ``[C]`` per token otherwise; see ``_chunk_loss_weights``). Masked tokens get exactly 0.
+
+    ``compiled``: the backward of the ``ppo_policy_loss`` TORCH_LIBRARY op, whose ``row_weight`` input
+    takes the weights (per token: the chunk as ``[C, 1]`` rows of one token, "seq-mean-token-mean"), one
+    call of C++. Otherwise autograd through the reference's token losses."""
+    if compiled:
+        per_token = weights.numel() != 1
+        shape = (-1, 1) if per_token else (-1,)
+
+        def column(t):
+            return None if t is None else t.view(shape)
+
+        grad_lp, grad_ent = torch.ops.fastrlhf.ppo_policy_loss_backward(
+            weights.new_ones(()),
+            column(logprobs),
+            column(old),
+            column(adv),
+            column(valid),
+            column(ref),
+            column(entropy),
+            weights,
+            *options.op_arguments(),
+            "seq-mean-token-mean" if per_token else "token-mean",
+        )
+        return grad_lp.view(-1), None if entropy is None else grad_ent.view(-1)
+    token_weights = weights.expand(logprobs.shape) if weights.numel() == 1 else weights
     with torch.enable_grad():
         lp = logprobs.detach().requires_grad_(True)
         ent = None
@@ -366,21 +408,26 @@ def _token_gradients(options: PolicyLossOptions, logprobs, entropy, old, adv, re
             ent = entropy.detach().requires_grad_(True)
         old, adv, ref, _ = reference.safe_token_inputs(valid, lp, old, adv, ref)
         token_loss, _ = options.token_losses(lp, old, adv, ref, ent)
-        chunk_loss = torch.where(valid, token_loss * weights, torch.zeros_like(token_loss)).sum()
+        chunk_loss = torch.where(valid, token_loss * token_weights, torch.zeros_like(token_loss)).sum()
         inputs = [lp] if ent is None else [lp, ent]
         grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
     grad_lp = torch.zeros_like(logprobs) if grads[0] is None else grads[0]
     grad_ent = None
     if ent is not None:
         grad_ent = torch.zeros_like(logprobs) if grads[1] is None else grads[1]
-    return grad_lp.contiguous(), None if grad_ent is None else grad_ent.contiguous(), chunk_loss.detach()
+    return grad_lp.contiguous(), None if grad_ent is None else grad_ent.contiguous()
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
-    """(loss, logprobs ``[N]``, entropy ``[N]`` or ``[0]``); only the loss is differentiable."""
+    """(loss, logprobs ``[N]``, entropy ``[N]`` or ``[0]``); only the loss is differentiable.
+
+    ``loss_and_stats(logprobs, entropy)`` gives the loss value and the stats once every chunk's log-probs
+    are known; its result is appended to ``stats_out``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weights, flat, config: _FusedConfig):
+    def forward(
+        ctx, hidden, weight, bias, labels, loss_weights, flat, config: _FusedConfig, loss_and_stats, stats_out
+    ):
         options = config.options
         need_hidden, need_weight, need_bias = (
             ctx.needs_input_grad[0],
@@ -393,10 +440,11 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         rows = hidden.shape[0]
         logprobs = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(rows if config.with_entropy else 0, dtype=torch.float32, device=hidden.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         empty = logprobs.new_empty(0)
-        ref, old = flat["ref_logprobs"], flat["old_logprobs"]
+        ref, old, valid = flat["ref_logprobs"], flat["old_logprobs"], flat["valid"]
         entropy_in_loss = options.entropy_coef != 0.0
+        per_token_weights = loss_weights.numel() != 1
+        compiled = compiled_ops_run_on(hidden.device.type)
         for start, end in chunk_bounds(rows, config.chunk_rows):
             rows_slice = slice(start, end)
             logits = head.logits(hidden[rows_slice])
@@ -411,16 +459,17 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             logprobs[rows_slice] = lp
             if config.with_entropy:
                 entropy[rows_slice] = ent
-            grad_lp, grad_ent, chunk_loss = _token_gradients(
+            grad_lp, grad_ent = _token_gradients(
                 options,
                 lp,
                 ent if entropy_in_loss else None,
                 lp if old is None else old[rows_slice],  # on-policy: the chunk's own log-probs
                 flat["advantages"][rows_slice],
                 None if ref is None else ref[rows_slice],
-                token_weights[rows_slice],
+                valid[rows_slice],
+                loss_weights[rows_slice] if per_token_weights else loss_weights,
+                compiled,
             )
-            loss += chunk_loss
             if grads is not None:
                 backward_chunk(
                     head,
@@ -439,9 +488,11 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 )
             del logits
         d_hidden, d_weight, d_bias = grads.results(weight, bias) if grads is not None else (None, None, None)
+        stats = loss_and_stats(logprobs, entropy)
+        stats_out.append(stats)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.mark_non_differentiable(logprobs, entropy)
-        return loss, logprobs, entropy
+        return stats.loss.clone(), logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
@@ -454,4 +505,4 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 return None
             return grad if bool(scale == 1) else (grad.float() * scale).to(grad.dtype)
 
-        return scaled(d_hidden), scaled(d_weight), scaled(d_bias), None, None, None, None
+        return scaled(d_hidden), scaled(d_weight), scaled(d_bias), None, None, None, None, None, None
