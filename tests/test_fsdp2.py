@@ -52,7 +52,10 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes_exactly(sft_fsdp2, tmp_
         assert fsdp_curve[step] == pytest.approx(single_curve[step], abs=1e-4), step
     assert summary["eval_loss_end"] == pytest.approx(single_summary["eval_loss_end"], abs=1e-4)
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
-    assert final_weights_difference(sharded, single) < 1e-4
+    # Adam moves every weight by up to ~lr (2e-3) a step whatever its gradient's size, so where a gradient
+    # is near 0 the two reduction orders (reduce-scatter vs one process) can give visibly different steps:
+    # 1.5e-4 was seen on a clean CI run. A quarter of one step still catches a wrong shard or a lost step.
+    assert final_weights_difference(sharded, single) < 5e-4
 
     # Interrupted after the step-10 checkpoint, resumed from it: the same weights as the run that went on.
     resumed = interrupted_copy(sharded, SAVE_EVERY, tmp_path / "resumed")
