@@ -85,6 +85,17 @@ void define_direct_calls(py::module_& m) {
              arg("entropy").none(true), arg("clip_eps"), arg("clip_eps_high").none(true),
              arg("dual_clip").none(true), arg("kl_coef"), arg("kl_estimator"), arg("entropy_coef"),
              arg("loss_agg"));
+  DirectCall<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const MaybeTensor&, const MaybeTensor&, const Tensor&,
+      const Tensor&, const MaybeTensor&, double, int64_t, double, MaybeDouble, MaybeDouble, double, string_view,
+      double, bool, string_view, int64_t)>::
+      define(m, "linear_ppo_policy_loss",
+             "torch.ops.fastrlhf.linear_ppo_policy_loss without the Python argument parsing.", arg("hidden"),
+             arg("weight"), arg("labels"), arg("bias").none(true), arg("old_logprobs").none(true),
+             arg("advantages"), arg("mask"), arg("ref_logprobs").none(true), arg("temperature"),
+             arg("ignore_index"), arg("clip_eps"), arg("clip_eps_high").none(true), arg("dual_clip").none(true),
+             arg("kl_coef"), arg("kl_estimator"), arg("entropy_coef"), arg("compute_entropy"), arg("loss_agg"),
+             arg("chunk_rows"));
 }
 
 }  // namespace fastrlhf

@@ -27,8 +27,8 @@
 #include "common/ppo_loss.h"
 #include "common/ppo_loss_params.h"
 #include "cpu/dispatch.h"
-#include "kl_args.h"
 #include "op_checks.h"
+#include "ppo_loss_options.h"
 #include "tensor_params.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
@@ -64,25 +64,9 @@ PPOLossCall prepare(const Tensor& logprobs, const Tensor& old_logprobs, const Te
                     const MaybeTensor& ref_logprobs, const MaybeTensor& entropy, double clip_eps,
                     std::optional<double> clip_eps_high, std::optional<double> dual_clip, double kl_coef,
                     string_view kl_estimator, double entropy_coef, string_view loss_agg) {
-  TORCH_CHECK_VALUE(std::isfinite(clip_eps) && clip_eps > 0.0, "clip_eps must be finite and > 0, got ",
-                    op_checks::py_float(clip_eps));
-  TORCH_CHECK_VALUE(clip_eps < 1.0, "clip_eps must be in (0, 1) (the ratio is clipped to [1 - clip_eps, ...]), got ",
-                    op_checks::py_float(clip_eps));
-  const double eps_high = clip_eps_high.value_or(clip_eps);
-  TORCH_CHECK_VALUE(std::isfinite(eps_high) && eps_high > 0.0, "clip_eps_high must be finite and > 0, got ",
-                    op_checks::py_float(eps_high));
-  if (dual_clip.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*dual_clip) && *dual_clip > 0.0, "dual_clip must be finite and > 0, got ",
-                      op_checks::py_float(*dual_clip));
-    TORCH_CHECK_VALUE(*dual_clip > 1.0, "dual_clip must be > 1 (it caps -A·ratio for A < 0), got ",
-                      op_checks::py_float(*dual_clip));
-  }
-  const int estimator = kl_args::estimator_code(kl_estimator);
-  const bool seq_mean = loss_agg == "seq-mean-token-mean";
-  TORCH_CHECK_VALUE(seq_mean || loss_agg == "token-mean", "loss_agg='", std::string(loss_agg),
-                    "' is not one of ('token-mean', 'seq-mean-token-mean')");
-  op_checks::check_finite("kl_coef", kl_coef);
-  op_checks::check_finite("entropy_coef", entropy_coef);
+  const PolicyLossSettings settings = check_policy_loss_options(clip_eps, clip_eps_high, dual_clip, kl_coef,
+                                                                kl_estimator, entropy_coef, loss_agg);
+  const bool seq_mean = settings.seq_mean;
 
   const Tensor* ref = present(ref_logprobs);
   const Tensor* ent = present(entropy);
@@ -122,13 +106,9 @@ PPOLossCall prepare(const Tensor& logprobs, const Tensor& old_logprobs, const Te
   t.n = n;
   t.row_len = row_len;
   t.rows = (n + row_len - 1) / row_len;
-  t.kl_estimator = estimator;
+  t.kl_estimator = settings.kl_estimator;
   PPOLossOptions& o = t.options;
-  o.ratio_low = static_cast<float>(1.0 - clip_eps);
-  o.ratio_high = static_cast<float>(1.0 + eps_high);
-  o.dual_clip = dual_clip.has_value() ? static_cast<float>(*dual_clip) : std::numeric_limits<float>::infinity();
-  o.kl_coef = static_cast<float>(kl_coef);
-  o.entropy_coef = static_cast<float>(entropy_coef);
+  o = settings.options;
   o.has_ref = ref != nullptr;
   o.has_entropy = ent != nullptr;
   return c;

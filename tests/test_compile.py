@@ -1,7 +1,7 @@
 """gather_logprobs and linear_logprobs are ops torch.compile traces with no graph break (TORCH_LIBRARY ops
 on the C++ / CUDA backends, torch.library custom ops on Triton), on the C++ backend on the CPU and on every
-GPU backend, and opcheck finds the Python custom ops' schema, fake and autograd registrations consistent
-on each device."""
+GPU backend; so is linear_ppo_policy_loss on C++ / CUDA. opcheck finds the Python custom ops' schema, fake
+and autograd registrations consistent on each device."""
 
 import pytest
 import torch
@@ -84,6 +84,51 @@ def test_linear_logprobs_compiles_fullgraph(backend, device):
     compiled_loss = compiled(hidden, weight, bias, labels)
     compiled_grads = torch.autograd.grad(compiled_loss, (hidden, weight, bias))
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in COMPILED_TARGETS if p.values[0] in ("cpp", "cuda")])
+def test_linear_ppo_policy_loss_compiles_fullgraph(backend, device):
+    """The fused PPO loss on cpp / cuda is one TORCH_LIBRARY op: no graph break, and the gradient of a
+    scaled loss (the stored gradients times the incoming one) matches eager."""
+    torch._dynamo.reset()
+    from fastrlhf.ops import linear_ppo_policy_loss
+
+    def loss_fn(hidden, weight, bias, labels, old, adv, mask, ref):
+        out = linear_ppo_policy_loss(
+            hidden,
+            weight,
+            labels,
+            old,
+            adv,
+            mask,
+            bias=bias,
+            temperature=0.9,
+            ref_logprobs=ref,
+            kl_coef=0.05,
+            entropy_coef=0.01,
+            loss_agg="seq-mean-token-mean",
+            chunk_size=5,
+            backend=backend,
+        )
+        return 2.5 * out.loss, out.clip_fraction
+
+    hidden = torch.randn(3, 7, 24, device=device, requires_grad=True)
+    weight = torch.randn(301, 24, device=device, requires_grad=True)
+    bias = torch.randn(301, device=device, requires_grad=True)
+    labels = torch.randint(0, 301, (3, 7), device=device)
+    labels[1, 4] = -100
+    old, ref = -torch.rand(3, 7, device=device) * 6, -torch.rand(3, 7, device=device) * 6
+    adv, mask = torch.randn(3, 7, device=device), torch.rand(3, 7, device=device) > 0.2
+    args = (hidden, weight, bias, labels, old, adv, mask, ref)
+    eager_loss, eager_clip = loss_fn(*args)
+    eager_grads = torch.autograd.grad(eager_loss, (hidden, weight, bias))
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    compiled_loss, compiled_clip = compiled(*args)
+    compiled_grads = torch.autograd.grad(compiled_loss, (hidden, weight, bias))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_clip, eager_clip, rtol=0, atol=0)
     for got, want in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

@@ -1,6 +1,6 @@
 """The TORCH_LIBRARY ops of the compiled backends (``torch.ops.fastrlhf.kl_penalty``, ``ranking_loss``,
-``gather_logprobs``, ``linear_logprobs``, ``gae``, ``compute_advantages``, ``group_advantages`` and
-``ppo_policy_loss``):
+``gather_logprobs``, ``linear_logprobs``, ``gae``, ``compute_advantages``, ``group_advantages``,
+``ppo_policy_loss`` and ``linear_ppo_policy_loss``):
 their C++ checks say what the Python checks of the torch backend say, their C++ autograd and fused
 reductions match the float64 reference on every gradient shape autograd hands them, their reductions do
 not depend on the thread count, and opcheck finds schema, fake (Meta) and autograd registrations
@@ -19,6 +19,7 @@ from fastrlhf.ops import (
     group_advantages,
     kl_penalty,
     linear_logprobs,
+    linear_ppo_policy_loss,
     ppo_policy_loss,
     ranking_loss,
     reference,
@@ -392,6 +393,73 @@ def test_ppo_policy_loss_errors_read_the_same_on_the_cpp_and_torch_paths(case):
     assert _message(lambda: PPO_BAD_CALLS[case](x, mask, "auto")) == expected
 
 
+def _linear_ppo(case, backend, **change):
+    """linear_ppo_policy_loss on a 2 x 3 batch (H=6, V=10) with one argument changed."""
+    args = dict(case)
+    args.update(change)
+    return linear_ppo_policy_loss(
+        args.pop("hidden"),
+        args.pop("weight"),
+        args.pop("labels"),
+        args.pop("old"),
+        args.pop("adv"),
+        args.pop("mask"),
+        backend=backend,
+        **args,
+    )
+
+
+LINEAR_PPO_BAD_CALLS = {
+    "clip_eps": dict(clip_eps=1.0),
+    "dual_clip": dict(dual_clip=0.5),
+    "estimator": dict(kl_estimator="k4"),
+    "loss_agg": dict(loss_agg="sum"),
+    "entropy_coef": dict(entropy_coef=float("inf")),
+    "hidden size": lambda c: dict(weight=c["weight"][:, :-1]),
+    "labels shape": lambda c: dict(labels=c["labels"][:1]),
+    "bias shape": lambda c: dict(bias=c["bias"][:-1]),
+    "old_logprobs dtype": lambda c: dict(old=c["old"].long()),
+    "advantages shape": lambda c: dict(adv=c["adv"][:, :2]),
+    "ref_logprobs shape": lambda c: dict(ref_logprobs=c["adv"].T),
+    "seq-mean of 1-D": lambda c: dict(
+        hidden=c["hidden"][0],
+        labels=c["labels"][0],
+        old=c["old"][0],
+        adv=c["adv"][0],
+        mask=c["mask"][0],
+        loss_agg="seq-mean-token-mean",
+    ),
+    "mask shape": lambda c: dict(mask=c["mask"][:1]),
+    "mask values": dict(mask=torch.full((2, 3), 2)),
+    "temperature": dict(temperature=0.0),
+    "chunk_size": dict(chunk_size=0),
+    "bool chunk_size": dict(chunk_size=True),
+    "label range": lambda c: dict(labels=c["labels"].clone().fill_(10)),
+    "label range in a later chunk": dict(labels=torch.tensor([[1, 2, 3], [4, 5, -3]]), chunk_size=2),
+    "device": lambda c: dict(old=c["old"].to("meta")),
+    # arguments of a type the op's schema does not take: the Python checks name them
+    "estimator not a str": dict(kl_estimator=3),
+    "temperature not a number": dict(temperature="hot"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAR_PPO_BAD_CALLS))
+def test_linear_ppo_policy_loss_errors_read_the_same_on_the_cpp_and_torch_paths(case):
+    base = dict(
+        hidden=torch.randn(2, 3, 6),
+        weight=torch.randn(10, 6),
+        labels=torch.randint(0, 10, (2, 3)),
+        old=-torch.rand(2, 3),
+        adv=torch.randn(2, 3),
+        mask=torch.ones(2, 3, dtype=torch.bool),
+        bias=torch.randn(10),
+    )
+    change = LINEAR_PPO_BAD_CALLS[case]
+    change = change(base) if callable(change) else change
+    expected = _message(lambda: _linear_ppo(base, "torch", **change))
+    assert _message(lambda: _linear_ppo(base, "auto", **change)) == expected
+
+
 def test_ppo_policy_loss_does_not_depend_on_the_thread_count():
     n_rows, length = 9, 5000  # token-mean: three segments; seq-mean: nine rows
     old = -torch.rand(n_rows, length) * 3
@@ -548,6 +616,30 @@ def test_opcheck_ppo_policy_loss(backend, device):
                     row_weight,
                     *args[6:],
                 ),
+                test_utils=("test_schema", "test_faketensor"),
+            )
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
+def test_opcheck_linear_ppo_policy_loss(backend, device):
+    hidden = torch.randn(3, 5, 6, device=device, requires_grad=True)
+    weight = torch.randn(11, 6, device=device, requires_grad=True)
+    bias = torch.randn(11, device=device, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5), device=device)
+    labels[0, -1] = -100
+    old, ref = -torch.rand(3, 5, device=device) * 3, -torch.rand(3, 5, device=device) * 3
+    adv, mask = torch.randn(3, 5, device=device), torch.rand(3, 5, device=device) > 0.2
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        variants = ((bias, old, ref, 3.0, 0.01, True), (None, None, None, None, 0.0, False))
+        for b, o, r, dual, entropy_coef, compute in variants:
+            args = (hidden, weight, labels, b, o, adv, mask, r, 0.9, -100, 0.2, 0.28, dual, 0.05, "k3")
+            args += (entropy_coef, compute, agg, 4)
+            torch.library.opcheck(
+                torch.ops.fastrlhf.linear_ppo_policy_loss.default, args, test_utils=OPCHECK_UTILS
+            )
+            torch.library.opcheck(
+                torch.ops.fastrlhf.linear_ppo_policy_loss_with_grads.default,
+                (*args, [True, False, b is not None]),
                 test_utils=("test_schema", "test_faketensor"),
             )
 
@@ -735,6 +827,27 @@ def _direct_call_args():
             -100,
             True,
             2,
+        ),
+        "linear_ppo_policy_loss": (
+            torch.randn(2, 5, 6, requires_grad=True),
+            torch.randn(9, 6, requires_grad=True),
+            torch.tensor([[0, 8, -100, 3, 4], [1, 1, 2, 7, 5]]),
+            torch.randn(9, requires_grad=True),
+            -torch.rand(2, 5) * 3,
+            torch.randn(2, 5),
+            mask.new_ones(2, 5),
+            -torch.rand(2, 5) * 3,
+            0.9,
+            -100,
+            0.2,
+            0.28,
+            3.0,
+            0.05,
+            "k3",
+            0.01,
+            True,
+            "seq-mean-token-mean",
+            3,
         ),
         "gather_logprobs": (
             torch.randn(4, 7, requires_grad=True),

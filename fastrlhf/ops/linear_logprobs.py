@@ -146,18 +146,30 @@ def linear_logprobs(
     return logprobs.view(lead_shape)
 
 
+def compiled_chunk_rows(hidden, weight, labels, chunk_size: int | None) -> int:
+    """The chunk size a compiled linear op is given: ``chunk_size``, or the default for these shapes when
+    None. Reads shapes only, before any check: the C++ op checks its own arguments, a bad shape included."""
+    if chunk_size is not None:
+        return chunk_size
+    return default_chunk_rows(
+        labels.numel(),
+        hidden.shape[-1] if hidden.dim() else 0,
+        weight.shape[0] if weight.dim() else 0,
+        "cpu" if hidden.is_cpu else hidden.device.type,
+    )
+
+
 def _compiled(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_size):
-    """The cpp / cuda backends: the C++ op, which checks its own arguments (a bad shape included: the
-    default chunk size below only reads shapes)."""
-    if chunk_size is None:
-        chunk_size = default_chunk_rows(
-            labels.numel(),
-            hidden.shape[-1] if hidden.dim() else 0,
-            weight.shape[0] if weight.dim() else 0,
-            "cpu" if hidden.is_cpu else hidden.device.type,
-        )
+    """The cpp / cuda backends: the C++ op, which checks its own arguments."""
     logprobs, entropy, _stats = _LINEAR_LOGPROBS(
-        hidden, weight, labels, bias, temperature, ignore_index, bool(return_entropy), chunk_size
+        hidden,
+        weight,
+        labels,
+        bias,
+        temperature,
+        ignore_index,
+        bool(return_entropy),
+        compiled_chunk_rows(hidden, weight, labels, chunk_size),
     )
     return (logprobs, entropy) if return_entropy else logprobs
 

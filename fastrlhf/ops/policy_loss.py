@@ -15,6 +15,12 @@ weights), the gather kernel backward in place, and two GEMMs for d(hidden) and d
 GEMMs in all, against four for ``linear_logprobs`` followed by ``ppo_policy_loss`` (whose backward must
 recompute the logits). The loss value and the stats are one call of ``ppo_policy_loss`` on the finished
 log-probs. The backward only scales the stored gradients by the incoming one.
+
+Layers, from the user down:
+    linear_ppo_policy_loss()     backend choice and the chunk size; for torch / triton also validation
+    cpp, cuda: fastrlhf::linear_ppo_policy_loss, a TORCH_LIBRARY op (csrc/linear_ppo_loss_op.cpp): checks,
+        the chunk loop and the autograd formula in C++
+    triton: ``_FusedLinearPolicyLoss`` below, the same loop in Python over the Triton gather kernels
 """
 
 from __future__ import annotations
@@ -39,7 +45,12 @@ from fastrlhf.ops._validation import (
 )
 from fastrlhf.ops.gather_logprobs import forward_kernel
 from fastrlhf.ops.kl_penalty import check_estimator
-from fastrlhf.ops.linear_logprobs import check_chunk_size, check_linear_inputs, kernel_backend
+from fastrlhf.ops.linear_logprobs import (
+    check_chunk_size,
+    check_linear_inputs,
+    compiled_chunk_rows,
+    kernel_backend,
+)
 from fastrlhf.ops.reference import LOSS_AGGREGATIONS, PolicyLossResult
 
 # The backends of ``ppo_policy_loss``: the reference and the C++/CUDA op (no Triton kernel: the loss is a
@@ -47,6 +58,7 @@ from fastrlhf.ops.reference import LOSS_AGGREGATIONS, PolicyLossResult
 POLICY_LOSS_BACKENDS = ("torch", "cpp", "cuda")
 
 _PPO_POLICY_LOSS = CompiledOp("ppo_policy_loss")
+_LINEAR_PPO_POLICY_LOSS = CompiledOp("linear_ppo_policy_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +287,22 @@ def linear_ppo_policy_loss(
     Returns:
         ``PolicyLossResult``; gradients flow to hidden, weight and bias.
     """
+    # A bool is an int to the typed call; the Python path refuses it as a chunk size.
+    plain_chunk = chunk_size is None or type(chunk_size) is int
+    inputs = (hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs)
+    if plain_chunk and runs_compiled_op(backend, *inputs):
+        try:
+            return _compiled_linear(
+                inputs,
+                temperature,
+                ignore_index,
+                (clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef),
+                compute_entropy,
+                loss_agg,
+                chunk_size,
+            )
+        except TypeError:  # an argument of a type the schema does not take: the checks below name it
+            pass
     options = check_loss_options(
         clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg
     )
@@ -299,6 +327,10 @@ def linear_ppo_policy_loss(
     check_labels_in_range(labels, vocab, ignore_index)
     with_entropy = compute_entropy or options.entropy_coef != 0.0
     chosen = kernel_backend(backend, hidden, device)
+    if chosen in COMPILED_OP_BACKENDS.values():
+        return _compiled_linear(
+            inputs, temperature, ignore_index, options.op_arguments(), with_entropy, loss_agg, chunk_rows
+        )
     if chosen == "torch":
         return reference.linear_ppo_policy_loss(
             hidden,
@@ -352,6 +384,33 @@ def linear_ppo_policy_loss(
         stats_out,
     )
     return stats_out[0]._replace(loss=loss, logprobs=logprobs.view(labels.shape))
+
+
+def _compiled_linear(
+    inputs, temperature, ignore_index, loss_arguments, compute_entropy, loss_agg, chunk_size
+) -> PolicyLossResult:
+    """The cpp / cuda backends: the ``linear_ppo_policy_loss`` C++ op, which checks its own arguments.
+    ``inputs``: (hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs);
+    ``loss_arguments``: the loss's scalars in ``PolicyLossOptions.op_arguments()``' order."""
+    hidden, weight, labels, *_rest, ref_logprobs = inputs
+    loss, clip_fraction, approx_kl, entropy, ref_kl, logprobs, _token_entropy = _LINEAR_PPO_POLICY_LOSS(
+        *inputs,
+        temperature,
+        ignore_index,
+        *loss_arguments,
+        bool(compute_entropy),
+        loss_agg,
+        compiled_chunk_rows(hidden, weight, labels, chunk_size),
+    )
+    with_entropy = bool(compute_entropy) or loss_arguments[-1] != 0.0
+    return PolicyLossResult(
+        loss,
+        clip_fraction,
+        approx_kl,
+        entropy if with_entropy else None,
+        ref_kl if ref_logprobs is not None else None,
+        logprobs,
+    )
 
 
 def _chunk_loss_weights(valid: torch.Tensor, loss_agg: str) -> torch.Tensor:
