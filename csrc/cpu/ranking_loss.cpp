@@ -48,9 +48,13 @@ struct PairTable {
   std::vector<float> gap, result, slope;
   std::vector<int32_t> winner, loser;
 
-  explicit PairTable(int64_t k) {
+  // Room for `prompts` prompts of k responses, at most kTablePairs pairs (one prompt's pairs at least): a
+  // small call's table is small, not 2048 zero-filled entries of each column.
+  PairTable(int64_t k, int64_t prompts) {
+    const int64_t per_prompt = std::max<int64_t>(1, pairs_per_prompt(k));
+    const int64_t pairs = std::max(per_prompt, std::min(kTablePairs, per_prompt * std::max<int64_t>(prompts, 1)));
     // + k: collect() writes candidates one slot past its last pair.
-    const size_t size = static_cast<size_t>(std::max(kTablePairs, pairs_per_prompt(k)) + k);
+    const size_t size = static_cast<size_t>(pairs + k);
     gap.resize(size), result.resize(size), slope.resize(size), winner.resize(size), loser.resize(size);
   }
 
@@ -157,8 +161,11 @@ void ranking_loss_forward_kernel(const RankingLossForwardParams& p) {
   using namespace ranking_loss_impl;
   const bool with_grad = p.d_rewards != nullptr;
   at::parallel_for(0, p.n, prompt_grain(p.k), [&](int64_t lo, int64_t hi) {
-    PairTable table(p.k);
-    std::vector<int64_t> pairs(table.gap.size()), correct(table.gap.size());
+    PairTable table(p.k, hi - lo);
+    // One entry per prompt of a batch (for_each_batch's batch: the table's capacity in whole prompts).
+    const size_t batch = static_cast<size_t>(
+        std::max<int64_t>(1, table.capacity(p.k) / std::max<int64_t>(1, pairs_per_prompt(p.k))));
+    std::vector<int64_t> pairs(batch), correct(batch);
     for_each_batch(lo, hi, p.rewards, p.ranks, p.mask, p.k, p.margin, table, pairs, correct,
                    [&](int64_t first, int64_t last, int64_t m) {
                      if (with_grad) {
