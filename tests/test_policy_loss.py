@@ -506,6 +506,94 @@ def test_hidden_form_entropy_and_ref_kl_stats(backend):
     assert quiet.entropy is None and quiet.ref_kl is None
 
 
+def _edge_case(name):
+    """A small fused-loss call (B=3, T=5, H=12, V=37) with one edge of the input space: returns the inputs,
+    the keyword arguments, which leaves need a gradient, and the upstream gradient."""
+    hidden, weight, bias, labels = make_hidden_case(3, 5, 12, 37)
+    old, adv, mask = -torch.rand(3, 5) * 4, torch.randn(3, 5), torch.rand(3, 5) > 0.3
+    if name == "no rows":
+        hidden, labels, old, adv, mask = hidden[:0], labels[:0], old[:0], adv[:0], mask[:0]
+    kwargs, needs, upstream = {}, (True, True, True), 1.0
+    if name == "all masked":
+        mask[:] = False
+    elif name == "all labels ignored":
+        labels[:] = -100
+    elif name == "frozen lm_head":
+        needs = (True, False, False)
+    elif name == "lm_head only":
+        needs = (False, True, True)
+    elif name == "no bias":
+        bias = None
+    elif name == "1-D tokens, one row per chunk":
+        hidden, labels, old, adv, mask = hidden[0], labels[0], old[0], adv[0], mask[0]
+        kwargs = dict(chunk_size=1)
+    elif name == "scaled upstream gradient, seq-mean":
+        kwargs, upstream = dict(loss_agg="seq-mean-token-mean", chunk_size=2), 2.5
+    elif name == "extreme ratios and advantages":
+        old, adv = old * 50, adv * 1e4
+        kwargs = dict(dual_clip=3.0, chunk_size=4)
+    return (hidden, weight, bias, labels, old, adv, mask), kwargs, needs, upstream
+
+
+EDGE_CASES = [
+    "no rows",
+    "all masked",
+    "all labels ignored",
+    "frozen lm_head",
+    "lm_head only",
+    "no bias",
+    "1-D tokens, one row per chunk",
+    "scaled upstream gradient, seq-mean",
+    "extreme ratios and advantages",
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_hidden_form_edge_cases_match_float64(backend, name):
+    """Empty inputs, nothing valid, frozen or absent parameters, one-dimensional tokens, a scaled loss and
+    extreme values: loss, stats, log-probs and gradients against the float64 reference."""
+    (hidden, weight, bias, labels, old, adv, mask), kwargs, needs, upstream = _edge_case(name)
+
+    def run(dtype, run_backend):
+        leaves = [
+            None if t is None else t.detach().to(dtype).requires_grad_(need)
+            for t, need in zip((hidden, weight, bias), needs, strict=True)
+        ]
+        result = linear_ppo_policy_loss(
+            leaves[0], leaves[1], labels, old, adv, mask, bias=leaves[2], backend=run_backend, **kwargs
+        )
+        (upstream * result.loss).backward()
+        return result, [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+    got, got_grads = run(torch.float32, backend)
+    want, want_grads = run(torch.float64, "torch")
+    assert_close_fp32("loss", got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert_close_fp32("clip_fraction", got.clip_fraction, want.clip_fraction)
+    assert_close_fp32("approx_kl", got.approx_kl, want.approx_kl, rtol=1e-5, atol=1e-5)
+    assert_close_fp32("logprobs", got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+    for leaf, g, w in zip(("hidden", "weight", "bias"), got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None), leaf
+        if g is not None:
+            assert g.shape == w.shape
+            assert_close_fp32(f"grad {leaf}", g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
+def test_hidden_form_gradients_survive_in_place_changes_between_retained_passes(backend):
+    """A returned gradient is the caller's to change: clipping it in place between two backward passes of
+    a retained graph leaves the second pass's gradient intact."""
+    hidden, weight, bias, labels = make_hidden_case(2, 6, 12, 37)
+    old, adv, mask, _ = rollout(2, 6)
+    weight.requires_grad_(True)
+    result = linear_ppo_policy_loss(hidden, weight, labels, old, adv, mask, bias=bias, backend=backend)
+    (first,) = torch.autograd.grad(result.loss, weight, retain_graph=True)
+    want = first.clone()
+    first.mul_(0.0)
+    (second,) = torch.autograd.grad(result.loss, weight)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+
+
 def test_hidden_form_without_grad_skips_gradients():
     hidden, weight, bias, labels = make_hidden_case(2, 5, 8, 50)
     old, adv, mask, _ = rollout(2, 5)

@@ -559,9 +559,10 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         scale = grad_loss.to(torch.float32)
 
         def scaled(grad):
-            # The usual upstream gradient is exactly 1: skip a pass over [V, H] then.
+            # Always a new tensor, even for an upstream gradient of 1 (as in the C++ op): a caller may
+            # change a returned gradient in place between two backward passes of a retained graph.
             if grad is None:
                 return None
-            return grad if bool(scale == 1) else (grad.float() * scale).to(grad.dtype)
+            return (grad.float() * scale).to(grad.dtype)
 
         return scaled(d_hidden), scaled(d_weight), scaled(d_bias), None, None, None, None, None, None
