@@ -16,7 +16,8 @@ Each run is judged on held-out prompts (prompt texts never trained on) by the ta
 no stage optimises directly (it only stands in for the labelers who rank comparisons): the mean gold score
 of responses sampled at the training temperature, before
 (the SFT policy) and after; the share of the gap from the SFT policy's score to the best score (1.0) that
-the run closed; the KL to the SFT policy per response; the rise of the held-out text's perplexity.
+the run closed; the KL to the SFT policy per response; the rise of the held-out text's perplexity and
+the policy's KL to the SFT policy on that text per token (the alignment tax, as a rise and as drift).
 
 Output: one table (mean ± std over seeds) printed last, the rows appended to a CSV
 (``bench/results/alignment.csv``: task, seed, method, figures, flags, machine, date, version), and a PNG of
@@ -31,7 +32,6 @@ the training rollouts' gold score against their KL, per task and method: the ove
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -84,6 +84,7 @@ CSV_COLUMNS = [
     "perplexity_start",
     "perplexity_end",
     "perplexity_rise",
+    "text_kl_end",
     "seconds",
     "flags",
     "device",
@@ -237,6 +238,7 @@ def run_unit(
                 "perplexity_start": start_ppl,
                 "perplexity_end": end_ppl,
                 "perplexity_rise": (end_ppl - start_ppl) if start_ppl and end_ppl else None,
+                "text_kl_end": figures["eval_text_kl_end"],
                 # The run's own time plus its share of the SFT and RM it started from.
                 "seconds": round(
                     (summary.get("seconds") or 0)
@@ -287,18 +289,20 @@ def run_units(args, units: list[tuple[str, int]]) -> list[dict]:
     return rows
 
 
-def mean_std(values: list) -> str:
+def mean_std(values: list, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(rows: list[dict]) -> str:
     header = (
         "| task | method | RM held-out acc | gold start → end | gap closed | win rate | KL (nats) | "
-        "perplexity rise | seconds |\n|---|---|---|---|---|---|---|---|---|"
+        "perplexity rise | text KL (nats/token) | seconds |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     keys = sorted(
@@ -315,6 +319,7 @@ def table(rows: list[dict]) -> str:
             f"{mean_std([r['gold_start'] for r in group])} → {mean_std([r['gold_end'] for r in group])} | "
             f"{mean_std([r['gap_closed'] for r in group])} | {mean_std([r['win_rate'] for r in group])} | "
             f"{mean_std([r['kl_end'] for r in group])} | {mean_std([r['perplexity_rise'] for r in group])} | "
+            f"{mean_std([r.get('text_kl_end') for r in group], digits=4)} | "
             f"{mean_std([r['seconds'] for r in group])} |"
         )
     seeds = sorted({r["seed"] for r in rows})
@@ -323,20 +328,15 @@ def table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     from common import device_name
+    from common import write_csv as append_rows
 
     from fastrlhf import __version__
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {**row, "device": device_name("cpu"), "date": stamp, "fastrlhf_version": __version__}
-            )
+    stamped = [
+        {**row, "device": device_name("cpu"), "date": stamp, "fastrlhf_version": __version__} for row in rows
+    ]
+    append_rows(stamped, str(path), CSV_COLUMNS)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

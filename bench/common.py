@@ -164,9 +164,24 @@ def run_in_subprocess(module_file: str, case: dict, timeout: float = 900) -> dic
 
 def write_csv(rows: list[dict], path: str, columns: list[str] | None = None) -> None:
     """Append rows to a CSV (header written when the file is new). ``columns``: the file's columns,
-    default the runner's long format (``CSV_COLUMNS``); a row's missing keys are left empty."""
-    columns = columns or CSV_COLUMNS
+    default the runner's long format (``CSV_COLUMNS``); a row's missing keys are left empty.
+
+    A file whose header lacks some of ``columns`` (written before its bench gained one) is first rewritten,
+    atomically, with ``columns`` followed by the columns only it has: its rows keep every value and read
+    empty in the new columns, so results measured before and after the change stay side by side in one
+    file. A file that has every column already keeps its header."""
+    columns = list(columns or CSV_COLUMNS)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            old_columns, old_rows = list(reader.fieldnames or []), list(reader)
+        extra = [c for c in old_columns if c not in columns]
+        if old_columns and not set(columns) <= set(old_columns):
+            columns += extra
+            _rewrite_csv(path, columns, old_rows)
+        elif old_columns:
+            columns = old_columns
     new = not os.path.exists(path)
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -174,6 +189,21 @@ def write_csv(rows: list[dict], path: str, columns: list[str] | None = None) -> 
             writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in columns})
+
+
+def _rewrite_csv(path: str, columns: list[str], rows: list[dict]) -> None:
+    """Write ``rows`` under the header ``columns`` to a temporary file beside ``path``, then replace it."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".csv.tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k) or "" for k in columns})
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def base_row(op: str, device: str) -> dict:

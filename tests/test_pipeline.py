@@ -30,10 +30,13 @@ def test_pipeline_runs_every_stage_and_reuses_finished_ones(tmp_path, capsys):
         assert 0.0 <= part["eval_sampled_win_rate"] <= 1.0
         assert part["gap_closed"] is not None
         assert part["eval_perplexity_start"] > 0 and part["eval_perplexity_end"] > 0
+        # Three steps moved the policy off the SFT policy it started as, on the held-out text too.
+        assert part["eval_text_kl_start"] == 0.0 and part["eval_text_kl_end"] > 0
     # The same numbers in the printed table and in summary.md.
     assert (output / "summary.md").read_text().strip() == summary_table(summary).strip()
     assert "| RM | held-out pairwise accuracy |" in table and "PPO-PTX" in table
     assert "share of the SFT -> best gold gap closed" in table
+    assert "| PPO | held-out text: KL to the SFT policy (nats/token) | 0 |" in table
     assert (output / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # PPO-ptx pulls the held-out text's perplexity below plain PPO's (its LM loss is on that text's source).
     assert summary["ppo-ptx"]["eval_perplexity_end"] < summary["ppo"]["eval_perplexity_end"]

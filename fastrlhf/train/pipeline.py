@@ -181,6 +181,8 @@ def ppo_figures(summary: dict) -> dict:
         "eval_sampled_judge",
         "eval_perplexity_start",
         "eval_perplexity_end",
+        "eval_text_kl_start",
+        "eval_text_kl_end",
         "seconds",
     )
     figures["gap_closed"] = gap_closed(figures["eval_sampled_gold_start"], figures["eval_sampled_gold_end"])
@@ -251,5 +253,6 @@ def summary_table(summary: dict) -> str:
             part["eval_perplexity_end"],
             digits=4,
         )
+        row(label, "held-out text: KL to the SFT policy (nats/token)", "0", part.get("eval_text_kl_end"))
     header = ["| step | quantity | start | end |", "|---|---|---|---|"]
     return "\n".join(header + rows + [f"\nTotal time: {summary['seconds']} s"])

@@ -111,12 +111,16 @@ class PPOConfig(RunArguments):
     norm_by_std: bool = flag(True, "grpo: divide by the group's std (false: Dr. GRPO, mean baseline only).")
     ptx_data: str | None = flag(None, "Pretraining text JSONL ({\"text\"}) for PPO-ptx; 'sample' = bundled.")
     ptx_coef: float = flag(
-        0.5,
+        1.0,
         "γ of PPO-ptx: the pretraining LM loss's weight relative to the RL term (the LM loss is scaled by "
         "the minibatch's mean |advantage|, so γ means the same for any reward scale; see docs).",
     )
     ptx_batch_size: int = flag(4, "Pretraining sequences per micro-batch.")
-    eval_text: str = flag("sample", "Text JSONL whose held-out lines measure the LM perplexity before/after.")
+    eval_text: str = flag(
+        "sample",
+        "Text JSONL whose held-out lines measure the alignment tax: the LM perplexity before/after and the "
+        "policy's KL to the SFT policy on them.",
+    )
     actor_critic: str = flag(
         "separate",
         "Memory mode: separate (own critic), shared (one trunk), lora (adapters; rank --lora-r, "
@@ -332,7 +336,7 @@ def train_ppo(config: PPOConfig) -> dict:
     step, kl.value = state.get("step", 0), state.get("kl_coef", kl.value)
     if "score_norm" in state:
         normalizer.load_state(state["score_norm"])
-    start_eval = state.get("start_eval") or evaluate(models, data, config, device)
+    start_eval = state.get("start_eval") or evaluate(models, data, config, device, at_start=True)
     if not state:
         run.log(0, eval_metrics(start_eval))
     run.start_progress(config.steps, step, f"{config.advantage_estimator}[{config.actor_critic}]")
@@ -614,8 +618,10 @@ def ptx_stream_at(config: PPOConfig, data: PPOData, step: int, device):
 # ---- evaluation, metrics and the summary ----------------------------------------------------------
 
 
-def evaluate(models: PPOModels, data: PPOData, config: PPOConfig, device) -> dict:
-    return evaluate_policy(
+def evaluate(models: PPOModels, data: PPOData, config: PPOConfig, device, at_start: bool = False) -> dict:
+    """The held-out evaluation (``evaluate_policy``). ``at_start`` the policy is still its reference, so
+    the text KL is 0 without its passes."""
+    evaluation = evaluate_policy(
         models.unwrapped,
         data.tokenizer,
         data.evaluation,
@@ -627,11 +633,17 @@ def evaluate(models: PPOModels, data: PPOData, config: PPOConfig, device) -> dic
         # so runs from one SFT policy start from the very same evaluation.
         batch_size=EVAL_BATCH_SIZE,
         device=device,
+        with_text_kl=not at_start,
     )
+    if at_start:
+        evaluation["text_kl"] = 0.0 if data.evaluation.texts else float("nan")
+    return evaluation
 
 
 def eval_metrics(evaluation: dict) -> dict:
     metrics = {"eval/perplexity": evaluation["perplexity"]}
+    if evaluation.get("text_kl") is not None:  # absent from a start evaluation an older version stored
+        metrics["eval/text_kl"] = evaluation["text_kl"]
     for kind in ("greedy", "sampled"):
         if kind in evaluation:
             metrics[f"eval/{kind}_rm"] = evaluation[kind]["rm_mean"]
@@ -710,6 +722,7 @@ PLOT_GROUPS = {
     "memory": ["memory/peak_mib"],
     "ptx": ["ptx/loss"],
     "perplexity": ["eval/perplexity"],
+    "text_kl": ["eval/text_kl"],
     "lr": ["lr"],
 }
 
