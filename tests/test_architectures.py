@@ -8,31 +8,25 @@ the bench runs both for each. Gemma 2, whose logits are soft-capped, is refused 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fastrlhf.models.loading import load_causal_lm, load_tokenizer
 from fastrlhf.models.policy import CausalLMPolicy
 from fastrlhf.models.reward_model import RewardModel
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "architectures.py"
 TIED = {"llama": False, "qwen2": True, "mistral": False, "gemma": True, "gpt2": True, "gpt_neox": False}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH.parent))  # the bench's own helpers (bench/common.py)
-    spec = importlib.util.spec_from_file_location("architectures_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("architectures")
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,16 @@ held-out prompt text is ever sampled.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import torch
+from bench_scripts import load_bench_script
 
 from fastrlhf.data import read_jsonl
 from fastrlhf.data.tasks import task_module
 from fastrlhf.models.tiny import resolve_model
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "alignment.py")
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("alignment_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path, lines):
@@ -46,7 +37,7 @@ def test_policy_comparisons_keep_the_tiers_rank_by_the_labeler_and_skip_held_out
     monkeypatch.setattr(
         tasks, "gold_reward_spec", lambda name: asked.append(name) or "ppo_rewards:digit_fraction"
     )
-    bench = _bench_module()
+    bench = load_bench_script("alignment")
     task = task_module("format")
     tiers = task.ranked_examples(14, seed=3)
     prompts = list(dict.fromkeys(line["prompt"] for line in tiers))

@@ -3,24 +3,15 @@ text, against a float64 computation from the two models' logits."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 from fastrlhf.models.tiny import resolve_model
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "alignment_tax.py")
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("alignment_tax_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _finished_run(group, name, model_dir=None, lm=None):
@@ -39,7 +30,7 @@ def test_tax_of_an_unchanged_and_a_moved_policy_on_the_held_out_text(tmp_path):
     from fastrlhf.data.bundled import data_path
     from fastrlhf.train.datasets import split_texts
 
-    bench = _bench_module()
+    bench = load_bench_script("alignment_tax")
     tiny = resolve_model("tiny")
     group = tmp_path / "pipeline"
     (group / "sft").mkdir(parents=True)
@@ -83,7 +74,7 @@ def test_tax_of_an_unchanged_and_a_moved_policy_on_the_held_out_text(tmp_path):
 
 
 def test_unseen_facts_leave_out_the_groups_own_pretraining_text(tmp_path):
-    bench = _bench_module()
+    bench = load_bench_script("alignment_tax")
     group = tmp_path / "unit"
     (group / "data").mkdir(parents=True)
     own = ["0 and 0 make 0.", "0 and 1 make 1."]
@@ -98,4 +89,4 @@ def test_unseen_facts_leave_out_the_groups_own_pretraining_text(tmp_path):
 
 def test_a_group_without_an_sft_policy_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no sft/model"):
-        _bench_module().main([str(tmp_path)])
+        load_bench_script("alignment_tax").main([str(tmp_path)])

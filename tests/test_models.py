@@ -18,6 +18,7 @@ from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pack_batch, pad_b
 from fastrlhf.data.tokenize import TokenizedSequence
 from fastrlhf.models import loading
 from fastrlhf.models.dropout import BRANCH_OUTPUT_NAMES, apply_dropout
+from fastrlhf.models.eval_mode import evaluating
 from fastrlhf.models.heads import ScalarHead, last_token_index
 from fastrlhf.models.loading import (
     ModelOptions,
@@ -585,3 +586,19 @@ def test_reward_model_with_lora_saves_merged_weights(model_dir, tmp_path):
     assert not any("lora_" in name for name, _ in reloaded.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**model_inputs(batch)), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("was_training", [True, False])
+def test_evaluating_switches_dropout_off_and_gives_the_mode_back_even_when_the_block_raises(was_training):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(0.5)).train(was_training)
+    x = torch.randn(4, 6)
+    with evaluating(module):
+        assert not module.training and not module[1].training
+        assert not torch.is_grad_enabled()
+        torch.testing.assert_close(module(x), module[0](x))  # no dropout in the block
+    assert module.training is was_training and module[1].training is was_training
+    assert torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="inside the block"), evaluating(module):
+        raise RuntimeError("inside the block")
+    assert module.training is was_training and torch.is_grad_enabled()

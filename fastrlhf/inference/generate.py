@@ -13,6 +13,7 @@ from fastrlhf.data.batching import pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
 from fastrlhf.errors import InputError
 from fastrlhf.inference.decode import decode
+from fastrlhf.models.eval_mode import evaluating
 
 SAMPLERS = ("fastrlhf", "hf")
 
@@ -105,10 +106,8 @@ def generate_responses(
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     device = next(lm.parameters()).device
-    was_training = lm.training
-    lm.eval()
     results = []
-    try:
+    with evaluating(lm):
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
             sequences = [TokenizedSequence(tuple(p), len(p), False, False, "") for p in chunk]
@@ -131,8 +130,6 @@ def generate_responses(
                 cut = tokens[: tokens.index(eos_token_id) + 1] if ended else tokens
                 logprobs = tuple(step_logprobs[row][: len(cut)]) if step_logprobs is not None else None
                 results.append(GeneratedResponse(tuple(prompt), tuple(cut), ended, logprobs))
-    finally:
-        lm.train(was_training)
     return results
 
 

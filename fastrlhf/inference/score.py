@@ -8,6 +8,7 @@ from accelerate.utils import send_to_device
 from fastrlhf.data.batching import make_collator, model_inputs
 from fastrlhf.data.records import SFTExample
 from fastrlhf.data.tokenize import TruncationPolicy, tokenize_sft
+from fastrlhf.models.eval_mode import evaluating
 
 
 @torch.no_grad()
@@ -18,14 +19,10 @@ def score_pairs(
     sequences, _ = tokenize_sft(records, tokenizer, truncation)
     collate = make_collator(tokenizer.pad_token_id, packing=False)
     device = next(reward_model.parameters()).device
-    was_training = reward_model.training
-    reward_model.eval()
     scores = []
-    try:
+    with evaluating(reward_model):
         for start in range(0, len(sequences), batch_size):
             batch = collate(sequences[start : start + batch_size])
             out = reward_model(**send_to_device(model_inputs(batch), device))
             scores.extend(out.float().cpu().tolist())
-    finally:
-        reward_model.train(was_training)
     return scores

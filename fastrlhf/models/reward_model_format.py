@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fastrlhf.errors import InputError
+from fastrlhf.models.eval_mode import evaluating
 
 LEGACY_HEAD_FILE = "score_head.safetensors"  # the older format's head (weight, bias, normalisation bias)
 CONFIG_KEY = "fastrlhf_reward"  # config.json entry: {"normalization_bias", "score_offset", "folded_into"}
@@ -277,9 +278,8 @@ def write_sequence_classification(
     foldable = norm is not None and norm[1].bias.dtype in (torch.float32, torch.float64)
     foldable = foldable and float(weight.double().square().sum()) > 0.0 and offset != 0.0
     probe_pad = pad_id if pad_id is not None else 0
-    was_training = trunk.training
-    trunk.eval()  # the probe compares deterministic forwards: no dropout
-    with _embedding_row_for(trunk, probe_pad):
+    # the probe compares deterministic forwards: no dropout
+    with evaluating(trunk), _embedding_row_for(trunk, probe_pad):
         config = copy.deepcopy(trunk.config)
         config.num_labels = 1
         config.pad_token_id = pad_id
@@ -313,7 +313,6 @@ def write_sequence_classification(
             if original_bias is not None:
                 with torch.no_grad():
                     norm[1].bias.copy_(original_bias)
-            trunk.train(was_training)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

@@ -19,6 +19,7 @@ from accelerate.utils import send_to_device
 
 from fastrlhf.data.batching import IGNORE_INDEX, model_inputs, pad_batch
 from fastrlhf.data.tokenize import TokenizedSequence
+from fastrlhf.models.eval_mode import evaluating
 from fastrlhf.models.policy import target_logprobs
 from fastrlhf.train.rewards import call_reward_fn
 from fastrlhf.train.rollout import collect_rollout, seeded_sampling
@@ -124,24 +125,24 @@ def compare(start: dict, end: dict) -> dict:
     return out
 
 
+def _padded_batches(sequences: list[TokenizedSequence], pad_token_id: int, batch_size: int, device):
+    """``sequences`` as padded batches of ``batch_size`` on ``device``, one at a time."""
+    for start in range(0, len(sequences), batch_size):
+        yield send_to_device(pad_batch(sequences[start : start + batch_size], pad_token_id), device)
+
+
 @torch.no_grad()
 def text_perplexity(
     model, sequences: list[TokenizedSequence], pad_token_id: int, batch_size: int, device
 ) -> float:
     """exp(mean NLL per token) of ``sequences`` under the policy (eval mode, temperature 1)."""
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(sequences), batch_size):
-            batch = send_to_device(pad_batch(sequences[start : start + batch_size], pad_token_id), device)
-            logprobs, _ = model(
-                value_rows=0, head_fn=target_logprobs(batch["targets"]), **model_inputs(batch)
-            )
+    with evaluating(model):
+        for batch in _padded_batches(sequences, pad_token_id, batch_size, device):
+            head_fn = target_logprobs(batch["targets"])
+            logprobs, _ = model(value_rows=0, head_fn=head_fn, **model_inputs(batch))
             total -= float(logprobs.double().sum())
             count += logprobs.numel()
-    finally:
-        model.train(was_training)
     return math.exp(total / count) if count else float("nan")
 
 
@@ -162,19 +163,14 @@ def text_kl_to_reference(
     on others has moved. Temperature 1, eval mode; 0 for a policy equal to its reference.
     """
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(sequences), batch_size):
-            batch = send_to_device(pad_batch(sequences[start : start + batch_size], pad_token_id), device)
+    with evaluating(model):
+        for batch in _padded_batches(sequences, pad_token_id, batch_size, device):
             selected = batch["targets"] != IGNORE_INDEX
             reference_hidden, reference_head = model.reference_hidden(**model_inputs(batch))
             kl_sum = _kl_sum_head(reference_hidden[selected], reference_head, selected)
             batch_kl, _ = model(value_rows=0, head_fn=kl_sum, **model_inputs(batch))
             total += batch_kl
             count += int(selected.sum())
-    finally:
-        model.train(was_training)
     return total / count if count else float("nan")
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastrlhf import ops
+from fastrlhf.models.eval_mode import evaluating
 from fastrlhf.train.rollout import Rollout, micro_batches, select_rows
 
 if TYPE_CHECKING:
@@ -85,9 +86,7 @@ def rollout_logprobs(
     old_logprobs = torch.zeros(shape, device=device) if with_old else None
     ref_logprobs = torch.zeros(shape, device=device)
     values = torch.zeros(shape, device=device) if with_values else None
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for rows in micro_batches(torch.arange(shape[0], device=device), micro_batch_rows):
             micro = select_rows(rollout, rows)
             keep, targets = micro["mask"], micro["targets"]
@@ -110,8 +109,6 @@ def rollout_logprobs(
                 out[rows] = block
             if values is not None:
                 values[rows] = torch.where(keep, value.float(), 0.0)
-    finally:
-        model.train(was_training)
     return old_logprobs, ref_logprobs, values
 
 

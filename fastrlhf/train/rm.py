@@ -23,12 +23,13 @@ from fastrlhf.data.readers import read_jsonl
 from fastrlhf.data.tokenize import tokenize_ranked
 from fastrlhf.errors import InputError
 from fastrlhf.inference.score import score_pairs
+from fastrlhf.models.eval_mode import evaluating
 from fastrlhf.models.loading import resolve_attention, trainable_parameters
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
 from fastrlhf.train.guards import NonFiniteError
-from fastrlhf.train.run import TrainingRun, evaluating
+from fastrlhf.train.run import TrainingRun
 from fastrlhf.train.unwrap import unwrap_model
 
 

@@ -9,7 +9,6 @@ The loops in ``sft.py`` and ``rm.py`` stay readable because the bookkeeping live
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -514,15 +513,3 @@ def save_causal_lm(model, directory: Path) -> None:
 
         lm = copy.deepcopy(lm).merge_and_unload()
     lm.save_pretrained(directory)
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """Eval mode (no dropout) and no grad for the block; restores the previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)

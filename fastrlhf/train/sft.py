@@ -16,11 +16,12 @@ from accelerate.utils import send_to_device
 from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
 from fastrlhf.data.tokenize import tokenize_sft
 from fastrlhf.errors import InputError
+from fastrlhf.models.eval_mode import evaluating
 from fastrlhf.models.loading import load_causal_lm, load_config, resolve_attention, trainable_parameters
 from fastrlhf.models.policy import CausalLMPolicy, require_plain_logits
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader, split_texts
-from fastrlhf.train.run import TrainingRun, evaluating
+from fastrlhf.train.run import TrainingRun
 from fastrlhf.train.unwrap import unwrap_model
 
 
