@@ -79,6 +79,11 @@ def op_targets(include_torch: bool = True) -> list:
     return params
 
 
+def on_device(device: str, *tensors) -> tuple:
+    """The tensors moved to the device under test (None stays None); float64 references stay on the CPU."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """A fresh seed per test (inputs are never the same twice); FASTRLHF_TEST_SEED replays a failure."""

@@ -1,9 +1,10 @@
-"""gae and compute_advantages on every backend against the float64 reference (itself checked against
-scalar re-statements of TRL's and veRL's loops in test_reference.py)."""
+"""gae and compute_advantages on every backend, on the CPU and (when one is present) the GPU, against the
+float64 reference on the CPU (itself checked against scalar re-statements of TRL's and veRL's loops in
+test_reference.py)."""
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import on_device, op_targets
 from loops import gae_mask_carry_loop, gae_right_padded_loop
 from numerics import assert_close_fp32
 
@@ -19,39 +20,40 @@ def make_mask(batch, length, kind):
     return mask
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("batch,length", [(1, 1), (3, 7), (4, 300), (2, 2049)])
 @pytest.mark.parametrize("kind", ["right-padded", "holes"])
-def test_gae_matches_reference(backend, batch, length, kind):
+def test_gae_matches_reference(backend, device, batch, length, kind):
     rewards, values = torch.randn(batch, length), torch.randn(batch, length)
     mask = make_mask(batch, length, kind)
-    adv, ret = gae(rewards, values, mask, 0.99, 0.95, backend=backend)
+    adv, ret = gae(*on_device(device, rewards, values, mask), 0.99, 0.95, backend=backend)
     want_adv, want_ret = reference.gae(rewards.double(), values.double(), mask, 0.99, 0.95)
     # The recurrence sums up to ~1/(1-γλ) ≈ 17 terms of O(1): fp32 accumulates ~1e-6 relative.
     assert_close_fp32("advantages", adv, want_adv, rtol=1e-5, atol=1e-5)
     assert_close_fp32("returns", ret, want_ret, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
-def test_gae_long_sequences(backend):
-    length = 32768 if backend == "cpp" else 4099
+@pytest.mark.parametrize("backend,device", op_targets(include_torch=False))
+def test_gae_long_sequences(backend, device):
+    length = 4099 if backend == "triton" and device == "cpu" else 32768  # the interpreter is slow
     rewards, values = torch.randn(3, length), torch.randn(3, length)
     mask = make_mask(3, length, "holes")
-    adv, ret = gae(rewards, values, mask, 1.0, 0.95, backend=backend)
+    adv, ret = gae(*on_device(device, rewards, values, mask), 1.0, 0.95, backend=backend)
     want_adv, want_ret = reference.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
     assert_close_fp32("advantages", adv, want_adv, rtol=1e-5, atol=5e-5)
     assert_close_fp32("returns", ret, want_ret, rtol=1e-5, atol=5e-5)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_gae_gamma_lambda_edges_and_empty(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_gae_gamma_lambda_edges_and_empty(backend, device):
     rewards, values = torch.randn(2, 9), torch.randn(2, 9)
     mask = torch.ones(2, 9, dtype=torch.bool)
     for gamma, lam in [(1.0, 1.0), (0.0, 0.0), (1.0, 0.0)]:
-        adv, _ = gae(rewards, values, mask, gamma, lam, backend=backend)
+        adv, _ = gae(*on_device(device, rewards, values, mask), gamma, lam, backend=backend)
         want, _ = reference.gae(rewards.double(), values.double(), mask, gamma, lam)
         assert_close_fp32(f"advantages γ={gamma} λ={lam}", adv, want, rtol=1e-5, atol=1e-5)
-    adv, ret = gae(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0, 5), 1.0, 0.9, backend=backend)
+    empty = on_device(device, torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0, 5))
+    adv, ret = gae(*empty, 1.0, 0.9, backend=backend)
     assert adv.shape == (0, 5) and ret.shape == (0, 5)
 
 
@@ -87,20 +89,19 @@ def test_masked_whiten():
         masked_whiten(x, torch.zeros_like(mask))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 @pytest.mark.parametrize("kind", ["right-padded", "holes"])
 @pytest.mark.parametrize("length", [1, 13, 700])
-def test_compute_advantages_matches_composed_reference(backend, estimator, kind, length):
+def test_compute_advantages_matches_composed_reference(backend, device, estimator, kind, length):
     batch = 4
     logp, ref = -torch.rand(batch, length) * 4, -torch.rand(batch, length) * 4
     values, scores = torch.randn(batch, length), torch.randn(batch) * 3
     mask = make_mask(batch, length, kind)
     mask[1, 0] = True  # at least two valid tokens overall for whitening
     mask[-1, -1] = True
-    out = compute_advantages(
-        scores, logp, ref, values, mask, 0.05, estimator, 1.0, 0.95, whiten=False, backend=backend
-    )
+    inputs = on_device(device, scores, logp, ref, values, mask)
+    out = compute_advantages(*inputs, 0.05, estimator, 1.0, 0.95, whiten=False, backend=backend)
     # Composed by hand from the reference pieces: KL rewards, score at the last valid token, GAE.
     rewards = -0.05 * reference.kl_penalty(logp.double(), ref.double(), mask, estimator)
     for b in range(batch):
@@ -111,9 +112,7 @@ def test_compute_advantages_matches_composed_reference(backend, estimator, kind,
     assert_close_fp32("token_rewards", out.token_rewards, rewards, rtol=1e-5, atol=1e-6)
     assert_close_fp32("advantages", out.advantages, want_adv, rtol=1e-5, atol=1e-5)
     assert_close_fp32("returns", out.returns, want_ret, rtol=1e-5, atol=1e-5)
-    whitened = compute_advantages(
-        scores, logp, ref, values, mask, 0.05, estimator, 1.0, 0.95, backend=backend
-    )
+    whitened = compute_advantages(*inputs, 0.05, estimator, 1.0, 0.95, backend=backend)
     assert_close_fp32(
         "whitened", whitened.advantages, reference.masked_whiten(want_adv, mask), rtol=1e-4, atol=1e-5
     )
@@ -132,14 +131,14 @@ def test_compute_advantages_score_clip_and_validation():
         compute_advantages(torch.zeros(2), logp, logp, logp, mask, -0.1)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("kind", ["right-padded", "holes"])
 @pytest.mark.parametrize("length", [1, 5, 257])
-def test_gae_against_independent_python_loops(backend, kind, length):
+def test_gae_against_independent_python_loops(backend, device, kind, length):
     """Each backend straight against the peers' loops (tests/loops.py), not only against reference.gae."""
     rewards, values = torch.randn(5, length), torch.randn(5, length)
     mask = make_mask(5, length, kind)
-    adv, ret = gae(rewards, values, mask, 0.98, 0.9, backend=backend)
+    adv, ret = gae(*on_device(device, rewards, values, mask), 0.98, 0.9, backend=backend)
     want_adv, want_ret = gae_mask_carry_loop(rewards, values, mask, 0.98, 0.9)
     assert_close_fp32("advantages", adv, want_adv, rtol=1e-5, atol=1e-5)
     assert_close_fp32("returns", ret, want_ret, rtol=1e-5, atol=1e-5)
@@ -152,12 +151,12 @@ def test_gae_against_independent_python_loops(backend, kind, length):
             )
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_gae_all_masked_rows_are_zero(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_gae_all_masked_rows_are_zero(backend, device):
     rewards, values = torch.randn(3, 40), torch.randn(3, 40)
     mask = torch.zeros(3, 40, dtype=torch.bool)
     mask[1, 7:19] = True
-    adv, ret = gae(rewards, values, mask, 1.0, 1.0, backend=backend)
+    adv, ret = gae(*on_device(device, rewards, values, mask), 1.0, 1.0, backend=backend)
     assert torch.all(adv[0] == 0) and torch.all(ret[2] == 0)
     want_adv, _ = gae_mask_carry_loop(rewards, values, mask, 1.0, 1.0)
     assert_close_fp32("advantages", adv, want_adv, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import op_targets
+from conftest import on_device, op_targets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numerics import assert_close_fp32
@@ -26,11 +26,6 @@ SCALES = st.sampled_from([1.0, 30.0, 1e4])
 
 # The loss ops have one implementation (torch ops): they run on each device.
 DEVICES = [pytest.param(p.values[1], marks=p.marks, id=p.id) for p in op_targets() if p.values[0] == "torch"]
-
-
-def _on(device: str, *tensors):
-    """The inputs moved to the device under test (None stays None); references stay on the CPU."""
-    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 def _tensor(seed: int, shape, scale: float) -> torch.Tensor:
@@ -91,7 +86,10 @@ def test_kl_penalty_matches_float64_on_fuzzed_inputs(backend, device):
         mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed + 2)) < 0.7
         want = reference.kl_penalty(a64, b64, mask, estimator=estimator, clamp=clamp)
         got = ops.kl_penalty(
-            *_on(device, a64.float(), b64.float(), mask), estimator=estimator, clamp=clamp, backend=backend
+            *on_device(device, a64.float(), b64.float(), mask),
+            estimator=estimator,
+            clamp=clamp,
+            backend=backend,
         )
         # k3 = exp(-d) + d - 1 at |d| up to ~40 is ~1e17: relative error only.
         assert_close_fp32(f"kl {estimator}", got, want, rtol=1e-4, atol=1e-5 * scale)
@@ -115,7 +113,7 @@ def test_gae_matches_float64_on_fuzzed_inputs(backend, device):
         mask = torch.rand(rows, steps, generator=torch.Generator().manual_seed(seed + 2)) < 0.8
         want_adv, want_ret = reference.gae(rewards64, values64, mask, gamma, lam)
         adv, ret = ops.gae(
-            *_on(device, rewards64.float(), values64.float(), mask), gamma, lam, backend=backend
+            *on_device(device, rewards64.float(), values64.float(), mask), gamma, lam, backend=backend
         )
         bound = 1e-5 * scale * steps
         assert_close_fp32("advantages", adv, want_adv, rtol=1e-5, atol=bound)
@@ -140,13 +138,13 @@ def test_ranking_loss_matches_float64_on_fuzzed_inputs(backend, device):
         ranks = torch.randint(1, k + 1, (prompts, k), generator=generator)
         mask = torch.rand(prompts, k, generator=generator) < 0.8
         rewards = rewards64.float().to(device).requires_grad_()
-        on_device = _on(device, ranks, mask)
+        ranks_and_mask = on_device(device, ranks, mask)
         if int(mask.sum(1).max()) < 2:  # no prompt has a pair to rank: refused, naming the mask
             with pytest.raises(ValueError, match="mask"):
-                ops.ranking_loss(rewards, *on_device, margin=margin, backend=backend)
+                ops.ranking_loss(rewards, *ranks_and_mask, margin=margin, backend=backend)
             return
         want = reference.ranking_loss(rewards64.clone().requires_grad_(), ranks, mask, margin=margin)
-        got = ops.ranking_loss(rewards, *on_device, margin=margin, backend=backend)
+        got = ops.ranking_loss(rewards, *ranks_and_mask, margin=margin, backend=backend)
         assert_close_fp32("loss", got.loss, want.loss, rtol=1e-5, atol=1e-5)
         got.loss.backward()
         reference_rewards = rewards64.clone().requires_grad_()
@@ -264,7 +262,7 @@ def test_linear_ppo_policy_loss_matches_float64_on_fuzzed_inputs(backend, device
         got = ops.linear_ppo_policy_loss(
             hidden,
             weight,
-            *_on(device, labels, old.float(), advantages.float(), mask),
+            *on_device(device, labels, old.float(), advantages.float(), mask),
             backend=backend,
             **options,
         )
@@ -295,14 +293,16 @@ def test_policy_and_value_losses_match_float64_on_fuzzed_inputs(device):
         )
         logprobs = logprobs64.float().to(device).requires_grad_()
         options["ref_logprobs"] = ref.float().to(device)
-        got = ops.ppo_policy_loss(logprobs, *_on(device, old.float(), advantages.float(), mask), **options)
+        got = ops.ppo_policy_loss(
+            logprobs, *on_device(device, old.float(), advantages.float(), mask), **options
+        )
         assert_close_fp32("policy loss", got.loss, want.loss, rtol=1e-4, atol=1e-6)
         assert_close_fp32("clip fraction", got.clip_fraction, want.clip_fraction, rtol=0, atol=1e-6)
 
         values64, old_values, returns = (_tensor(seed + i, shape, scale * 10) for i in (10, 11, 12))
         want_v = reference.value_loss(values64, old_values, returns, mask, clip=clip, loss_agg=loss_agg)
         got_v = ops.value_loss(
-            *_on(device, values64.float(), old_values.float(), returns.float(), mask),
+            *on_device(device, values64.float(), old_values.float(), returns.float(), mask),
             clip=clip,
             loss_agg=loss_agg,
         )
@@ -330,7 +330,7 @@ def test_group_advantages_match_float64_on_fuzzed_inputs(backend, device):
         mask = torch.rand(prompts * k, steps, generator=torch.Generator().manual_seed(seed + 1)) < 0.8
         want_adv, want_ret = reference.group_advantages(scores64, mask, estimator, norm_by_std=norm_by_std)
         got = ops.group_advantages(
-            *_on(device, scores64.float(), mask), estimator, norm_by_std=norm_by_std, backend=backend
+            *on_device(device, scores64.float(), mask), estimator, norm_by_std=norm_by_std, backend=backend
         )
         tolerance = 1e-5 * (1 + (scale if not norm_by_std or estimator != "grpo" else 1.0)) * steps
         assert_close_fp32("advantages", got.advantages, want_adv, rtol=1e-4, atol=tolerance)
@@ -355,7 +355,8 @@ def test_low_precision_gather_logprobs_within_twice_torchs_error(backend, device
         logits_low = _tensor(seed, (rows, vocab), scale).to(dtype)
         labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed + 1))
         want = reference.gather_logprobs(logits_low.double(), labels)
-        logits_low, labels = _on(device, logits_low, labels)  # torch in the low dtype, on the same device
+        # torch in the low dtype, on the same device
+        logits_low, labels = on_device(device, logits_low, labels)
         torch_low = torch.log_softmax(logits_low, -1).gather(-1, labels[:, None])[:, 0]
         got = ops.gather_logprobs(logits_low, labels, backend=backend)
         floor = 1e-6 + interpreter_rounding_floor(backend, dtype, want)
@@ -382,7 +383,7 @@ def test_low_precision_kl_penalty_within_twice_torchs_error(backend, device, dty
         b = (-torch.rand(shape, generator=generator) * spread).to(dtype)
         mask = torch.rand(shape, generator=generator) < 0.8
         want = reference.kl_penalty(a.double(), b.double(), mask, estimator=estimator)
-        a, b, mask = _on(device, a, b, mask)
+        a, b, mask = on_device(device, a, b, mask)
         d = a - b  # torch in the low dtype: the same formulas, no upcast
         lowp = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator] * mask
         got = ops.kl_penalty(a, b, mask, estimator=estimator, backend=backend)
@@ -408,7 +409,7 @@ def test_low_precision_linear_logprobs_within_twice_torchs_error(backend, device
         weight = _tensor(seed + 1, (vocab, hidden_size), 1.0 / hidden_size**0.5).to(dtype)
         labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed + 2))
         want = reference.linear_logprobs(hidden.double(), weight.double(), labels)
-        hidden, weight, labels = _on(device, hidden, weight, labels)
+        hidden, weight, labels = on_device(device, hidden, weight, labels)
         # torch in the low dtype: low-precision logits, then the log-softmax (which torch runs upcast).
         logits = hidden @ weight.T
         torch_lowp = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
@@ -437,20 +438,20 @@ def test_low_precision_loss_and_advantage_ops_compute_in_fp32(backend, device, d
 
         mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed + 9)) < 0.8
         rewards, values = low(0), low(1)
-        got_adv, got_ret = ops.gae(*_on(device, rewards, values, mask), 1.0, 0.95, backend=backend)
+        got_adv, got_ret = ops.gae(*on_device(device, rewards, values, mask), 1.0, 0.95, backend=backend)
         want_adv, want_ret = reference.gae(rewards.double(), values.double(), mask, 1.0, 0.95)
         bound = 1e-5 * scale * shape[1]
         assert_close_fp32("gae advantages", got_adv, want_adv, rtol=1e-5, atol=bound)
         assert_close_fp32("gae returns", got_ret, want_ret, rtol=1e-5, atol=bound)
 
         ranks = torch.randint(1, shape[1] + 1, shape, generator=torch.Generator().manual_seed(seed + 10))
-        got = ops.ranking_loss(*_on(device, low(2), ranks), backend=backend)
+        got = ops.ranking_loss(*on_device(device, low(2), ranks), backend=backend)
         want = reference.ranking_loss(low(2).double(), ranks)
         assert_close_fp32("ranking loss", got.loss, want.loss, rtol=1e-5, atol=1e-5)
 
         scores = low(3)  # [B, k]: k = shape[1] responses per prompt, 5 tokens each
         tokens = torch.rand(shape[0] * shape[1], 5, generator=torch.Generator().manual_seed(seed + 11)) < 0.8
-        got_group = ops.group_advantages(*_on(device, scores, tokens), "rloo", backend=backend)
+        got_group = ops.group_advantages(*on_device(device, scores, tokens), "rloo", backend=backend)
         want_group = reference.group_advantages(scores.double(), tokens, "rloo")
         assert_close_fp32(
             "group advantages", got_group.advantages, want_group[0], rtol=1e-5, atol=1e-5 * scale
@@ -458,10 +459,10 @@ def test_low_precision_loss_and_advantage_ops_compute_in_fp32(backend, device, d
 
         if backend == "torch":  # the loss ops have one implementation
             logprobs, old = -low(4, 1.0).abs(), -low(5, 1.0).abs()
-            got_p = ops.ppo_policy_loss(*_on(device, logprobs, old, low(6, 1.0), mask))
+            got_p = ops.ppo_policy_loss(*on_device(device, logprobs, old, low(6, 1.0), mask))
             want_p = reference.ppo_policy_loss(logprobs.double(), old.double(), low(6, 1.0).double(), mask)
             assert_close_fp32("policy loss", got_p.loss, want_p.loss, rtol=1e-5, atol=1e-6)
-            got_v = ops.value_loss(*_on(device, low(7), low(8), low(9), mask))
+            got_v = ops.value_loss(*on_device(device, low(7), low(8), low(9), mask))
             want_v = reference.value_loss(low(7).double(), low(8).double(), low(9).double(), mask)
             assert_close_fp32("value loss", got_v.loss, want_v.loss, rtol=1e-5, atol=1e-6)
 

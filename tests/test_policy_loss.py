@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import cpu_backends, op_targets
+from conftest import cpu_backends, on_device, op_targets
 from loops import eager_logprobs_from_hidden, eager_ppo_policy_loss, eager_value_loss
 from numerics import assert_close_fp32, assert_within_2x
 
@@ -77,10 +77,6 @@ def rollout(batch, length, spread=0.4):
 LOGPROB_TARGETS = [p for p in op_targets() if p.values[0] in ("torch", "cpp", "cuda")]
 
 
-def on(device, *tensors):
-    return [t.to(device) for t in tensors]
-
-
 @pytest.mark.parametrize("backend,device", LOGPROB_TARGETS)
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_logprob_form_matches_eager_float64(cfg, backend, device):
@@ -93,7 +89,7 @@ def test_logprob_form_matches_eager_float64(cfg, backend, device):
     ent = entropy.clone().to(device).requires_grad_(True)
     result = ppo_policy_loss(
         lp,
-        *on(device, old, adv, mask),
+        *on_device(device, old, adv, mask),
         ref_logprobs=ref.to(device),
         entropy=ent,
         backend=backend,
@@ -141,7 +137,7 @@ def test_garbage_in_padding_is_ignored(backend, device):
     ent = entropy.to(device).requires_grad_(True)
     result = ppo_policy_loss(
         lp,
-        *on(device, old, adv, mask),
+        *on_device(device, old, adv, mask),
         ref_logprobs=ref.to(device),
         entropy=ent,
         kl_coef=0.1,
@@ -161,7 +157,7 @@ def test_a_nan_on_a_valid_token_is_not_hidden(backend, device):
     new = old.clone()
     new[0, 0] = float("nan")
     assert mask[0, 0]
-    result = ppo_policy_loss(*on(device, new, old, adv, mask), backend=backend)
+    result = ppo_policy_loss(*on_device(device, new, old, adv, mask), backend=backend)
     assert torch.isnan(result.loss) and torch.isnan(result.approx_kl)
 
 
@@ -171,7 +167,7 @@ def test_no_valid_token_gives_zero_loss(backend, device):
     lp = old.clone().to(device).requires_grad_(True)
     for agg in ("token-mean", "seq-mean-token-mean"):
         empty = torch.zeros(3, 5, dtype=torch.bool, device=device)
-        result = ppo_policy_loss(lp, *on(device, old, adv), empty, loss_agg=agg, backend=backend)
+        result = ppo_policy_loss(lp, *on_device(device, old, adv), empty, loss_agg=agg, backend=backend)
         assert float(result.loss) == 0.0 and float(result.clip_fraction) == 0.0
         result.loss.backward()
         assert torch.all(lp.grad == 0)
@@ -193,7 +189,7 @@ def test_extreme_log_ratios_stay_finite(backend, device):
     new[1, :3] = old[1, :3] - 80.0
     adv[0, 1] = 0.0
     lp = new.clone().to(device).requires_grad_(True)
-    result = ppo_policy_loss(lp, *on(device, old, adv, mask), dual_clip=3.0, backend=backend)
+    result = ppo_policy_loss(lp, *on_device(device, old, adv, mask), dual_clip=3.0, backend=backend)
     result.loss.backward()
     assert torch.isfinite(result.loss) and torch.isfinite(lp.grad).all()
     want = ppo_policy_loss(new.double().requires_grad_(True), old.double(), adv.double(), mask, dual_clip=3.0)
@@ -213,7 +209,7 @@ def test_ties_get_autograds_split(backend, device, loss_agg):
     for dual in (None, 2.0):
         lp = new.clone().to(device).requires_grad_(True)
         got = ppo_policy_loss(
-            lp, *on(device, old, adv, mask), dual_clip=dual, loss_agg=loss_agg, backend=backend
+            lp, *on_device(device, old, adv, mask), dual_clip=dual, loss_agg=loss_agg, backend=backend
         )
         got.loss.backward()
         lp64 = new.double().requires_grad_(True)
@@ -238,7 +234,7 @@ def test_many_segments_and_threads_against_float64(backend, device):
     kwargs = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05, kl_estimator="k3")
     lp = new.clone().to(device).requires_grad_(True)
     got = ppo_policy_loss(
-        lp, *on(device, old, adv, mask), ref_logprobs=ref.to(device), backend=backend, **kwargs
+        lp, *on_device(device, old, adv, mask), ref_logprobs=ref.to(device), backend=backend, **kwargs
     )
     got.loss.backward()
     lp64 = new.double().requires_grad_(True)
@@ -258,7 +254,11 @@ def test_low_precision_inputs_within_2x_of_torch(backend, device, dtype):
     low = [t.to(dtype) for t in (new, old, adv, ref)]
     lp = low[0].detach().clone().to(device).requires_grad_(True)
     got = ppo_policy_loss(
-        lp, *on(device, low[1], low[2], mask), ref_logprobs=low[3].to(device), backend=backend, **kwargs
+        lp,
+        *on_device(device, low[1], low[2], mask),
+        ref_logprobs=low[3].to(device),
+        backend=backend,
+        **kwargs,
     )
     got.loss.backward()
     assert lp.grad.dtype == dtype

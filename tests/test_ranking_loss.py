@@ -1,10 +1,10 @@
-"""ranking_loss and pairwise_loss on every backend against the float64 reference (itself checked against
-an explicit pair enumeration in test_reference.py)."""
+"""ranking_loss and pairwise_loss on every backend, on the CPU and (when one is present) the GPU, against the
+float64 reference on the CPU (itself checked against an explicit pair enumeration in test_reference.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_backends
+from conftest import on_device, op_targets
 from loops import ranking_loss_by_enumeration
 from numerics import assert_close_fp32
 
@@ -25,11 +25,13 @@ def make_case(n, k, ties=True):
     return rewards, ranks, mask
 
 
-def run(backend, rewards, ranks, mask, margin=0.0):
-    r = rewards.detach().clone().requires_grad_(True)
-    out = ranking_loss(r, ranks, mask, margin, backend=backend)
+def run(backend, device, rewards, ranks, mask, margin=0.0):
+    """The op on ``device``: its output (on ``device``) and d loss / d rewards (on the CPU)."""
+    r, on_ranks, on_mask = on_device(device, rewards.detach(), ranks, mask)
+    r.requires_grad_(True)
+    out = ranking_loss(r, on_ranks, on_mask, margin, backend=backend)
     out.loss.backward()
-    return out, r.grad
+    return out, r.grad.cpu()
 
 
 def reference64(rewards, ranks, mask, margin=0.0):
@@ -39,12 +41,12 @@ def reference64(rewards, ranks, mask, margin=0.0):
     return out, r.grad
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("n,k", [(1, 2), (5, 3), (7, 9), (33, 16)])
 @pytest.mark.parametrize("margin", [0.0, 0.7])
-def test_matches_reference(backend, n, k, margin):
+def test_matches_reference(backend, device, n, k, margin):
     rewards, ranks, mask = make_case(n, k)
-    out, grad = run(backend, rewards, ranks, mask, margin)
+    out, grad = run(backend, device, rewards, ranks, mask, margin)
     want, want_grad = reference64(rewards, ranks, mask, margin)
     assert_close_fp32("loss", out.loss, want.loss)
     assert_close_fp32("accuracy", out.accuracy, want.accuracy)
@@ -52,30 +54,31 @@ def test_matches_reference(backend, n, k, margin):
     assert_close_fp32("grad", grad, want_grad)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_stable_at_huge_gaps(backend):
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_stable_at_huge_gaps(backend, device):
     rewards = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 3.0]])
     ranks = torch.tensor([[1, 2, 3], [1, 2, 3]])
-    out, grad = run(backend, rewards, ranks, None)
+    out, grad = run(backend, device, rewards, ranks, None)
     want, want_grad = reference64(rewards, ranks, None)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     assert_close_fp32("loss", out.loss, want.loss)
     assert_close_fp32("grad", grad, want_grad)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_pairwise_is_k2_chosen_rejected(backend):
-    chosen, rejected = torch.randn(11, requires_grad=True), torch.randn(11, requires_grad=True)
+@pytest.mark.parametrize("backend,device", op_targets())
+def test_pairwise_is_k2_chosen_rejected(backend, device):
+    chosen, rejected = torch.randn(11, device=device), torch.randn(11, device=device)
+    chosen.requires_grad_(True), rejected.requires_grad_(True)
     margin = torch.rand(11)
-    out = pairwise_loss(chosen, rejected, margin, backend=backend)
+    out = pairwise_loss(chosen, rejected, margin.to(device), backend=backend)
     out.loss.backward()
-    c, r = chosen.detach().double().requires_grad_(True), rejected.detach().double().requires_grad_(True)
+    c, r = (t.detach().cpu().double().requires_grad_(True) for t in (chosen, rejected))
     want = -F.logsigmoid(c - r - margin.double()).mean()
     want.backward()
     assert_close_fp32("loss", out.loss, want)
     assert_close_fp32("d chosen", chosen.grad, c.grad)
     assert_close_fp32("d rejected", rejected.grad, r.grad)
-    assert out.accuracy.item() == pytest.approx((chosen > rejected).float().mean().item())
+    assert out.accuracy.item() == pytest.approx((c > r).float().mean().item())
 
 
 def test_bf16_rewards_compute_in_fp32():
@@ -85,15 +88,16 @@ def test_bf16_rewards_compute_in_fp32():
     assert_close_fp32("loss", out.loss, want.loss)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradient_scales_with_the_upstream_gradient_and_keeps_the_rewards_dtype(backend, dtype):
+def test_gradient_scales_with_the_upstream_gradient_and_keeps_the_rewards_dtype(backend, device, dtype):
     """The loss enters a larger graph (here times 2.5, next to another term of the rewards): their
     gradient is the upstream gradient times d loss / d rewards, in the rewards' own dtype. The compiled
     backends take d loss / d rewards out of the forward's pass over the pairs, so this checks the product."""
     rewards, ranks, mask = make_case(9, 5)
-    r = rewards.to(dtype).clone().requires_grad_(True)
-    out = ranking_loss(r, ranks, mask, 0.2, backend=backend)
+    r, on_ranks, on_mask = on_device(device, rewards.to(dtype), ranks, mask)
+    r.requires_grad_(True)
+    out = ranking_loss(r, on_ranks, on_mask, 0.2, backend=backend)
     (2.5 * out.loss + r.float().sum()).backward()
     r64 = rewards.to(dtype).double().detach().requires_grad_(True)
     want = reference.ranking_loss(r64, ranks, mask, 0.2)
@@ -104,7 +108,7 @@ def test_gradient_scales_with_the_upstream_gradient_and_keeps_the_rewards_dtype(
     else:
         # Computed in fp32, rounded to bf16 (half an ulp: 2^-8 relative) and summed in bf16 with the
         # other term's gradient of 1 (another half ulp).
-        torch.testing.assert_close(r.grad.double(), r64.grad, rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(r.grad.double().cpu(), r64.grad, rtol=2**-7, atol=1e-6)
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.fastrlhf, "ranking_loss_with_grad"), reason="no compiled extension")
@@ -139,9 +143,9 @@ def test_validation():
         ranking_loss(r, ranks.to("meta"))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", op_targets())
 @pytest.mark.parametrize("k", [2, 4, 9])
-def test_random_ranks_with_ties_against_brute_force(backend, k):
+def test_random_ranks_with_ties_against_brute_force(backend, device, k):
     """Random ranks drawn with replacement (many ties), random masks: values and gradients against an
     itertools enumeration of the pairs with float64 autograd (tests/loops.py)."""
     n = 12
@@ -150,7 +154,7 @@ def test_random_ranks_with_ties_against_brute_force(backend, k):
     mask = torch.rand(n, k) > 0.25
     mask[0] = True
     margin = 0.3
-    out, grad = run(backend, rewards, ranks, mask, margin)
+    out, grad = run(backend, device, rewards, ranks, mask, margin)
     r64 = rewards.double().requires_grad_(True)
     want_loss, want_acc, want_skipped = ranking_loss_by_enumeration(r64, ranks, mask, margin)
     want_loss.backward()
