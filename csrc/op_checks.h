@@ -150,11 +150,17 @@ inline at::Tensor mask_as_bytes_cpu(const char* name, const at::Tensor& mask) {
     at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t block = lo; block < hi; ++block) {
         const int64_t begin = block * kBlock, end = std::min(n, begin + kBlock);
+        // Local restrict pointers: a uint8_t store may alias anything, so through the captured ones
+        // the compiler reloads both pointers after every store and the loop stays scalar (~380 us
+        // for a 64 x 2048 float mask on a Xeon, against ~20 us vectorised).
+        const scalar_t* __restrict__ block_values = values + begin;
+        uint8_t* __restrict__ block_dst = dst + begin;
+        const int64_t len = end - begin;
         int not_binary = 0;  // a count, not a bool: GCC vectorises this form, 4x the && / |= ones
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t v = values[i];
+        for (int64_t i = 0; i < len; ++i) {
+          const scalar_t v = block_values[i];
           not_binary += (v != scalar_t(0)) & (v != scalar_t(1));
-          dst[i] = v == scalar_t(1);
+          block_dst[i] = v == scalar_t(1);
         }
         if (not_binary == 0) continue;
         int64_t i = begin;
