@@ -151,8 +151,8 @@ inline at::Tensor mask_as_bytes_cpu(const char* name, const at::Tensor& mask) {
       for (int64_t block = lo; block < hi; ++block) {
         const int64_t begin = block * kBlock, end = std::min(n, begin + kBlock);
         // Local restrict pointers: a uint8_t store may alias anything, so through the captured ones
-        // the compiler reloads both pointers after every store and the loop stays scalar (~380 us
-        // for a 64 x 2048 float mask on a Xeon, against ~20 us vectorised).
+        // the compiler reloads both pointers after every store and the loop stays scalar: on a 2-core
+        // Xeon a 64 x 2048 float mask added ~400 us to a GAE call that way, ~80 us vectorised.
         const scalar_t* __restrict__ block_values = values + begin;
         uint8_t* __restrict__ block_dst = dst + begin;
         const int64_t len = end - begin;
