@@ -88,6 +88,15 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), cuts[1], cuts[7]
 
 
+def combine_rounds(rounds: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """One (median, p20, p80) from several rounds' (median, p20, p80) of the same case: each the median
+    of the rounds' values, so one round slowed by the machine (another process, a throttled core) moves
+    none of them."""
+    if not rounds:
+        raise ValueError("combine_rounds needs at least one round")
+    return tuple(statistics.median(values) for values in zip(*rounds, strict=True))
+
+
 def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0, reps: int = 0):
     """Seconds per call as (median, p20, p80), measured after a warm-up call."""
     if device == "cuda":

@@ -12,7 +12,9 @@ as skipped, with the reason.
 
 Measurement: a warm-up call, then the median and p20/p80 of repeats (``torch.utils.benchmark`` on CPU,
 ``triton.testing.do_bench`` on GPU), cycling through several copies of the inputs when one copy would
-fit in the last-level cache. Inputs are fresh random numbers. Peak extra memory is measured for real:
+fit in the last-level cache. Inputs are fresh random numbers. ``--rounds R`` times every provider R
+times, the order reversed every other round (a provider inherits the heap and caches the one before it
+left), and reports each provider's median round. Peak extra memory is measured for real:
 ``max_memory_allocated`` after a reset on GPU; on CPU a fresh subprocess per case reports its peak RSS
 above its own baseline. Memory-bound ops also report GB/s against the device's measured copy bandwidth.
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -242,6 +245,13 @@ def parse_args():
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats: a smoke run")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="time every provider this many times, in alternating order, and report the median round;"
+        " default 1",
+    )
     parser.add_argument("--csv", default=os.path.join(HERE, "results", "bench.csv"))
     parser.add_argument("--plots-dir", default=os.path.join(HERE, "results", "plots"))
     parser.add_argument("--seed", type=int, default=None, help="input seed; default: fresh each run")
@@ -261,6 +271,13 @@ def parse_args():
         parser.error("--device cuda: no CUDA device is visible")
     args.ops, args.modes = ops, modes
     return args
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def wanted_provider(name: str, selection: str) -> bool:
@@ -299,10 +316,14 @@ def main() -> None:
             for dtype_name in dtypes:
                 for mode in (m for m in args.modes if m in spec.MODES):
                     measured = results.setdefault((op, case.size, dtype_name, mode), {})
+                    active = [p for p in providers if p.fn is not None and mode in p.modes]
                     if case.call_overhead and mode == "fwd":
                         # What the timing loop itself costs per call (input cycling, no_grad, closures):
                         # a forward call's own cost is its time less this.
-                        harness = harness_seconds(spec, case, dtype_name, device, seed, args)
+                        harness = statistics.median(
+                            harness_seconds(spec, case, dtype_name, device, seed, args)
+                            for _ in range(args.rounds)
+                        )
                         measured[HARNESS] = (harness, None)
                         rows.append(
                             common.base_row(op, device)
@@ -311,25 +332,22 @@ def main() -> None:
                             | dict(scale="", metric="time", median=harness, p20=harness, p80=harness)
                             | dict(unit="s")
                         )
-                    for provider in providers:
-                        if provider.fn is None or mode not in provider.modes:
+                    # --quick measures memory once per op (its first case and mode): each measurement is
+                    # a fresh process, and the smoke run must stay short; never for the call-overhead
+                    # case, whose buffers are a few bytes
+                    measure_memory = (
+                        not args.no_memory
+                        and not case.call_overhead
+                        and (not args.quick or (case is first_sized and mode == first_mode))
+                    )
+                    timings, memories = measure_providers(
+                        spec, active, case, dtype_name, mode, device, seed, args, measure_memory, skipped
+                    )
+                    for provider in active:
+                        if provider.name not in timings:
                             continue
-                        # --quick measures memory once per op (its first case and mode): each
-                        # measurement is a fresh process, and the smoke run must stay short
-                        # and never for the call-overhead case, whose buffers are a few bytes
-                        measure_memory = (
-                            not args.no_memory
-                            and not case.call_overhead
-                            and (not args.quick or (case is first_sized and mode == first_mode))
-                        )
-                        outcome = run_one(
-                            spec, provider, case, dtype_name, mode, device, seed, args, measure_memory
-                        )
-                        if isinstance(outcome, str):
-                            skipped.append([op, provider.name, outcome])
-                            print(f"{op} {case.size} {dtype_name} {mode}: skipped {provider.name}: {outcome}")
-                            continue
-                        (med, p20, p80), memory = outcome
+                        med, p20, p80 = timings[provider.name]
+                        memory = memories.get(provider.name)
                         measured[provider.name] = (med, memory)
                         base = common.base_row(op, device) | dict(
                             provider=provider.name,
@@ -362,13 +380,14 @@ def main() -> None:
                                     unit="B/s",
                                 )
                             )
-                        print(
-                            f"{op} {case.size} {dtype_name} {mode:4s} {provider.name:22s} "
-                            f"{med * 1e3:10.3f} ms (p20 {p20 * 1e3:.3f}, p80 {p80 * 1e3:.3f})"
-                            + ("" if memory is None else f"  peak extra {memory / 2**20:8.1f} MiB")
-                            + ("" if not moved else f"  {moved / med / 1e9:6.1f} GB/s"),
-                            flush=True,
-                        )
+                        if args.rounds > 1:
+                            print(
+                                f"{op} {case.size} {dtype_name} {mode:4s} {provider.name:22s} "
+                                f"{med * 1e3:10.3f} ms, the median of {args.rounds} rounds"
+                                + ("" if memory is None else f"  peak extra {memory / 2**20:8.1f} MiB")
+                                + ("" if not moved else f"  {moved / med / 1e9:6.1f} GB/s"),
+                                flush=True,
+                            )
                     if case.call_overhead:
                         call_table += call_rows(spec, case, dtype_name, mode, measured)
                     else:
@@ -422,6 +441,57 @@ def main() -> None:
                 ["case", "metric", "target", "measured (best backend)", "verdict"], target_rows
             )
         )
+
+
+def measure_providers(spec, active, case, dtype_name, mode, device, seed, args, measure_memory, skipped):
+    """Time every provider of one (case, dtype, mode), ``args.rounds`` times in alternating order.
+
+    Returns ({provider: (median, p20, p80)}, {provider: peak bytes}). Providers run one after another in
+    one process, so each inherits the heap and caches the previous one left; alternating the order
+    between rounds (forward, then reversed) gives every provider both neighbours, and the median of the
+    rounds' medians is reported (p20 / p80 likewise: the median of the rounds' p20s and p80s). Memory
+    is measured in the first round only (a fresh subprocess: no order to even out). A provider that
+    fails is listed in ``skipped`` and not run again.
+    """
+    per_round: dict[str, list] = {p.name: [] for p in active}
+    memories: dict[str, int] = {}
+    failed: set[str] = set()
+    for round_index in range(args.rounds):
+        order = active if round_index % 2 == 0 else active[::-1]
+        for provider in order:
+            if provider.name in failed:
+                continue
+            outcome = run_one(
+                spec,
+                provider,
+                case,
+                dtype_name,
+                mode,
+                device,
+                seed,
+                args,
+                measure_memory and round_index == 0,
+            )
+            if isinstance(outcome, str):
+                failed.add(provider.name)
+                skipped.append([spec.OP, provider.name, outcome])
+                print(f"{spec.OP} {case.size} {dtype_name} {mode}: skipped {provider.name}: {outcome}")
+                continue
+            (med, p20, p80), memory = outcome
+            per_round[provider.name].append((med, p20, p80))
+            if memory is not None:
+                memories[provider.name] = memory
+            moved = spec.bytes_moved(case, DTYPES[dtype_name], mode)
+            print(
+                f"{spec.OP} {case.size} {dtype_name} {mode:4s} {provider.name:22s} "
+                f"{med * 1e3:10.3f} ms (p20 {p20 * 1e3:.3f}, p80 {p80 * 1e3:.3f})"
+                + ("" if memory is None else f"  peak extra {memory / 2**20:8.1f} MiB")
+                + ("" if not moved else f"  {moved / med / 1e9:6.1f} GB/s")
+                + ("" if args.rounds == 1 else f"  [round {round_index + 1}/{args.rounds}]"),
+                flush=True,
+            )
+    timings = {name: common.combine_rounds(rounds) for name, rounds in per_round.items() if rounds}
+    return timings, memories
 
 
 def run_one(spec, provider, case, dtype_name, mode, device, seed, args, measure_memory):
