@@ -744,7 +744,9 @@ MASK_DTYPES = [
     torch.float64,
     torch.float16,
     torch.bfloat16,
+    torch.uint8,
     torch.int8,
+    torch.int16,
     torch.int32,
     torch.int64,
 ]
@@ -778,6 +780,30 @@ def test_the_first_bad_mask_value_is_named_wherever_it_lies(dtype, bad_value):
     expected = _message(lambda: kl_penalty(x, x, mask, backend="torch"))
     assert _message(lambda: kl_penalty(x, x, mask, backend="auto")) == expected
     assert _message(lambda: gae(x, x, mask, 1.0, 0.9, backend="auto")) == expected
+
+
+@pytest.mark.parametrize("bad_value", [2**32, 2**32 + 1, 2**62, -(2**63)])
+def test_an_int64_mask_value_with_0_or_1_in_its_low_bits_is_refused(bad_value):
+    """The C++ check reads an integer as unsigned and tests the bits above the lowest: these values
+    have a 0 or 1 in their low 32 bits (or only the sign bit set), so a check of the low word would
+    pass them."""
+    shape = (5, 9000)
+    x = torch.randn(shape)
+    mask = (torch.rand(shape) > 0.3).long()
+    mask.view(-1)[40_000] = bad_value
+    expected = f"mask must hold only 0 and 1 (it is a mask), found {bad_value}"
+    assert expected in _message(lambda: kl_penalty(x, x, mask, backend="auto"))
+    assert expected in _message(lambda: gae(x, x, mask, 1.0, 0.9, backend="auto"))
+
+
+def test_a_uint8_mask_is_read_in_place_and_left_as_it_was():
+    shape = (7, 5000)
+    x, ref = -torch.rand(shape), -torch.rand(shape)
+    keep = torch.rand(shape) > 0.4
+    mask = keep.to(torch.uint8)
+    before = mask.clone()
+    assert torch.equal(kl_penalty(x, ref, mask, "k3"), kl_penalty(x, ref, keep, "k3"))
+    assert torch.equal(mask, before)
 
 
 def _direct_call_args():
