@@ -202,8 +202,8 @@ inline at::Tensor mask_as_bytes_cpu(const char* name, const at::Tensor& mask) {
   return out;
 }
 
-// A 0/1 mask of any real or bool dtype as a contiguous uint8 tensor (a bool mask is reinterpreted,
-// not copied). Values other than 0 and 1 are an error; a meta tensor has no values to check.
+// A 0/1 mask of any real or bool dtype as a contiguous uint8 tensor (a bool mask is reinterpreted and
+// a uint8 one checked, neither copied). Values other than 0 and 1 are an error; a meta tensor has no values to check.
 inline at::Tensor mask_as_bytes(const char* name, const at::Tensor& mask) {
   if (mask.scalar_type() == at::kBool) return mask.contiguous().view(at::kByte);
   TORCH_CHECK_VALUE(!mask.is_complex(), name, " must be bool or a real 0/1 tensor, got ",
