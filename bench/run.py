@@ -381,12 +381,15 @@ def main() -> None:
                                 )
                             )
                         if args.rounds > 1:
-                            print(
-                                f"{op} {case.size} {dtype_name} {mode:4s} {provider.name:22s} "
-                                f"{med * 1e3:10.3f} ms, the median of {args.rounds} rounds"
-                                + ("" if memory is None else f"  peak extra {memory / 2**20:8.1f} MiB")
-                                + ("" if not moved else f"  {moved / med / 1e9:6.1f} GB/s"),
-                                flush=True,
+                            timing_line(
+                                spec,
+                                case,
+                                dtype_name,
+                                mode,
+                                provider.name,
+                                med,
+                                memory,
+                                f"{med * 1e3:10.3f} ms, the median of {args.rounds} rounds",
                             )
                     if case.call_overhead:
                         call_table += call_rows(spec, case, dtype_name, mode, measured)
@@ -481,17 +484,31 @@ def measure_providers(spec, active, case, dtype_name, mode, device, seed, args, 
             per_round[provider.name].append((med, p20, p80))
             if memory is not None:
                 memories[provider.name] = memory
-            moved = spec.bytes_moved(case, DTYPES[dtype_name], mode)
-            print(
-                f"{spec.OP} {case.size} {dtype_name} {mode:4s} {provider.name:22s} "
-                f"{med * 1e3:10.3f} ms (p20 {p20 * 1e3:.3f}, p80 {p80 * 1e3:.3f})"
-                + ("" if memory is None else f"  peak extra {memory / 2**20:8.1f} MiB")
-                + ("" if not moved else f"  {moved / med / 1e9:6.1f} GB/s")
-                + ("" if args.rounds == 1 else f"  [round {round_index + 1}/{args.rounds}]"),
-                flush=True,
+            timing_line(
+                spec,
+                case,
+                dtype_name,
+                mode,
+                provider.name,
+                med,
+                memory,
+                f"{med * 1e3:10.3f} ms (p20 {p20 * 1e3:.3f}, p80 {p80 * 1e3:.3f})",
+                "" if args.rounds == 1 else f"  [round {round_index + 1}/{args.rounds}]",
             )
     timings = {name: common.combine_rounds(rounds) for name, rounds in per_round.items() if rounds}
     return timings, memories
+
+
+def timing_line(spec, case, dtype_name, mode, name, seconds, memory, timing, suffix="") -> None:
+    """Print one provider's progress line: the case, ``timing`` as given, peak memory and GB/s."""
+    moved = spec.bytes_moved(case, DTYPES[dtype_name], mode)
+    print(
+        f"{spec.OP} {case.size} {dtype_name} {mode:4s} {name:22s} {timing}"
+        + ("" if memory is None else f"  peak extra {memory / 2**20:8.1f} MiB")
+        + ("" if not moved else f"  {moved / seconds / 1e9:6.1f} GB/s")
+        + suffix,
+        flush=True,
+    )
 
 
 def run_one(spec, provider, case, dtype_name, mode, device, seed, args, measure_memory):
