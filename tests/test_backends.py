@@ -113,6 +113,16 @@ for estimator in ("grpo", "rloo", "reinforce++", "reinforce++-baseline"):
     adv, ret = group_advantages(scores, mask, estimator, gamma=0.99, backend="cpp")
     radv, rret = reference.group_advantages(scores.double(), mask, estimator, 0.99)
     assert (adv.double() - radv).abs().max() < 1e-5 and (ret.double() - rret).abs().max() < 1e-5, estimator
+from fastrlhf.ops import kl_penalty
+gaps = torch.cat([torch.linspace(-88, 87, 20001), torch.logspace(-8, 0, 200), -torch.logspace(-8, 0, 200)])
+logp = gaps.clone().requires_grad_(True)
+kl_penalty(logp, torch.zeros_like(gaps), None, "k3", backend="cpp").sum().backward()
+logp64 = gaps.double().requires_grad_(True)
+kl64 = reference.kl_penalty(logp64, torch.zeros_like(logp64), None, "k3", None)
+kl64.sum().backward()
+kl = kl_penalty(gaps, torch.zeros_like(gaps), None, "k3", backend="cpp")
+assert ((kl.double() - kl64).abs() <= 1e-6 * kl64.abs()).all(), "k3"
+assert ((logp.grad.double() - logp64.grad).abs() <= 1e-6 * logp64.grad.abs()).all(), "d k3 / d logp"
 print("ok")
 """
     import platform

@@ -1,6 +1,8 @@
 """kl_penalty on every backend, on the CPU and (when one is present) the GPU, against the float64 reference
 on the CPU: values, both gradients, reductions."""
 
+import math
+
 import pytest
 import torch
 from conftest import on_device, op_targets
@@ -73,6 +75,36 @@ def test_k3_finite_nonnegative_and_accurate_at_extreme_and_tiny_gaps(backend, de
     # d k3 / d logp = 1 - exp(-d): eager torch forms it with ~6e-8 of cancellation at tiny d; the kernels
     # use -expm1(-d) and do far better, but the bound is the eager one.
     assert_close_fp32("d logprobs", da, wa, rtol=1e-4, atol=2e-7 * float(g.abs().max()))
+
+
+def k3_gap_sweep() -> torch.Tensor:
+    """Gaps d = logp - ref from 1e-8 to the edge of fp32's exponent range, both signs: a dense grid, the
+    boundaries of the kernels' range reduction (|d| = (k + 1/2)·ln 2, where the exponent k changes) and
+    the fp32 numbers either side of each, the edges of the CPU kernel's fast range (d = 87, -88), and
+    gaps past it on the side where k3 stays finite (d up to +inf: ref = -inf)."""
+    halves = torch.tensor([(k + 0.5) * math.log(2) for k in range(127)], dtype=torch.float32)
+    near = torch.cat([halves, torch.nextafter(halves, halves + 1), torch.nextafter(halves, halves - 1)])
+    magnitudes = torch.cat([torch.linspace(0, 88.5, 4001), torch.logspace(-8, 0, 200), near])
+    past = torch.tensor([87.0, 88.0, 88.5, 100.0, 1e4, 1e30, float("inf")])
+    return torch.cat([magnitudes, -magnitudes[magnitudes <= 88.5], past])
+
+
+@pytest.mark.parametrize("backend,device", op_targets(include_torch=False))
+def test_k3_relative_accuracy_across_the_exponent_range(backend, device):
+    """k3 and d k3 / d logp within 1e-6 relative of float64 at every gap: ref = 0 makes the gap exact, so the
+    error is the kernel's own (the fp32 torch form loses everything to cancellation at tiny gaps)."""
+    gaps = k3_gap_sweep()
+    logp = torch.where(torch.isinf(gaps), torch.zeros_like(gaps), gaps)
+    ref = torch.where(torch.isinf(gaps), torch.full_like(gaps, -math.inf), torch.zeros_like(gaps))
+    a, b = on_device(device, logp.clone(), ref)
+    a.requires_grad_(True)
+    kl = kl_penalty(a, b, None, "k3", backend=backend)
+    kl.sum().backward()
+    a64 = logp.double().requires_grad_(True)
+    want = reference.kl_penalty(a64, ref.double(), None, "k3", None)
+    want.sum().backward()
+    assert_close_fp32("kl", kl.detach().cpu(), want.detach(), rtol=1e-6, atol=0)
+    assert_close_fp32("d logprobs", a.grad.cpu(), a64.grad, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", op_targets())

@@ -11,6 +11,9 @@
 //
 // The math is templated on a "Math" policy (ScalarKLMath here; SIMD policies in csrc/cpu) so the CPU
 // SIMD loops, CPU scalar tails and CUDA kernels all run this same code. T is float or a SIMD vector.
+// The policy supplies k3(u) = e^u - 1 - u and expm1(u): the scalar one by the series-or-exp form below;
+// the CPU SIMD one (csrc/cpu/kl_vec.h) by one range-reduced polynomial that needs no select, falling back
+// to this form outside the exponent range.
 // Plain C++17, no torch headers: nvcc compiles it standalone.
 #pragma once
 
@@ -27,8 +30,17 @@ enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
 constexpr bool valid_kl_estimator(int e) { return e >= 0 && e <= 3; }
 
 
+// e^u - 1 - u (>= 0) and e^u - 1, each from the series below kK3SeriesBound and from Math::exp past it;
+// defined below. The scalar policy's k3 / expm1; the SIMD policy's fallback outside its fast range.
+template <class Math, class T>
+FASTRLHF_HD T k3_by_series(const T& u);
+template <class Math, class T>
+FASTRLHF_HD T expm1_by_series(const T& u);
+
 // Scalar policy. Every helper propagates NaN (a NaN gap gives a NaN estimate, as in torch).
 struct ScalarKLMath {
+  static FASTRLHF_HD float k3(float u) { return k3_by_series<ScalarKLMath>(u); }
+  static FASTRLHF_HD float expm1(float u) { return expm1_by_series<ScalarKLMath>(u); }
   static FASTRLHF_HD float exp(float x) { return expf(x); }
   static FASTRLHF_HD float abs(float x) { return fabsf(x); }
   static FASTRLHF_HD float clamp_min0(float x) { return x < 0.0f ? 0.0f : x; }
@@ -64,6 +76,20 @@ FASTRLHF_HD T k3_series(const T& u) {
   return u * u * p;
 }
 
+template <class Math, class T>
+FASTRLHF_HD T k3_by_series(const T& u) {
+  // Past the series bound plain exp is enough (at |u| = 0.5 the subtraction costs ~2 bits, within
+  // the fp32 tolerance), and it is several times cheaper than expm1 in SIMD.
+  return Math::clamp_min0(
+      Math::select_small(u, T(kK3SeriesBound), k3_series(u), (Math::exp(u) - T(1.0f)) - u));
+}
+
+template <class Math, class T>
+FASTRLHF_HD T expm1_by_series(const T& u) {
+  // Near 0, e^u - 1 = u + k3_series(u) keeps full precision without expm1.
+  return Math::select_small(u, T(kK3SeriesBound), u + k3_series(u), Math::exp(u) - T(1.0f));
+}
+
 template <class Math, KLEstimator E, class T>
 FASTRLHF_HD T kl_estimate(const T& d) {
   if constexpr (E == KLEstimator::kK1) {
@@ -71,10 +97,7 @@ FASTRLHF_HD T kl_estimate(const T& d) {
   } else if constexpr (E == KLEstimator::kK2) {
     return T(0.5f) * d * d;
   } else if constexpr (E == KLEstimator::kK3) {
-    const T u = T(0.0f) - d;
-    // Past the series bound plain exp is enough (at |u| = 0.5 the subtraction costs ~2 bits, within
-    // the fp32 tolerance), and it is several times cheaper than expm1 in SIMD.
-    return Math::clamp_min0(Math::select_small(u, T(kK3SeriesBound), k3_series(u), (Math::exp(u) - T(1.0f)) + d));
+    return Math::k3(T(0.0f) - d);
   } else {
     return Math::abs(d);
   }
@@ -88,9 +111,7 @@ FASTRLHF_HD T kl_estimate_grad(const T& d) {
   } else if constexpr (E == KLEstimator::kK2) {
     return d;
   } else if constexpr (E == KLEstimator::kK3) {
-    // -(e^u - 1) with u = -d; near 0, e^u - 1 = u + k3_series(u) keeps full precision without expm1.
-    const T u = T(0.0f) - d;
-    return T(0.0f) - Math::select_small(u, T(kK3SeriesBound), u + k3_series(u), Math::exp(u) - T(1.0f));
+    return T(0.0f) - Math::expm1(T(0.0f) - d);  // -(e^u - 1) with u = -d
   } else {
     return Math::sign(d);
   }

@@ -28,9 +28,83 @@ using Vec = at::vec::Vectorized<float>;
 
 using vec_io::kStep;
 
+// k3 and expm1 on SIMD vectors for |u| within the exponent range, by one shared range reduction
+// u = k·ln2 + r, |r| <= ln2/2, and q = e^r - 1 - r = r^2·(1/2! + r/3! + ... + r^6/8!) (the first
+// omitted term is < 4e-9 of q). Then, with s = 2^k,
+//     e^u - 1     = s·(r + q) + (s - 1)
+//     e^u - 1 - u = s·q + (s - 1)·r + ((s - 1) - k·ln2)
+// At k = 0 (|u| < 0.35) both are r + q and q exactly, so small gaps keep full precision with no series
+// select; past it the result is >= 0.05 and no term exceeds ~5x of it. One polynomial and no select,
+// instead of common/kl.h's series and an exp side by side: on one core of an Intel Xeon, in L1, k3 went
+// from 0.77 to 0.47 ns per element with AVX-512 and from 1.19 to 0.71 with AVX2.
+namespace reduced_exp {
+
+// Fast-path range: k = round(u / ln2) stays in [-126, 127], so s is a normal float and s·(1 + r + q)
+// does not overflow. Lanes outside it (or NaN) send the whole vector to common/kl.h's form.
+constexpr float kLow = -87.0f;
+constexpr float kHigh = 88.0f;
+// ln 2 split so that k·kLn2Hi is exact for |k| < 2^15 (Cody and Waite).
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+struct Parts {
+  Vec s_minus_1, s, r, q, k;
+};
+
+inline bool in_range(const Vec& u) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Two chained mask compares: at::vec's comparisons would first widen each mask to a vector.
+  const __mmask16 above_low = _mm512_cmp_ps_mask(u, _mm512_set1_ps(kLow), _CMP_GE_OQ);
+  return _mm512_mask_cmp_ps_mask(above_low, u, _mm512_set1_ps(kHigh), _CMP_LE_OQ) == 0xFFFF;
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(u, _mm256_set1_ps(kLow), _CMP_GE_OQ),
+                                      _mm256_cmp_ps(u, _mm256_set1_ps(kHigh), _CMP_LE_OQ));
+  return _mm256_movemask_ps(inside) == 0xFF;
+#else
+  // zero_mask flags the lanes whose comparison came out false (out of range, or NaN).
+  return ((u >= Vec(kLow)) & (u <= Vec(kHigh))).zero_mask() == 0;
+#endif
+}
+
+inline Parts split(const Vec& u) {
+  Parts p;
+  p.k = (u * Vec(kLog2e)).round();
+  p.r = at::vec::fmadd(p.k, Vec(-kLn2Lo), at::vec::fmadd(p.k, Vec(-kLn2Hi), u));
+  Vec poly(1.0f / 40320.0f);
+  poly = at::vec::fmadd(poly, p.r, Vec(1.0f / 5040.0f));
+  poly = at::vec::fmadd(poly, p.r, Vec(1.0f / 720.0f));
+  poly = at::vec::fmadd(poly, p.r, Vec(1.0f / 120.0f));
+  poly = at::vec::fmadd(poly, p.r, Vec(1.0f / 24.0f));
+  poly = at::vec::fmadd(poly, p.r, Vec(1.0f / 6.0f));
+  poly = at::vec::fmadd(poly, p.r, Vec(0.5f));
+  p.q = p.r * p.r * poly;
+  using IVec = at::vec::Vectorized<int32_t>;
+  const IVec biased = at::vec::convert_to_int_of_same_size(p.k) + IVec(127);
+  p.s = at::vec::cast<float>(biased << IVec(23));  // 2^k from its exponent bits
+  p.s_minus_1 = p.s - Vec(1.0f);                   // exact: s is a power of 2 in [2^-126, 2^127]
+  return p;
+}
+
+}  // namespace reduced_exp
+
 // The common/kl.h policy on SIMD vectors. at::vec::maximum / minimum propagate NaN like
 // ScalarKLMath. exp is torch's fast exp_u20 (polynomial, ~2 ulp); the baseline copy maps std::exp per lane.
 struct VecKLMath {
+  // e^u - 1 - u, >= 0 (k3 at u = -d).
+  static Vec k3(const Vec& u) {
+    if (!reduced_exp::in_range(u)) return k3_by_series<VecKLMath>(u);
+    const reduced_exp::Parts p = reduced_exp::split(u);
+    const Vec head = at::vec::fmadd(p.k, Vec(-reduced_exp::kLn2Lo),
+                                    at::vec::fmadd(p.k, Vec(-reduced_exp::kLn2Hi), p.s_minus_1));
+    return at::vec::fmadd(p.s, p.q, at::vec::fmadd(p.s_minus_1, p.r, head));
+  }
+  // e^u - 1, accurate near 0.
+  static Vec expm1(const Vec& u) {
+    if (!reduced_exp::in_range(u)) return expm1_by_series<VecKLMath>(u);
+    const reduced_exp::Parts p = reduced_exp::split(u);
+    return at::vec::fmadd(p.s, p.r + p.q, p.s_minus_1);
+  }
   static Vec exp(const Vec& x) { return x.exp_u20(); }
   static Vec abs(const Vec& x) { return x.abs(); }
   static Vec clamp_min0(const Vec& x) { return at::vec::maximum(x, Vec(0.0f)); }
