@@ -15,6 +15,9 @@ import torch
 os.environ.setdefault("FASTRLHF_HOME", tempfile.mkdtemp(prefix="fastrlhf-test-home-"))
 # Model code loaded with trust_remote_code is copied into HF_MODULES_CACHE: a temporary one, likewise.
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="fastrlhf-test-hf-modules-"))
+# torch.compile's caches, likewise: inductor's FX-graph cache key does not include a custom op's schema, so a
+# graph compiled against an earlier build of the C++ ops (a changed or removed op) would be replayed.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastrlhf-test-inductor-"))
 
 if "triton" in sys.modules:  # pragma: no cover - would make the setting below ineffective
     raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")
