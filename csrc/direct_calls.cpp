@@ -73,10 +73,10 @@ void define_direct_calls(py::module_& m) {
       arg("logits"), arg("labels"), arg("temperature"), arg("ignore_index"), arg("return_entropy"),
       arg("inplace_backward"));
   DirectCall<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const MaybeTensor&,
-                                                double, int64_t, bool, int64_t)>::
+                                                double, int64_t, bool, int64_t, bool)>::
       define(m, "linear_logprobs", "torch.ops.fastrlhf.linear_logprobs without the Python argument parsing.",
              arg("hidden"), arg("weight"), arg("labels"), arg("bias").none(true), arg("temperature"),
-             arg("ignore_index"), arg("return_entropy"), arg("chunk_rows"));
+             arg("ignore_index"), arg("return_entropy"), arg("chunk_rows"), arg("by_columns"));
   DirectCall<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const MaybeTensor&, const MaybeTensor&, double,
       MaybeDouble, MaybeDouble, double, string_view, double, string_view)>::

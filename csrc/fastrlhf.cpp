@@ -146,6 +146,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy\n"
         "are [0]-sized when the entropy has no gradient.");
+  m.def(
+      "empty_softmax_states",
+      [](int64_t n) { return fastrlhf::empty_softmax_states(n, at::TensorOptions()); }, py::arg("n"),
+      "Running softmax states f32[n, 3] of empty rows (max -inf, sum 0, ent 0), for gather_logprobs_fold.");
+  m.def("gather_logprobs_fold", &fastrlhf::gather_logprobs_fold, py::arg("logits"), py::arg("block_labels"),
+        py::arg("inv_temperature"), py::arg("skip_label"), py::arg("with_entropy"), py::arg("state"),
+        py::arg("label_logit"), py::call_guard<py::gil_scoped_release>(),
+        "CPU: merges one block of vocabulary columns, logits [N, W], into each row's softmax state f32[N, 3]\n"
+        "and writes the raw logit at block_labels[i] (the label's column in the block) into label_logit\n"
+        "f32[N]. Rows whose block label is skip_label are not read; other negative labels lie elsewhere.");
+  m.def("gather_logprobs_finalize", &fastrlhf::gather_logprobs_finalize, py::arg("state"), py::arg("label_logit"),
+        py::arg("labels"), py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>(),
+        "CPU: gather_logprobs_forward's (logprobs, stats, entropy) from states folded over every block.");
   m.def("check_labels_in_range", &fastrlhf::check_labels_in_range, py::arg("labels"), py::arg("vocab"),
         py::arg("ignore_index"),
         "ValueError unless every label is ignore_index or in [0, vocab): one loop on a CPU tensor (no torch\n"

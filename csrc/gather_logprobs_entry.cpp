@@ -107,6 +107,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at:
   return {logprobs, stats, entropy};
 }
 
+at::Tensor empty_softmax_states(int64_t n, const at::TensorOptions& options) {
+  at::Tensor state = at::zeros({n, 3}, options.dtype(at::kFloat));
+  state.select(1, 0).fill_(-INFINITY);
+  return state;
+}
+
+void gather_logprobs_fold(const at::Tensor& logits, const at::Tensor& block_labels, double inv_temperature,
+                          int64_t skip_label, bool with_entropy, const at::Tensor& state,
+                          const at::Tensor& label_logit) {
+  check_logits_like(logits, "logits");
+  TORCH_CHECK(logits.is_cpu(), "fastrlhf: gather_logprobs_fold runs on CPU tensors, got ", logits.device());
+  const int64_t n = logits.size(0);
+  const int64_t width = logits.size(1);
+  check_vector(block_labels, "block_labels", n, at::kLong, logits);
+  check_vector(label_logit, "label_logit", n, at::kFloat, logits);
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == n && state.size(1) == 3 && state.scalar_type() == at::kFloat &&
+                  state.is_contiguous() && state.device() == logits.device(),
+              "fastrlhf: state must be a contiguous float32 [", n, ", 3] CPU tensor, got ", state.scalar_type(), " ",
+              state.sizes());
+  TORCH_CHECK(block_labels.is_contiguous() && label_logit.is_contiguous(),
+              "fastrlhf: block_labels and label_logit must be contiguous");
+  check_inv_temperature(inv_temperature);
+  const int64_t* label = block_labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(label[i] < width, "fastrlhf: block_labels[", i, "] = ", label[i], " is past the block's ", width,
+                " columns");
+  }
+  GatherLogprobsFoldParams p{};
+  p.logits = logits.const_data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  p.labels = label;
+  p.n_rows = n;
+  p.vocab = width;
+  p.inv_temperature = static_cast<float>(inv_temperature);
+  p.skip_label = skip_label;
+  p.dtype = dtype_of(logits);
+  p.with_entropy = with_entropy;
+  p.state = state.mutable_data_ptr<float>();
+  p.label_logit = label_logit.mutable_data_ptr<float>();
+  cpu::gather_logprobs_fold(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_finalize(const at::Tensor& state,
+                                                                         const at::Tensor& label_logit,
+                                                                         const at::Tensor& labels,
+                                                                         double inv_temperature,
+                                                                         int64_t ignore_index, bool with_entropy) {
+  TORCH_CHECK(state.is_cpu() && state.dim() == 2 && state.size(1) == 3 && state.scalar_type() == at::kFloat &&
+                  state.is_contiguous(),
+              "fastrlhf: state must be a contiguous float32 [N, 3] CPU tensor, got ", state.scalar_type(), " ",
+              state.sizes());
+  const int64_t n = state.size(0);
+  check_vector(labels, "labels", n, at::kLong, state);
+  check_vector(label_logit, "label_logit", n, at::kFloat, state);
+  TORCH_CHECK(labels.is_contiguous() && label_logit.is_contiguous(),
+              "fastrlhf: labels and label_logit must be contiguous");
+  check_inv_temperature(inv_temperature);
+  const auto f32 = state.options();
+  at::Tensor logprobs = at::empty({n}, f32);
+  at::Tensor stats = at::empty({n, 2}, f32);
+  at::Tensor entropy = at::empty({with_entropy ? n : 0}, f32);
+  GatherLogprobsFinalizeParams p{};
+  p.out.labels = labels.const_data_ptr<int64_t>();
+  p.out.n_rows = n;
+  p.out.inv_temperature = static_cast<float>(inv_temperature);
+  p.out.ignore_index = ignore_index;
+  p.out.logprobs = logprobs.mutable_data_ptr<float>();
+  p.out.stats = stats.mutable_data_ptr<float>();
+  p.out.entropy = with_entropy ? entropy.mutable_data_ptr<float>() : nullptr;
+  p.state = state.const_data_ptr<float>();
+  p.label_logit = label_logit.const_data_ptr<float>();
+  if (n > 0) cpu::gather_logprobs_finalize(p);
+  return {logprobs, stats, entropy};
+}
+
 void gather_logprobs_backward(const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy,
                               const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
                               const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/TensorOptions.h>
 
 #include <tuple>
 
@@ -22,6 +23,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_forward(const at:
 // check_labels_in_range. CPU tensors: one loop; other devices: a reduction and a device-to-host read (a
 // sync). Meta tensors have no values to check.
 void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index);
+
+// linear_logprobs' forward by blocks of vocabulary columns, on CPU tensors (csrc/cpu/gather_logprobs.cpp):
+// empty_softmax_states(N) gives the running states f32 [N, 3] (max -inf, sum 0, ent 0); each
+// gather_logprobs_fold merges one block's logits [N, W] into them, and records the raw logit at
+// block_labels[i] (the label's column in the block) into label_logit f32 [N]. A row whose block label is
+// skip_label is not read; any other negative block label means the label lies in another block.
+// gather_logprobs_finalize then gives gather_logprobs_forward's outputs for the caller's labels.
+at::Tensor empty_softmax_states(int64_t n, const at::TensorOptions& options);
+void gather_logprobs_fold(const at::Tensor& logits, const at::Tensor& block_labels, double inv_temperature,
+                          int64_t skip_label, bool with_entropy, const at::Tensor& state,
+                          const at::Tensor& label_logit);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_finalize(const at::Tensor& state,
+                                                                         const at::Tensor& label_logit,
+                                                                         const at::Tensor& labels,
+                                                                         double inv_temperature,
+                                                                         int64_t ignore_index, bool with_entropy);
 
 // Writes d(loss)/d(logits) into dlogits (which may be logits itself). grad_entropy and entropy are
 // undefined or [0]-sized when the entropy has no gradient.

@@ -2,14 +2,16 @@
 // CUDA / Meta kernels and a C++ autograd formula.
 //
 //   fastrlhf::linear_logprobs(hidden [..., H], weight [V, H], labels [...], bias [V]?, temperature,
-//                             ignore_index, return_entropy, chunk_rows)
+//                             ignore_index, return_entropy, chunk_rows, by_columns)
 //       -> (logprobs [...], entropy [...] or [0], stats [N, 2])
 //   fastrlhf::linear_logprobs_backward(...) -> (d hidden, d weight, d bias), [0] where not asked for
 //
-// The chunk engine of ops/_linear_chunks.py, for the compiled backends: the forward makes the float32
-// logits one block of `chunk_rows` rows at a time and runs the gather kernel on it (stats keep each row's
-// max and log-sum); the backward recomputes them one block of vocabulary columns at a time (the same
-// logits budget), turns each block into d(logits) in place and folds it into the gradients. The GEMMs,
+// The chunk engine of ops/_linear_chunks.py, for the compiled backends. The forward makes the float32
+// logits one block at a time: with `by_columns` on CPU a block of vocabulary columns for all rows, folded
+// into each row's running softmax state; otherwise a block of `chunk_rows` rows run through the gather
+// kernel (stats keep each row's max and log-sum). The backward recomputes them one block of vocabulary
+// columns at a time (the same logits budget), turns each block into d(logits) in place and folds it into
+// the gradients. The GEMMs,
 // their operands and the block bounds are the Python engine's, so both give the same bits; the Python
 // engine stays for the Triton kernels, which Python launches. The chunk size is the caller's
 // (`_linear_chunks.default_chunk_rows` is its one rule).
@@ -47,17 +49,54 @@ using linear_head::Fp32Head;
 using linear_head::LinearCall;
 using linear_head::prepare;
 
+// Vocabulary columns per block: the forward's chunk_rows x V logits budget, spent on all rows
+// (_linear_chunks.column_block_width).
+int64_t column_block_width(int64_t rows, int64_t vocab, int64_t chunk_rows) {
+  return std::max<int64_t>(1, std::min(vocab, (chunk_rows * vocab) / std::max<int64_t>(rows, 1)));
+}
+
+// The labels as the gather kernels see them inside the column block [start, end) of a narrower-than-V
+// block: the label's column in it, kBlockIgnore for rows the caller ignores (`ignored`), kNotInBlock
+// elsewhere (_linear_chunks.labels_in_block).
+Tensor labels_in_block(const Tensor& labels, const Tensor& ignored, int64_t start, int64_t end) {
+  const Tensor in_block = labels.ge(start).logical_and(labels.lt(end));
+  return at::where(ignored, at::full_like(labels, kBlockIgnore),
+                   at::where(in_block, labels - start, at::full_like(labels, kNotInBlock)));
+}
+
+// Whether the forward goes by blocks of vocabulary columns (_linear_chunks.forward_by_columns): when the
+// caller asks (a backward will follow), on CPU, and the rows take more than one chunk.
+bool forward_by_columns(bool by_columns, const Tensor& hidden, int64_t rows, int64_t chunk_rows) {
+  return by_columns && hidden.is_cpu() && rows > chunk_rows;
+}
+
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_kernel(const Tensor& hidden, const Tensor& weight,
                                                           const Tensor& labels, const MaybeTensor& bias,
                                                           double temperature, int64_t ignore_index,
-                                                          bool return_entropy, int64_t chunk_rows) {
+                                                          bool return_entropy, int64_t chunk_rows,
+                                                          bool by_columns) {
   const LinearCall c = prepare(hidden, weight, labels, bias, temperature, chunk_rows);
   const int64_t rows = c.labels.numel();
   // Before any GEMM: a bad label fails the call whole, whichever chunk holds it.
   check_labels_in_range(c.labels, weight.size(0), ignore_index);
   const Fp32Head head(weight, bias);
   Tensor logprobs, stats, entropy;
-  if (rows <= chunk_rows) {
+  if (forward_by_columns(by_columns, hidden, rows, chunk_rows)) {
+    // Every row's softmax state, folded one [N, width] block of logits at a time; the label's raw logit
+    // is kept by the block that holds it.
+    const int64_t vocab = weight.size(0);
+    const int64_t width = column_block_width(rows, vocab, chunk_rows);
+    const Tensor ignored = c.labels.eq(ignore_index);
+    const Tensor state = empty_softmax_states(rows, hidden.options());
+    const Tensor label_logit = at::zeros({rows}, hidden.options().dtype(at::kFloat));
+    for (int64_t start = 0; start < vocab; start += width) {
+      const int64_t end = std::min(start + width, vocab);
+      gather_logprobs_fold(head.logits(c.hidden, start, end), labels_in_block(c.labels, ignored, start, end),
+                           c.inv_temperature, kBlockIgnore, return_entropy, state, label_logit);
+    }
+    std::tie(logprobs, stats, entropy) =
+        gather_logprobs_finalize(state, label_logit, c.labels, c.inv_temperature, ignore_index, return_entropy);
+  } else if (rows <= chunk_rows) {
     // One chunk: the kernel's outputs are the results (no copies).
     std::tie(logprobs, stats, entropy) = gather_logprobs_forward(
         head.logits(c.hidden, 0, weight.size(0)), c.labels, c.inv_temperature, ignore_index, return_entropy);
@@ -83,17 +122,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_kernel(const Tensor& hidden, 
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_meta(const Tensor& hidden, const Tensor& weight,
                                                         const Tensor& labels, const MaybeTensor& bias,
                                                         double temperature, int64_t ignore_index,
-                                                        bool return_entropy, int64_t chunk_rows) {
+                                                        bool return_entropy, int64_t chunk_rows,
+                                                        bool /*by_columns*/) {
   const LinearCall c = prepare(hidden, weight, labels, bias, temperature, chunk_rows);
   const auto f32 = hidden.options().dtype(at::kFloat);
   return {at::empty(c.lead, f32), return_entropy ? at::empty(c.lead, f32) : at::empty({0}, f32),
           at::empty({c.labels.numel(), 2}, f32)};
-}
-
-// Vocabulary columns per backward block: the forward's chunk_rows x V logits budget
-// (_linear_chunks.column_block_width).
-int64_t column_block_width(int64_t rows, int64_t vocab, int64_t chunk_rows) {
-  return std::max<int64_t>(1, std::min(vocab, (chunk_rows * vocab) / std::max<int64_t>(rows, 1)));
 }
 
 Grads linear_logprobs_backward_kernel(const Tensor& grad_logprobs, const MaybeTensor& grad_entropy,
@@ -126,9 +160,7 @@ Grads linear_logprobs_backward_kernel(const Tensor& grad_logprobs, const MaybeTe
     Tensor block_labels = c.labels;
     int64_t block_ignore = ignore_index;
     if (width < vocab) {
-      const Tensor in_block = c.labels.ge(start).logical_and(c.labels.lt(end));
-      block_labels = at::where(ignored, at::full_like(c.labels, kBlockIgnore),
-                               at::where(in_block, c.labels - start, at::full_like(c.labels, kNotInBlock)));
+      block_labels = labels_in_block(c.labels, ignored, start, end);
       block_ignore = kBlockIgnore;
     }
     Tensor logits = head.logits(c.hidden, start, end);
@@ -175,10 +207,10 @@ class LinearLogprobsFunction : public torch::autograd::Function<LinearLogprobsFu
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& hidden,
                                                 const Tensor& weight, const Tensor& labels, const MaybeTensor& bias,
                                                 double temperature, int64_t ignore_index, bool return_entropy,
-                                                int64_t chunk_rows) {
+                                                int64_t chunk_rows, bool by_columns) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [logprobs, entropy, stats] =
-        forward_op().call(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_rows);
+    auto [logprobs, entropy, stats] = forward_op().call(hidden, weight, labels, bias, temperature, ignore_index,
+                                                        return_entropy, chunk_rows, by_columns);
     ctx->save_for_backward({hidden, weight, labels, bias.value_or(Tensor()), stats, entropy});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -193,7 +225,7 @@ class LinearLogprobsFunction : public torch::autograd::Function<LinearLogprobsFu
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list out(8);
+    torch::autograd::variable_list out(9);
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = saved[3].defined();
     // needs_input_grad counts the tensor inputs given (labels included; an absent bias has no edge);
@@ -218,14 +250,16 @@ class LinearLogprobsFunction : public torch::autograd::Function<LinearLogprobsFu
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_autograd(const Tensor& hidden, const Tensor& weight,
                                                             const Tensor& labels, const MaybeTensor& bias,
                                                             double temperature, int64_t ignore_index,
-                                                            bool return_entropy, int64_t chunk_rows) {
+                                                            bool return_entropy, int64_t chunk_rows,
+                                                            bool by_columns) {
   const bool bias_requires_grad = bias.has_value() && bias->defined() && bias->requires_grad();
   if (!at::GradMode::is_enabled() || !(hidden.requires_grad() || weight.requires_grad() || bias_requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return forward_op().call(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_rows);
+    return forward_op().call(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_rows,
+                             by_columns);
   }
   auto out = LinearLogprobsFunction::apply(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
-                                           chunk_rows);
+                                           chunk_rows, by_columns);
   return {out[0], out[1], out[2]};
 }
 
@@ -235,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_autograd(const Tensor& hidden
 TORCH_LIBRARY_FRAGMENT(fastrlhf, m) {
   m.def(
       "linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, float temperature, "
-      "int ignore_index, bool return_entropy, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, bool return_entropy, int chunk_rows, bool by_columns) -> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
       "Tensor labels, Tensor? bias, Tensor stats, Tensor entropy, float temperature, int ignore_index, "

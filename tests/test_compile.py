@@ -143,11 +143,11 @@ def test_opcheck_linear_logprobs_ops(device):
     for b in (bias, None):
         torch.library.opcheck(
             torch.ops.fastrlhf.linear_logprobs_fwd.default,
-            (hidden, weight, b, labels, 1.1, -100, True, 3, backend),
+            (hidden, weight, b, labels, 1.1, -100, True, 3, b is not None, backend),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
     lp, stats, ent = torch.ops.fastrlhf.linear_logprobs_fwd(
-        hidden, weight, bias, labels, 1.1, -100, True, 3, backend
+        hidden, weight, bias, labels, 1.1, -100, True, 3, True, backend
     )
     torch.library.opcheck(
         torch.ops.fastrlhf.linear_logprobs_bwd.default,

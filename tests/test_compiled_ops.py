@@ -713,8 +713,9 @@ def test_opcheck_linear_logprobs(backend, device):
     labels[1, 2] = -100
     for b in (bias, None):
         for return_entropy in (True, False):
-            # chunk_rows 3: several row chunks forward and several column blocks backward
-            args = (hidden, weight, labels, b, 1.1, -100, return_entropy, 3)
+            # chunk_rows 3: several blocks of logits each way; the forward by columns with a bias (on CPU),
+            # by rows without
+            args = (hidden, weight, labels, b, 1.1, -100, return_entropy, 3, b is not None)
             torch.library.opcheck(torch.ops.fastrlhf.linear_logprobs.default, args, test_utils=OPCHECK_UTILS)
             _lp, entropy, stats = torch.ops.fastrlhf.linear_logprobs(*args)
             grad_entropy = torch.randn(2, 5, device=device) if return_entropy else None
@@ -853,6 +854,7 @@ def _direct_call_args():
             -100,
             True,
             2,
+            True,
         ),
         "linear_ppo_policy_loss": (
             torch.randn(2, 5, 6, requires_grad=True),

@@ -12,7 +12,13 @@ from loops import eager_logprobs_from_hidden
 from numerics import assert_close_fp32, assert_within_2x
 
 from fastrlhf.ops import available_backends, linear_logprobs
-from fastrlhf.ops._linear_chunks import default_chunk_rows
+from fastrlhf.ops._linear_chunks import (
+    BLOCK_IGNORE,
+    column_block_width,
+    default_chunk_rows,
+    forward_by_columns,
+    labels_in_block,
+)
 
 
 def make_case(rows, hidden_size, vocab, dtype=torch.float32, ignore_frac=0.2, with_bias=True, lead=None):
@@ -145,21 +151,125 @@ HIDDEN_OF_CHUNK_CASE = 12
 
 @pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
 def test_never_more_than_one_chunk_of_logits(backend):
-    """Every block of logits the op makes holds at most ``chunk_size × V`` values: row blocks in the
-    forward, vocabulary-column blocks in the backward, which together cover the logits once each."""
+    """Every block of logits the op makes holds at most ``chunk_size × V`` values. The backward makes
+    vocabulary-column blocks of every row; the forward makes the same column blocks with the C++ CPU
+    kernels (which fold them into running softmax states) and row blocks elsewhere. Each pass covers the
+    logits once."""
     rows, vocab, chunk = 45, 333, 8
     hidden, weight, bias, labels = make_case(rows, HIDDEN_OF_CHUNK_CASE, vocab)
     x = hidden.clone().requires_grad_(True)
     made = logits_gemms(
         lambda: linear_logprobs(x, weight, labels, bias, chunk_size=chunk, backend=backend).sum().backward()
     )
-    forward_blocks = [s for s in made if s[1] == vocab]
-    backward_blocks = [s for s in made if s[0] == rows and s[1] < vocab]
-    assert len(forward_blocks) + len(backward_blocks) == len(made)
-    assert len(forward_blocks) == math.ceil(rows / chunk)
+    row_blocks = [s for s in made if s[1] == vocab]
+    column_blocks = [s for s in made if s[0] == rows and s[1] < vocab]
+    assert len(row_blocks) + len(column_blocks) == len(made)
     assert all(r * v <= chunk * vocab for r, v in made)
-    assert sum(r for r, _ in forward_blocks) == rows
-    assert sum(v for _, v in backward_blocks) == vocab
+    assert all(v <= column_block_width(rows, vocab, chunk) for _, v in column_blocks)
+    if forward_by_columns(True, backend, torch.device("cpu"), rows, chunk):
+        assert not row_blocks
+        assert sum(v for _, v in column_blocks) == 2 * vocab
+    else:
+        assert len(row_blocks) == math.ceil(rows / chunk)
+        assert sum(r for r, _ in row_blocks) == rows
+        assert sum(v for _, v in column_blocks) == vocab
+    # With no backward to follow, the forward goes by rows on every backend (the fused PPO loss's blocks)
+    with torch.no_grad():
+        made = logits_gemms(
+            lambda: linear_logprobs(x, weight, labels, bias, chunk_size=chunk, backend=backend)
+        )
+    assert [r for r, _ in made] == [min(chunk, rows - start) for start in range(0, rows, chunk)]
+    assert all(v == vocab for _, v in made)
+
+
+def extreme_logits(rows: int, vocab: int, labels: torch.Tensor) -> torch.Tensor:
+    """``[rows, vocab]`` logits of a few nats, with rows at |z| ~ 1e4, some -inf logits, a row of only -inf,
+    a -inf at a label, one NaN and a near-one-hot row."""
+    x = torch.randn(rows, vocab) * 3
+    x[1] = x[1] * 3000 + 5000
+    x[2] = float("-inf")
+    x[3, 5::7] = float("-inf")
+    x[4, vocab // 2] = float("nan")
+    x[5, labels[5]] = float("-inf")
+    x[6, labels[6]] = 60.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1, 97, 512, 2049, 4099])
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_folding_column_blocks_gives_the_one_pass_forward(dtype, width, with_entropy):
+    """The C++ fold over blocks of vocabulary columns (linear_logprobs' CPU forward), then finalize, gives
+    what one pass over the whole rows gives: the float64 values within fp32 rounding, the same row max to
+    the bit (a max does not depend on order), and the same -inf, 0 and NaN in the degenerate rows."""
+    if not available_backends()["cpp"].available:
+        pytest.skip(f"cpp: {available_backends()['cpp'].reason}")
+    from fastrlhf._extension import extension
+
+    ext = extension()
+    rows, vocab, temperature = 23, 4099, 0.7
+    labels = torch.randint(0, vocab, (rows,))
+    labels[[0, 9, 17]] = -100
+    logits = extreme_logits(rows, vocab, labels).to(dtype)
+    inv_t = 1.0 / temperature
+    one_pass = ext.gather_logprobs_forward(logits, labels, inv_t, -100, with_entropy)
+
+    state = ext.empty_softmax_states(rows)
+    label_logit = torch.zeros(rows)
+    ignored = labels == -100
+    for start in range(0, vocab, width):
+        end = min(start + width, vocab)
+        block = logits[:, start:end]  # a strided view: rows keep the full row stride
+        block_labels = labels_in_block(labels, ignored, start, end)
+        ext.gather_logprobs_fold(block, block_labels, inv_t, BLOCK_IGNORE, with_entropy, state, label_logit)
+    logprobs, stats, entropy = ext.gather_logprobs_finalize(
+        state, label_logit, labels, inv_t, -100, with_entropy
+    )
+    assert entropy.shape == ((rows,) if with_entropy else (0,))
+
+    # float64 reference, z as the kernels form it: the float32 inverse temperature times the logit
+    z = logits.double() * torch.tensor(inv_t, dtype=torch.float32).double()
+    log_p = torch.log_softmax(z, dim=-1)
+    ref_lp = log_p.gather(1, labels.clamp(min=0)[:, None])[:, 0].masked_fill(ignored, 0.0)
+    ref_ent = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1).masked_fill(ignored, 0.0)
+    regular = torch.ones(rows, dtype=torch.bool)
+    regular[[2, 4]] = False  # only -inf; a NaN
+    counted = regular & ~ignored  # ignored rows have stats 0
+    magnitude = z.nan_to_num(neginf=0.0).abs().amax(-1)
+    bound = 1e-5 + 4e-7 * magnitude  # fp32 rounding of a shifted logit of size |z|
+
+    def error(got, want):  # equal infinities are exact
+        got = got.double()
+        return torch.where(got == want, torch.zeros_like(want), (got - want).abs())
+
+    assert (error(logprobs, ref_lp)[regular] <= bound[regular]).all()
+    assert logprobs[5] == float("-inf") and one_pass[0][5] == float("-inf")
+    if with_entropy:
+        assert (error(entropy, ref_ent)[regular] <= bound[regular]).all()
+    assert torch.equal(stats[regular, 0], one_pass[1][regular, 0])
+    ref_log_s = torch.logsumexp(z - stats[:, :1].double(), dim=-1)
+    # fp32 rounding, as in one pass (~5e-7 here); one-column blocks fold 4099 states, each with a rescale
+    assert (error(stats[:, 1], ref_log_s)[counted] <= (2e-5 if width == 1 else 1e-6)).all()
+    # only -inf: m and log_s -inf, logprob -inf, entropy 0, as in one pass; a NaN logit: NaN outputs
+    assert torch.equal(logprobs[2], one_pass[0][2]) and logprobs[2] == float("-inf")
+    assert torch.equal(stats[2], one_pass[1][2])
+    assert logprobs[4].isnan() and one_pass[0][4].isnan()
+    if with_entropy:
+        assert entropy[2] == 0 and entropy[4].isnan() and one_pass[2][4].isnan()
+    assert (logprobs[ignored] == 0).all() and (stats[ignored] == 0).all()
+
+
+def test_fold_names_a_label_past_the_block():
+    if not available_backends()["cpp"].available:
+        pytest.skip(f"cpp: {available_backends()['cpp'].reason}")
+    from fastrlhf._extension import extension
+
+    ext = extension()
+    state, label_logit = ext.empty_softmax_states(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"block_labels\[1\] = 8 is past the block's 8 columns"):
+        ext.gather_logprobs_fold(
+            torch.randn(3, 8), torch.tensor([0, 8, -2]), 1.0, -1, True, state, label_logit
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -180,7 +290,7 @@ def test_compiled_op_gives_the_chunk_engines_bits(dtype, chunk):
         return linear_logprobs(x, w, labels, b, 0.9, return_entropy=True, chunk_size=chunk, backend="cpp")
 
     def engine(x, w, b):
-        lp, _stats, ent = _forward_op(x, w, b, labels, 1.0 / 0.9, -100, True, rows, "cpp")
+        lp, _stats, ent = _forward_op(x, w, b, labels, 1.0 / 0.9, -100, True, rows, True, "cpp")
         return lp, ent
 
     for with_entropy_grad in (True, False):

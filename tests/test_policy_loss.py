@@ -419,17 +419,29 @@ def test_hidden_form_bf16_within_2x(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_first_epoch_ratio_is_exactly_one(backend):
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_first_epoch_ratio_is_exactly_one(backend, chunk):
     """Old log-probs from the same weights: every ratio is exactly 1, nothing clips, approx KL is 0, and
-    the loss is exactly -mean(A) for both forms."""
+    the loss is exactly -mean(A) for both forms. With several chunks too: linear_logprobs under no_grad
+    makes the same row blocks as the fused loss."""
     batch, length, hidden_size, vocab = 3, 10, 16, 301
     hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab)
+    weight.requires_grad_(True)  # a Parameter, as in training: no_grad alone decides that no backward follows
     _, adv, mask, _ = rollout(batch, length)
     with torch.no_grad():
-        old = linear_logprobs(hidden, weight, labels, bias, backend=backend)
+        old = linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk, backend=backend)
     result = linear_ppo_policy_loss(
-        hidden.requires_grad_(True), weight, labels, old, adv, mask, bias=bias, backend=backend
+        hidden.requires_grad_(True),
+        weight,
+        labels,
+        old,
+        adv,
+        mask,
+        bias=bias,
+        chunk_size=chunk,
+        backend=backend,
     )
+    weight = weight.detach()
     valid = mask & (labels != -100)
     expected = -(adv[valid].double().sum() / valid.sum())
     assert float(result.approx_kl) == 0.0 and float(result.clip_fraction) == 0.0

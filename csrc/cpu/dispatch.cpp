@@ -85,6 +85,12 @@ void gather_logprobs_backward(const GatherLogprobsBackwardParams& p) {
   FASTRLHF_CPU_DISPATCH(gather_logprobs_backward_kernel, p)
 }
 
+void gather_logprobs_fold(const GatherLogprobsFoldParams& p) { FASTRLHF_CPU_DISPATCH(gather_logprobs_fold_kernel, p) }
+
+void gather_logprobs_finalize(const GatherLogprobsFinalizeParams& p) {
+  FASTRLHF_CPU_DISPATCH(gather_logprobs_finalize_kernel, p)
+}
+
 void kl_penalty_forward(const KLPenaltyParams& p) { FASTRLHF_CPU_DISPATCH(kl_penalty_forward_kernel, p) }
 
 void kl_penalty_sums(const KLPenaltySumsParams& p) { FASTRLHF_CPU_DISPATCH(kl_penalty_sums_kernel, p) }

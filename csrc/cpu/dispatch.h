@@ -19,6 +19,8 @@ const char* capability_name();
 
 void gather_logprobs_forward(const GatherLogprobsForwardParams& p);
 void gather_logprobs_backward(const GatherLogprobsBackwardParams& p);
+void gather_logprobs_fold(const GatherLogprobsFoldParams& p);
+void gather_logprobs_finalize(const GatherLogprobsFinalizeParams& p);
 
 void kl_penalty_forward(const KLPenaltyParams& p);
 void kl_penalty_sums(const KLPenaltySumsParams& p);

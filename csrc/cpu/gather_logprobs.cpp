@@ -7,7 +7,9 @@
 // and then an exp-sum pass that re-reads it from L1, giving the block's SoftmaxState, which is
 // merged into the row's (common/online_softmax.h). The exp-sum pass prefetches the next block, so
 // memory keeps streaming while it computes. Few long rows are split into V-chunks whose
-// states are merged afterwards. Backward: one elementwise pass (common/logprob_grad.h).
+// states are merged afterwards. Fold / finalize: the same per-row states over one block of columns
+// at a time, merged into running states (linear_logprobs' forward by columns). Backward: one
+// elementwise pass (common/logprob_grad.h).
 #ifndef CPU_CAPABILITY
 #error "compile through csrc/cpu/arch/<capability>.cpp, which defines CPU_CAPABILITY"
 #endif
@@ -209,6 +211,29 @@ void forward_typed(const GatherLogprobsForwardParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Forward by blocks of columns: fold, then finalize
+
+template <class T, bool kEntropy>
+void fold_typed(const GatherLogprobsFoldParams& p) {
+  const T* logits = static_cast<const T*>(p.logits);
+  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, p.vocab));
+  at::parallel_for(0, p.n_rows, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t label = p.labels[row];
+      if (label == p.skip_label) continue;  // an ignored row: never read, its state stays empty
+      const T* x = logits + row * p.logits_row_stride;
+      float* st = p.state + 3 * row;
+      const SoftmaxState block = range_state<T, kEntropy>(x, 0, p.vocab, p.inv_temperature);
+      const SoftmaxState merged = merge({st[0], st[1], st[2]}, block);
+      st[0] = merged.max;
+      st[1] = merged.sum;
+      st[2] = merged.ent;
+      if (label >= 0) p.label_logit[row] = static_cast<float>(x[label]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward
 
 // dlogits[row, begin:end). Reads each x before writing the same element, so dlogits may alias
@@ -274,6 +299,30 @@ void gather_logprobs_forward_kernel(const GatherLogprobsForwardParams& p) {
       return entropy ? forward_typed<c10::BFloat16, true>(p) : forward_typed<c10::BFloat16, false>(p);
     case DType::kFloat16:
       return entropy ? forward_typed<c10::Half, true>(p) : forward_typed<c10::Half, false>(p);
+  }
+}
+
+void gather_logprobs_fold_kernel(const GatherLogprobsFoldParams& p) {
+  if (p.n_rows == 0 || p.vocab == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return p.with_entropy ? fold_typed<float, true>(p) : fold_typed<float, false>(p);
+    case DType::kBFloat16:
+      return p.with_entropy ? fold_typed<c10::BFloat16, true>(p) : fold_typed<c10::BFloat16, false>(p);
+    case DType::kFloat16:
+      return p.with_entropy ? fold_typed<c10::Half, true>(p) : fold_typed<c10::Half, false>(p);
+  }
+}
+
+// Scalar and cheap ([N] values), but per capability all the same: the label's logprob takes TailMath's
+// fused multiply-subtract, so it gets the t the one-pass forward of this copy would give.
+void gather_logprobs_finalize_kernel(const GatherLogprobsFinalizeParams& p) {
+  const GatherLogprobsForwardParams& out = p.out;
+  for (int64_t row = 0; row < out.n_rows; ++row) {
+    const int64_t label = out.labels[row];
+    const float* st = p.state + 3 * row;
+    const float label_logit = label == out.ignore_index ? 0.0f : p.label_logit[row];
+    write_row_outputs<TailMath>(out, row, label, label_logit, {st[0], st[1], st[2]});
   }
 }
 

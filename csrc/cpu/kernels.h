@@ -18,6 +18,8 @@
 #define FASTRLHF_CPU_KERNEL_DECLARATIONS                                                   \
   void gather_logprobs_forward_kernel(const ::fastrlhf::GatherLogprobsForwardParams& p);   \
   void gather_logprobs_backward_kernel(const ::fastrlhf::GatherLogprobsBackwardParams& p); \
+  void gather_logprobs_fold_kernel(const ::fastrlhf::GatherLogprobsFoldParams& p);         \
+  void gather_logprobs_finalize_kernel(const ::fastrlhf::GatherLogprobsFinalizeParams& p); \
   void kl_penalty_forward_kernel(const ::fastrlhf::KLPenaltyParams& p);                    \
   void kl_penalty_sums_kernel(const ::fastrlhf::KLPenaltySumsParams& p);                   \
   void kl_penalty_backward_kernel(const ::fastrlhf::KLPenaltyGradParams& p);               \

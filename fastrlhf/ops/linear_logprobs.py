@@ -1,9 +1,10 @@
 """linear_logprobs: log-probabilities straight from the last hidden state and the lm_head.
 
 Equal to ``gather_logprobs(hidden @ weight.T + bias, labels)``, but the ``[N, V]`` logits never exist
-in full: ``_linear_chunks`` runs the forward one block of rows at a time, with float32 products, and the
-backward recomputes the logits one block of vocabulary columns at a time (one extra GEMM) instead of
-keeping them. Four GEMMs in all against eager's three; the fused PPO loss needs only three.
+in full: ``_linear_chunks`` runs the forward one block of logits at a time, with float32 products (on
+CPU a block of vocabulary columns for every row, elsewhere a block of rows), and the backward recomputes
+the logits one block of vocabulary columns at a time (one extra GEMM) instead of keeping them. Four
+GEMMs in all against eager's three; the fused PPO loss needs only three.
 
 Layers, from the user down:
     linear_logprobs()        backend choice and the chunk size; for torch / triton also validation
@@ -23,7 +24,13 @@ from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
-from fastrlhf.ops._linear_chunks import LinearHead, backward_by_columns, default_chunk_rows, forward_chunks
+from fastrlhf.ops._linear_chunks import (
+    LinearHead,
+    backward_by_columns,
+    backward_follows,
+    default_chunk_rows,
+    forward_chunks,
+)
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -139,7 +146,16 @@ def linear_logprobs(
     hidden2d = hidden.reshape(rows, hidden_size)
     labels_1d = labels.reshape(-1).to(torch.int64).contiguous()
     logprobs, _stats, entropy = _forward_op(
-        hidden2d, weight, bias, labels_1d, 1.0 / temperature, ignore_index, return_entropy, chunk_rows, chosen
+        hidden2d,
+        weight,
+        bias,
+        labels_1d,
+        1.0 / temperature,
+        ignore_index,
+        return_entropy,
+        chunk_rows,
+        backward_follows(hidden, weight, bias),
+        chosen,
     )
     if return_entropy:
         return logprobs.view(lead_shape), entropy.view(lead_shape)
@@ -170,6 +186,7 @@ def _compiled(hidden, weight, labels, bias, temperature, ignore_index, return_en
         ignore_index,
         bool(return_entropy),
         compiled_chunk_rows(hidden, weight, labels, chunk_size),
+        backward_follows(hidden, weight, bias),
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -189,19 +206,23 @@ def _forward_op(
     ignore_index: int,
     with_entropy: bool,
     chunk_rows: int,
+    by_columns: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]`` int64 →
-    (logprobs ``[N]``, stats ``[N, 2]``, entropy ``[N]`` or ``[0]``), float32."""
+    (logprobs ``[N]``, stats ``[N, 2]``, entropy ``[N]`` or ``[0]``), float32. ``by_columns``: the
+    forward's blocks (``_linear_chunks.forward_by_columns``)."""
     check_labels_in_range(labels, weight.shape[0], ignore_index)
     head = LinearHead(weight, bias)
     return forward_chunks(
-        head, hidden, labels, inv_temperature, ignore_index, with_entropy, chunk_rows, backend
+        head, hidden, labels, inv_temperature, ignore_index, with_entropy, chunk_rows, backend, by_columns
     )
 
 
 @_forward_op.register_fake
-def _(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_rows, backend):
+def _(
+    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_rows, by_columns, backend
+):
     rows = labels.shape[0]
     out = hidden.new_empty(rows, dtype=torch.float32)
     entropy = hidden.new_empty(rows if with_entropy else 0, dtype=torch.float32)
@@ -275,7 +296,18 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, chunk_rows, backend = inputs
+    (
+        hidden,
+        weight,
+        bias,
+        labels,
+        inv_temperature,
+        ignore_index,
+        with_entropy,
+        chunk_rows,
+        _by_columns,
+        backend,
+    ) = inputs
     _logprobs, stats, entropy = output
     ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy)
     ctx.options = (inv_temperature, ignore_index, with_entropy, chunk_rows, backend)
@@ -315,6 +347,7 @@ def _backward(ctx, grad_logprobs, _grad_stats, grad_entropy):
         d_hidden if need_hidden else None,
         d_weight if need_weight else None,
         d_bias if need_bias and bias is not None else None,
+        None,
         None,
         None,
         None,
