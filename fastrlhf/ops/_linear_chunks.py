@@ -2,10 +2,11 @@
 
 No more than ``chunk_rows × V`` logits exist at a time, always in float32 (see _matmul).
 
-By vocabulary columns (``linear_logprobs``' forward on CPU): per block of columns, a ``[N, cols]`` block
-of logits from one GEMM of every row against that block of the head, folded into each row's running
-softmax state (max, Σ, entropy sum) by the C++ CPU kernel; the label's raw logit is kept by the block that
-holds it, and a last pass turns the states into log-probs, stats and entropy.
+By vocabulary columns (``linear_logprobs``' forward on CPU when a backward follows; see
+``forward_by_columns``): per block of columns, a ``[N, cols]`` block of logits from one GEMM of every row
+against that block of the head, folded into each row's running softmax state (max, Σ, entropy sum) by the
+C++ CPU kernel; the label's raw logit is kept by the block that holds it, and a last pass turns the states
+into log-probs, stats and entropy.
 
 By rows (the forward elsewhere, and the fused loss, which makes its gradient in the forward): per block
 of rows

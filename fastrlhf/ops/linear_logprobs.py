@@ -2,9 +2,9 @@
 
 Equal to ``gather_logprobs(hidden @ weight.T + bias, labels)``, but the ``[N, V]`` logits never exist
 in full: ``_linear_chunks`` runs the forward one block of logits at a time, with float32 products (on
-CPU a block of vocabulary columns for every row, elsewhere a block of rows), and the backward recomputes
-the logits one block of vocabulary columns at a time (one extra GEMM) instead of keeping them. Four
-GEMMs in all against eager's three; the fused PPO loss needs only three.
+CPU, when a backward follows, a block of vocabulary columns for every row; otherwise a block of rows), and
+the backward recomputes the logits one block of vocabulary columns at a time (one extra GEMM) instead of
+keeping them. Four GEMMs in all against eager's three; the fused PPO loss needs only three.
 
 Layers, from the user down:
     linear_logprobs()        backend choice and the chunk size; for torch / triton also validation
