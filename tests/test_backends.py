@@ -123,6 +123,25 @@ kl64.sum().backward()
 kl = kl_penalty(gaps, torch.zeros_like(gaps), None, "k3", backend="cpp")
 assert ((kl.double() - kl64).abs() <= 1e-6 * kl64.abs()).all(), "k3"
 assert ((logp.grad.double() - logp64.grad).abs() <= 1e-6 * logp64.grad.abs()).all(), "d k3 / d logp"
+# The mask is applied in SIMD registers per capability: NaN and inf where it drops a token must give 0
+# there, in the value and in both gradients (per-token and uniform upstream gradients).
+mask = torch.rand(7, 1001) > 0.3
+lp = torch.randn(7, 1001) * 2
+lp[~mask & (torch.rand(7, 1001) > 0.5)] = float("nan")
+lp[~mask & (torch.rand(7, 1001) > 0.5)] = -float("inf")
+rf = torch.randn(7, 1001) * 2
+weights = torch.randn(7, 1001)
+for upstream in (None, weights):
+    x = lp.clone().requires_grad_(True); r = rf.clone().requires_grad_(True)
+    out = kl_penalty(x, r, mask, "k3", backend="cpp")
+    (out.sum() if upstream is None else (out * upstream).sum()).backward()
+    x64 = lp.double().where(mask, 0.0).requires_grad_(True); r64 = rf.double().requires_grad_(True)
+    out64 = reference.kl_penalty(x64, r64, mask, "k3", None)
+    (out64.sum() if upstream is None else (out64 * upstream.double()).sum()).backward()
+    pairs = ((out, out64, "masked k3"), (x.grad, x64.grad, "d/d logp"), (r.grad, r64.grad, "d/d ref"))
+    for got, want, name in pairs:
+        assert not got.isnan().any() and (got[~mask] == 0).all(), name
+        assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), name
 print("ok")
 """
     import platform

@@ -124,7 +124,7 @@ struct VecKLMath {
 using vec_io::load2;
 using vec_io::store2;
 
-// Block of tokens whose output the mask pass re-reads from L1: 1024 floats is 4 KiB.
+// Tokens per block of a segment sum: 1024 floats (4 KiB) stay in L1 between the kernel and the sum.
 constexpr int64_t kBlock = 1024;
 
 // out[j] = 0 where mask[j] == 0 (NaN or inf computed there included). mask may be null.
@@ -141,47 +141,46 @@ enum class KLPass {
 };
 
 // out[j] for j < n as `P` says where mask[j] (mask may be null), 0 elsewhere (NaN computed there
-// included). out_neg, when not null, receives -out[j]: d kl / d ref in the same pass.
+// included). out_neg, when not null, receives -out[j]: d kl / d ref. One pass: the mask and the
+// negation are applied in registers, so each output is stored once and nothing is re-read.
 template <class T, KLEstimator E, bool kClamp, KLPass P>
 void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, int64_t n, float clamp,
               float scale, float* out, float* out_neg) {
   const Vec vclamp(clamp), vscale(scale);
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    const int64_t v_end = b + (e - b) / kStep * kStep;
-    for (int64_t j = b; j < v_end; j += kStep) {
-      Vec x0, x1, y0, y1;
-      load2(x + j, x0, x1);
-      load2(y + j, y0, y1);
-      if constexpr (P == KLPass::kGradPerToken) {
-        Vec g0, g1;
-        load2(grad + j, g0, g1);
-        x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale * g0, x0, y0, vclamp);
-        x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale * g1, x1, y1, vclamp);
-      } else if constexpr (P == KLPass::kGradUniform) {
-        x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x0, y0, vclamp);
-        x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x1, y1, vclamp);
-      } else {
-        x0 = vscale * kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
-        x1 = vscale * kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
-      }
-      store2(out + j, x0, x1);
+  const int64_t v_end = n / kStep * kStep;
+  for (int64_t j = 0; j < v_end; j += kStep) {
+    Vec x0, x1, y0, y1;
+    load2(x + j, x0, x1);
+    load2(y + j, y0, y1);
+    if constexpr (P == KLPass::kGradPerToken) {
+      Vec g0, g1;
+      load2(grad + j, g0, g1);
+      x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale * g0, x0, y0, vclamp);
+      x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale * g1, x1, y1, vclamp);
+    } else if constexpr (P == KLPass::kGradUniform) {
+      x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x0, y0, vclamp);
+      x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x1, y1, vclamp);
+    } else {
+      x0 = vscale * kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
+      x1 = vscale * kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
     }
-    for (int64_t j = v_end; j < e; ++j) {
-      const float xj = static_cast<float>(x[j]);
-      const float yj = static_cast<float>(y[j]);
-      if constexpr (P == KLPass::kGradPerToken) {
-        out[j] = kl_value_grad<ScalarKLMath, E, kClamp>(scale * grad[j], xj, yj, clamp);
-      } else if constexpr (P == KLPass::kGradUniform) {
-        out[j] = kl_value_grad<ScalarKLMath, E, kClamp>(scale, xj, yj, clamp);
-      } else {
-        out[j] = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
-      }
+    if (mask != nullptr) vec_io::zero_where_dropped(mask + j, x0, x1);
+    store2(out + j, x0, x1);
+    if (out_neg != nullptr) store2(out_neg + j, x0.neg(), x1.neg());
+  }
+  for (int64_t j = v_end; j < n; ++j) {
+    const float xj = static_cast<float>(x[j]);
+    const float yj = static_cast<float>(y[j]);
+    float v;
+    if constexpr (P == KLPass::kGradPerToken) {
+      v = kl_value_grad<ScalarKLMath, E, kClamp>(scale * grad[j], xj, yj, clamp);
+    } else if constexpr (P == KLPass::kGradUniform) {
+      v = kl_value_grad<ScalarKLMath, E, kClamp>(scale, xj, yj, clamp);
+    } else {
+      v = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
     }
-    apply_mask(mask == nullptr ? nullptr : mask + b, out + b, e - b);
-    if (out_neg != nullptr) {
-      for (int64_t j = b; j < e; ++j) out_neg[j] = -out[j];  // from L1: the block was just written
-    }
+    out[j] = mask == nullptr || mask[j] != 0 ? v : 0.0f;
+    if (out_neg != nullptr) out_neg[j] = -out[j];
   }
 }
 

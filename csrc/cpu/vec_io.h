@@ -39,6 +39,28 @@ inline void store2(T* p, const Vec& a, const Vec& b) {
   at::vec::convert_from_float<T>(a, b).store(p);
 }
 
+// a, b (one step of kStep elements) with every lane whose byte in mask[0, kStep) is 0 set to 0, NaN and
+// inf there included: a bool mask applied in registers, so the kernels need no second pass over their
+// stored output to mask it.
+inline void zero_where_dropped(const uint8_t* mask, Vec& a, Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask));
+  const __mmask32 keep = _mm256_test_epi8_mask(bytes, bytes);
+  a = _mm512_maskz_mov_ps(static_cast<__mmask16>(keep), a);
+  b = _mm512_maskz_mov_ps(static_cast<__mmask16>(keep >> 16), b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // 0xFF per dropped byte, sign-extended to an all-ones lane: the bits that and-not clears.
+  const __m128i dropped = _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask)), _mm_setzero_si128());
+  a = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cvtepi8_epi32(dropped)), a);
+  b = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(dropped, 8))), b);
+#else
+  alignas(64) float lanes[kStep];
+  store2(lanes, a, b);
+  for (int64_t j = 0; j < kStep; ++j) lanes[j] = mask[j] != 0 ? lanes[j] : 0.0f;
+  load2(lanes, a, b);
+#endif
+}
+
 // Asks for the cache lines of the SIMD step (kStep elements of T) that starts `ahead` elements after p,
 // before it is used. The blocked two-pass kernels call it on the next block while they compute on the
 // current one from L1, so that memory keeps streaming during the compute pass: without it the
