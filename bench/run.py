@@ -155,8 +155,15 @@ def provider_matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + "-")
 
 
-def evaluate_targets(results: dict, device: str) -> list[list[str]]:
-    """One table row per target of the ops that ran: the measured value, the bound, met / MISSED."""
+# Metrics measured against a bound alone, with no baseline provider.
+NO_BASELINE = ("memory_fraction", "call_us", "copy_fraction")
+# Metrics where smaller is better: the bound is a ceiling.
+AT_MOST = ("time_ratio", "memory_ratio", "memory_fraction", "call_us")
+
+
+def evaluate_targets(results: dict, device: str, copy_bw: float, quick: bool) -> list[list[str]]:
+    """One table row per target of the ops that ran: the measured value, the bound, met / MISSED.
+    ``copy_bw``: the device's copy bandwidth in bytes/s, what "copy_fraction" targets divide by."""
     rows = []
     for op, spec in SPECS.items():
         for target in spec.TARGETS:
@@ -169,18 +176,23 @@ def evaluate_targets(results: dict, device: str) -> list[list[str]]:
                 continue
             candidates = {n: v for n, v in measured.items() if provider_matches(n, target.provider)}
             base = measured.get(target.baseline)
-            needs_base = target.metric not in ("memory_fraction", "call_us")
+            needs_base = target.metric not in NO_BASELINE
             if not candidates or (needs_base and base is None):
                 missing = target.baseline if base is None else target.provider
                 rows.append(
                     [label, target.metric, f"{target.bound}", "not measured", f"{missing} did not run"]
                 )
                 continue
-            name, value = _best(candidates, base, target, measured.get(HARNESS, (0.0, None))[0])
+            copy_seconds = 0.0  # what a copy of the bytes this case moves takes
+            if target.metric == "copy_fraction":
+                case = find_case(spec, device, quick, target.size)
+                copy_seconds = spec.bytes_moved(case, DTYPES[target.dtype], target.mode) / copy_bw
+            harness = measured.get(HARNESS, (0.0, None))[0]
+            name, value = _best(candidates, base, target, harness, copy_seconds)
             if value is None:
                 rows.append([label, target.metric, f"{target.bound}", "not measured", "no memory measured"])
                 continue
-            at_most = target.metric in ("time_ratio", "memory_ratio", "memory_fraction", "call_us")
+            at_most = target.metric in AT_MOST
             met = value <= target.bound if at_most else value >= target.bound
             verdict = "met" if met else "**MISSED**"
             rows.append(
@@ -195,8 +207,10 @@ def evaluate_targets(results: dict, device: str) -> list[list[str]]:
     return rows
 
 
-def _best(candidates: dict, base, target, harness: float = 0.0):
-    """The best fastrlhf backend's value for the target's metric (None when that metric is missing)."""
+def _best(candidates: dict, base, target, harness: float = 0.0, copy_seconds: float = 0.0):
+    """The best fastrlhf backend's value for the target's metric (None when that metric is missing).
+    ``harness``: the timing loop's own seconds per call; ``copy_seconds``: what a copy of the bytes the
+    case moves takes at the device's copy bandwidth."""
     values = {}
     for name, (seconds, memory) in candidates.items():
         if target.metric == "speedup":
@@ -207,12 +221,14 @@ def _best(candidates: dict, base, target, harness: float = 0.0):
             values[name] = None if memory is None or not base[1] else memory / base[1]
         elif target.metric == "call_us":  # the op's own cost: less what the timing loop costs per call
             values[name] = (seconds - harness) * 1e6
+        elif target.metric == "copy_fraction":  # achieved bandwidth over copy bandwidth
+            values[name] = copy_seconds / seconds
         else:
             values[name] = None if memory is None else memory / target.reference_bytes
     present = {n: v for n, v in values.items() if v is not None}
     if not present:
         return next(iter(values)), None
-    pick = max if target.metric == "speedup" else min
+    pick = min if target.metric in AT_MOST else max
     name = pick(present, key=present.get)
     return name, present[name]
 
@@ -436,7 +452,7 @@ def main() -> None:
     if skipped:
         print("\nSkipped:\n")
         print(common.markdown_table(["op", "provider", "reason"], _unique(skipped)))
-    target_rows = evaluate_targets(results, device)
+    target_rows = evaluate_targets(results, device, copy_bw, args.quick)
     if target_rows:
         print("\nPerformance targets:\n")
         print(

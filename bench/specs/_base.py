@@ -62,8 +62,10 @@ class Target:
     """A performance target: ``provider`` (a prefix, e.g. "fastrlhf") against ``baseline`` in ``mode``
     at ``size`` on ``device``. ``metric``: "speedup" (baseline time / provider time ≥ bound),
     "time_ratio" (provider / baseline ≤ bound), "memory_ratio" (provider / baseline peak memory ≤ bound),
-    "memory_fraction" (provider peak memory / ``reference_bytes`` ≤ bound) or "call_us" (the provider's
-    time in microseconds ≤ bound, on a call-cost size; no baseline). ``source`` says what it measures."""
+    "memory_fraction" (provider peak memory / ``reference_bytes`` ≤ bound), "call_us" (the provider's
+    time in microseconds ≤ bound, on a call-cost size; no baseline) or "copy_fraction" (the bytes the
+    spec's ``bytes_moved`` counts for the mode, per second, over the device's measured copy bandwidth
+    ≥ bound; no baseline). ``source`` says what it measures."""
 
     mode: str
     size: str

@@ -51,6 +51,14 @@ TARGETS = [
     ),
     Target("full", "N=8192,V=32000", "cpu", "speedup", 4.0, source="forward+backward ≥ 4x eager"),
     Target("full", "N=8192,V=32000", "cpu", "memory_ratio", 1.0, source="forward+backward memory ≤ eager"),
+    Target(
+        "bwd",
+        "N=8192,V=32000",
+        "cpu",
+        "copy_fraction",
+        0.5,
+        source="backward (read the logits, write their gradient) ≥ half the copy bandwidth",
+    ),
     Target("fwd", "N=2,V=8", "cpu", "call_us", 10.0, source="cost of a call ≤ 10 µs"),
 ]
 
