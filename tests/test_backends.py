@@ -106,6 +106,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     assert (ent.double() - rent).abs().max() < 1e-4, dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (x.grad.double() - x64.grad).abs().max() < tol * max(1.0, x64.grad.abs().max().item()), dtype
+    # Without entropy the forward sums its terms with a cheaper exp (no exact zeros below 2^-126).
+    assert (gather_logprobs(x.detach(), y, 0.7, backend="cpp").double() - rlp).abs().max() < 1e-4, dtype
+# Terms far below e^-87 (denormal or zero in fp32), -inf logits and a NaN row, in rows long enough for
+# the SIMD loops: the log-probs of the large entries match float64, the NaN row is NaN.
+x = torch.rand(5, 4099) * -60 - 100
+x[:, :40] = torch.randn(5, 40)
+x[:, 50::7] = -float("inf")
+x[3, 1000] = float("nan")
+y = torch.tensor([0, 7, 39, 3, 21])
+lp = gather_logprobs(x, y, backend="cpp")
+rlp = reference.gather_logprobs(x.double(), y)
+assert lp[3].isnan() and (lp.double() - rlp)[[0, 1, 2, 4]].abs().max() < 1e-6, (lp, rlp)
 from fastrlhf.ops import group_advantages
 scores = torch.randn(37, 5)
 mask = torch.rand(37 * 5, 203) > 0.2
