@@ -592,6 +592,90 @@ def test_opcheck_kl_penalty(backend, device):
             )
 
 
+def test_kl_backward_from_saved_derivative_matches_recomputing():
+    """On the CPU the autograd node's forward also writes d kl / d logprobs, and the backward scales it
+    instead of recomputing it from both inputs: the same values as the recomputing backward, to an ulp
+    (scalar tails may round apart where the compiler contracted a product into an FMA differently), for
+    every estimator, clamp, reduction and upstream gradient, with 0 where masked even under a NaN
+    upstream gradient there."""
+    torch.manual_seed(3)
+    shape = (5, 203)  # rows longer than a SIMD step, with tails
+    logp = -torch.rand(shape) * 4
+    ref = logp + torch.randn(shape) * 1.5
+    logp[0, :7] = -float("inf")  # a gap past any clamp
+    mask = torch.rand(shape) > 0.25
+    for estimator in ("k1", "k2", "k3", "abs"):
+        for clamp in (None, 0.5):
+            for reduction in ("none", "seq-mean", "token-mean"):
+                for m in (mask, None):
+                    args = (logp, ref, m, estimator, clamp, reduction)
+                    kl, normalizer, derivative = torch.ops.fastrlhf.kl_penalty_with_derivative(*args)
+                    plain_kl, plain_normalizer = torch.ops.fastrlhf.kl_penalty(*args)
+                    # (k3 of an unmasked, unclamped -inf log-prob is NaN, as torch's is: NaN equals NaN here.)
+                    torch.testing.assert_close(kl, plain_kl, rtol=0, atol=0, equal_nan=True)
+                    torch.testing.assert_close(normalizer, plain_normalizer, rtol=0, atol=0)
+                    assert derivative.shape == shape and derivative.dtype == torch.float32
+                    if m is not None:
+                        assert (derivative[~m] == 0).all()
+                    grads = [torch.randn_like(kl)]
+                    if reduction == "none":
+                        grads.append(torch.tensor(0.7).expand_as(kl))  # a sum's uniform gradient
+                        if m is not None:
+                            grads.append(torch.randn_like(kl).masked_fill(~m, float("nan")))
+                    for grad in grads:
+                        rest = (logp, ref, m, normalizer, estimator, clamp, reduction, True)
+                        want = torch.ops.fastrlhf.kl_penalty_backward(grad, *rest)
+                        got = torch.ops.fastrlhf.kl_penalty_backward(grad, *rest, derivative)
+                        case = (estimator, clamp, reduction, m is not None)
+                        for g, w in zip(got, want, strict=True):
+                            msg = str(case)
+                            torch.testing.assert_close(g, w, rtol=2.4e-7, atol=0, equal_nan=True, msg=msg)
+                            if m is not None:
+                                assert (g[~m] == 0).all(), case
+    # Through autograd, against the float64 reference.
+    x = logp.clone().requires_grad_(True)
+    r = ref.clone().requires_grad_(True)
+    kl_penalty(x, r, mask, "k3", clamp=10.0, reduction="token-mean", backend="cpp").backward()
+    x64 = logp.double().requires_grad_(True)
+    r64 = ref.double().requires_grad_(True)
+    kl64 = reference.kl_penalty(x64, r64, mask, "k3", 10.0)
+    (kl64.sum() / mask.sum()).backward()
+    assert_close_fp32("d logp", x.grad, x64.grad)
+    assert_close_fp32("d ref", r.grad, r64.grad)
+
+
+def test_opcheck_kl_penalty_with_derivative():
+    logp = -torch.rand(4, 13, requires_grad=True)
+    ref = -torch.rand(4, 13, requires_grad=True)
+    mask = torch.rand(4, 13) > 0.3
+    for reduction in ("none", "seq-mean", "token-mean"):
+        args = (logp.detach(), ref.detach(), mask, "k3", 2.0, reduction)
+        torch.library.opcheck(
+            torch.ops.fastrlhf.kl_penalty_with_derivative.default,
+            args,
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        kl, normalizer, derivative = torch.ops.fastrlhf.kl_penalty_with_derivative(*args)
+        torch.library.opcheck(
+            torch.ops.fastrlhf.kl_penalty_backward.default,
+            (torch.randn_like(kl), *args[:3], normalizer, "k3", 2.0, reduction, True, derivative),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    with pytest.raises(ValueError, match="derivative must be a contiguous float32 tensor"):
+        torch.ops.fastrlhf.kl_penalty_backward(
+            torch.ones(4, 13),
+            logp.detach(),
+            ref.detach(),
+            mask,
+            torch.empty(0),
+            "k3",
+            None,
+            "none",
+            True,
+            torch.zeros(4, 12),
+        )
+
+
 @pytest.mark.parametrize("backend,device", COMPILED_TARGETS)
 def test_opcheck_ppo_policy_loss(backend, device):
     logp = -torch.rand(4, 13, device=device, requires_grad=True)

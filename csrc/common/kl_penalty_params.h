@@ -20,6 +20,9 @@ struct KLPenaltyParams {
   int estimator;  // KLEstimator (common/kl.h)
   float clamp;    // +inf: no clamp
   float* out;     // [n]
+  // CPU forward only: when not null, also d kl / d logprobs per token ([n], 0 where masked), which a
+  // backward then scales instead of recomputing it from both inputs.
+  float* derivative;
 };
 
 }  // namespace fastrlhf
@@ -38,8 +41,9 @@ struct KLPenaltySumsParams {
   DType dtype;
   int estimator;
   float clamp;
-  double* sums;     // [ceil(n / segment_len)]
-  int64_t* counts;  // [ceil(n / segment_len)]
+  double* sums;       // [ceil(n / segment_len)]
+  int64_t* counts;    // [ceil(n / segment_len)]
+  float* derivative;  // [n] or nullptr: as KLPenaltyParams::derivative
 };
 
 // The CPU backward: d loss / d logprobs for one of three gradient shapes, and optionally its negation
@@ -58,6 +62,9 @@ struct KLPenaltyGradParams {
   float clamp;
   float* d_logprobs;      // [n]
   float* d_ref_logprobs;  // [n], or nullptr
+  // [n] or nullptr: d kl / d logprobs saved by the forward (KLPenaltyParams::derivative). When set, the
+  // backward scales it and reads neither logprobs nor ref_logprobs (the mask it still applies).
+  const float* derivative;
 };
 
 }  // namespace fastrlhf

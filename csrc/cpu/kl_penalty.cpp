@@ -1,6 +1,7 @@
 // kl_penalty CPU kernels: the per-token KL estimate, its masked sums per segment (the mean
-// reductions), and the derivative w.r.t. logprobs (and ref_logprobs) under a per-token, per-row or
-// uniform gradient. Elementwise over contiguous tokens in parallel chunks (csrc/cpu/kl_vec.h).
+// reductions), either of them optionally with d kl / d logprobs saved per token, and the derivative
+// w.r.t. logprobs (and ref_logprobs) under a per-token, per-row or uniform gradient, from the inputs or
+// from the saved derivative. Elementwise over contiguous tokens in parallel chunks (csrc/cpu/kl_vec.h).
 //
 // Not compiled on its own: csrc/cpu/arch/<cap>.cpp includes it once per CPU capability.
 #ifndef CPU_CAPABILITY
@@ -61,10 +62,17 @@ void kl_penalty_forward_kernel(const KLPenaltyParams& p) {
     const T* x = static_cast<const T*>(p.logprobs);
     const T* y = static_cast<const T*>(p.ref_logprobs);
     with_estimator(p.estimator, p.clamp, [&](auto e, auto clamp_on) {
+      constexpr KLEstimator E = decltype(e)::value;
+      constexpr bool kClamp = decltype(clamp_on)::value;
       at::parallel_for(0, p.n, kGrain, [&](int64_t lo, int64_t hi) {
-        kl_vec::kl_range<T, decltype(e)::value, decltype(clamp_on)::value, KLPass::kValue>(
-            x + lo, y + lo, nullptr, p.mask == nullptr ? nullptr : p.mask + lo, hi - lo, p.clamp, 1.0f,
-            p.out + lo, nullptr);
+        const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + lo;
+        if (p.derivative == nullptr) {
+          kl_vec::kl_range<T, E, kClamp, KLPass::kValue>(x + lo, y + lo, nullptr, mask, hi - lo, p.clamp, 1.0f,
+                                                         p.out + lo, nullptr);
+        } else {
+          kl_vec::kl_range<T, E, kClamp, KLPass::kValueAndGrad>(x + lo, y + lo, nullptr, mask, hi - lo, p.clamp,
+                                                                1.0f, p.out + lo, nullptr, p.derivative + lo);
+        }
       });
     });
   });
@@ -85,7 +93,7 @@ void kl_penalty_sums_kernel(const KLPenaltySumsParams& p) {
           const int64_t o = s * p.segment_len;
           kl_vec::kl_sum<T, decltype(e)::value, decltype(clamp_on)::value>(
               x + o, y + o, p.mask == nullptr ? nullptr : p.mask + o, std::min(p.segment_len, p.n - o), p.clamp,
-              p.sums[s], p.counts[s]);
+              p.sums[s], p.counts[s], p.derivative == nullptr ? nullptr : p.derivative + o);
         }
       });
     });
@@ -95,6 +103,28 @@ void kl_penalty_sums_kernel(const KLPenaltySumsParams& p) {
 void kl_penalty_backward_kernel(const KLPenaltyGradParams& p) {
   using namespace kl_penalty_impl;
   if (p.n == 0) return;
+  // Runs range(offset, len, scale) over every token in parallel tasks: one per row, each with its row's
+  // gradient, under a seq-mean; else chunks of tokens, with the uniform gradient (or 1 with a per-token one).
+  const auto for_each_range = [&](auto&& range) {
+    if (p.row_scale != nullptr) {
+      const int64_t rows = p.n / p.row_len;
+      at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / p.row_len), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) range(r * p.row_len, p.row_len, p.row_scale[r]);
+      });
+    } else {
+      at::parallel_for(0, p.n, kGrain,
+                       [&](int64_t lo, int64_t hi) { range(lo, hi - lo, p.grad != nullptr ? 1.0f : p.scale); });
+    }
+  };
+  const auto grad_at = [&](int64_t o) { return p.grad == nullptr ? nullptr : p.grad + o; };
+  const auto mask_at = [&](int64_t o) { return p.mask == nullptr ? nullptr : p.mask + o; };
+  const auto d_ref_at = [&](int64_t o) { return p.d_ref_logprobs == nullptr ? nullptr : p.d_ref_logprobs + o; };
+  if (p.derivative != nullptr) {  // the forward saved d kl / d logprobs: only scale it
+    for_each_range([&](int64_t o, int64_t len, float scale) {
+      kl_vec::scale_derivative(p.derivative + o, grad_at(o), mask_at(o), len, scale, p.d_logprobs + o, d_ref_at(o));
+    });
+    return;
+  }
   with_dtype(p.dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const T* x = static_cast<const T*>(p.logprobs);
@@ -102,27 +132,15 @@ void kl_penalty_backward_kernel(const KLPenaltyGradParams& p) {
     with_estimator(p.estimator, p.clamp, [&](auto e, auto clamp_on) {
       constexpr KLEstimator E = decltype(e)::value;
       constexpr bool kClamp = decltype(clamp_on)::value;
-      const auto run_range = [&](int64_t o, int64_t len, auto pass, float scale) {
-        kl_vec::kl_range<T, E, kClamp, decltype(pass)::value>(
-            x + o, y + o, p.grad == nullptr ? nullptr : p.grad + o, p.mask == nullptr ? nullptr : p.mask + o, len,
-            p.clamp, scale, p.d_logprobs + o, p.d_ref_logprobs == nullptr ? nullptr : p.d_ref_logprobs + o);
-      };
-      using PerToken = std::integral_constant<KLPass, KLPass::kGradPerToken>;
-      using Uniform = std::integral_constant<KLPass, KLPass::kGradUniform>;
-      if (p.row_scale != nullptr) {
-        const int64_t rows = p.n / p.row_len;
-        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / p.row_len), [&](int64_t lo, int64_t hi) {
-          for (int64_t r = lo; r < hi; ++r) run_range(r * p.row_len, p.row_len, Uniform{}, p.row_scale[r]);
-        });
-      } else {
-        at::parallel_for(0, p.n, kGrain, [&](int64_t lo, int64_t hi) {
-          if (p.grad != nullptr) {
-            run_range(lo, hi - lo, PerToken{}, 1.0f);
-          } else {
-            run_range(lo, hi - lo, Uniform{}, p.scale);
-          }
-        });
-      }
+      for_each_range([&](int64_t o, int64_t len, float scale) {
+        if (p.grad != nullptr) {
+          kl_vec::kl_range<T, E, kClamp, KLPass::kGradPerToken>(x + o, y + o, grad_at(o), mask_at(o), len, p.clamp,
+                                                                scale, p.d_logprobs + o, d_ref_at(o));
+        } else {
+          kl_vec::kl_range<T, E, kClamp, KLPass::kGradUniform>(x + o, y + o, nullptr, mask_at(o), len, p.clamp,
+                                                               scale, p.d_logprobs + o, d_ref_at(o));
+        }
+      });
     });
   });
 }

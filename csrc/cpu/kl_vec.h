@@ -136,16 +136,19 @@ inline void apply_mask(const uint8_t* mask, float* out, int64_t n) {
 // What kl_range writes per token.
 enum class KLPass {
   kValue,         // scale * kl(x, y)
+  kValueAndGrad,  // scale * kl(x, y), and d kl / d x into out_derivative (saved for the backward)
   kGradPerToken,  // scale * grad[j] * d kl / d x
   kGradUniform,   // scale * d kl / d x: one gradient for every token (a mean's, or an expanded scalar's)
 };
 
 // out[j] for j < n as `P` says where mask[j] (mask may be null), 0 elsewhere (NaN computed there
-// included). out_neg, when not null, receives -out[j]: d kl / d ref. One pass: the mask and the
-// negation are applied in registers, so each output is stored once and nothing is re-read.
+// included). out_neg, when not null, receives -out[j]: d kl / d ref. out_derivative: see kValueAndGrad.
+// One pass: the mask and the negation are applied in registers, so each output is stored once and
+// nothing is re-read.
 template <class T, KLEstimator E, bool kClamp, KLPass P>
 void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, int64_t n, float clamp,
-              float scale, float* out, float* out_neg) {
+              float scale, float* out, float* out_neg, float* out_derivative = nullptr) {
+  const Vec one(1.0f);
   const Vec vclamp(clamp), vscale(scale);
   const int64_t v_end = n / kStep * kStep;
   for (int64_t j = 0; j < v_end; j += kStep) {
@@ -161,6 +164,12 @@ void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, in
       x0 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x0, y0, vclamp);
       x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x1, y1, vclamp);
     } else {
+      if constexpr (P == KLPass::kValueAndGrad) {
+        Vec d0 = kl_value_grad<VecKLMath, E, kClamp>(one, x0, y0, vclamp);
+        Vec d1 = kl_value_grad<VecKLMath, E, kClamp>(one, x1, y1, vclamp);
+        if (mask != nullptr) vec_io::zero_where_dropped(mask + j, d0, d1);
+        store2(out_derivative + j, d0, d1);
+      }
       x0 = vscale * kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
       x1 = vscale * kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
     }
@@ -177,6 +186,10 @@ void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, in
     } else if constexpr (P == KLPass::kGradUniform) {
       v = kl_value_grad<ScalarKLMath, E, kClamp>(scale, xj, yj, clamp);
     } else {
+      if constexpr (P == KLPass::kValueAndGrad) {
+        const float dj = kl_value_grad<ScalarKLMath, E, kClamp>(1.0f, xj, yj, clamp);
+        out_derivative[j] = mask == nullptr || mask[j] != 0 ? dj : 0.0f;
+      }
       v = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
     }
     out[j] = mask == nullptr || mask[j] != 0 ? v : 0.0f;
@@ -184,17 +197,56 @@ void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, in
   }
 }
 
+// The backward from a derivative the forward saved (kValueAndGrad): out[j] = (scale * grad[j]) *
+// derivative[j] (grad may be null: scale alone), the same product, in the same order, as kl_range's
+// gradient passes, so the same values to an ulp (scalar tails may round apart where the compiler
+// contracts differently); 0 where mask[j] == 0 (mask may be null); out_neg as in kl_range.
+// Reads 4 bytes a token where kl_range reads both inputs, and needs no exp.
+inline void scale_derivative(const float* derivative, const float* grad, const uint8_t* mask, int64_t n,
+                             float scale, float* out, float* out_neg) {
+  const Vec vscale(scale);
+  const int64_t v_end = n / kStep * kStep;
+  for (int64_t j = 0; j < v_end; j += kStep) {
+    Vec d0, d1;
+    load2(derivative + j, d0, d1);
+    if (grad != nullptr) {
+      Vec g0, g1;
+      load2(grad + j, g0, g1);
+      d0 = (vscale * g0) * d0;
+      d1 = (vscale * g1) * d1;
+    } else {
+      d0 = vscale * d0;
+      d1 = vscale * d1;
+    }
+    if (mask != nullptr) vec_io::zero_where_dropped(mask + j, d0, d1);
+    store2(out + j, d0, d1);
+    if (out_neg != nullptr) store2(out_neg + j, d0.neg(), d1.neg());
+  }
+  for (int64_t j = v_end; j < n; ++j) {
+    const float v = (grad == nullptr ? scale : scale * grad[j]) * derivative[j];
+    out[j] = mask == nullptr || mask[j] != 0 ? v : 0.0f;
+    if (out_neg != nullptr) out_neg[j] = -out[j];
+  }
+}
+
 // Sum of the masked estimates over x[0, n) (in double, from fp32 block sums) and the number of
 // positions the mask keeps (n without a mask): one segment of a seq-mean or token-mean.
+// out_derivative, when not null, receives d kl / d x per token as kl_range's kValueAndGrad writes it.
 template <class T, KLEstimator E, bool kClamp>
-void kl_sum(const T* x, const T* y, const uint8_t* mask, int64_t n, float clamp, double& sum, int64_t& count) {
+void kl_sum(const T* x, const T* y, const uint8_t* mask, int64_t n, float clamp, double& sum, int64_t& count,
+            float* out_derivative = nullptr) {
   alignas(64) float block[kBlock];
   sum = 0.0;
   count = mask == nullptr ? n : 0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
     const uint8_t* m = mask == nullptr ? nullptr : mask + b;
-    kl_range<T, E, kClamp, KLPass::kValue>(x + b, y + b, nullptr, m, len, clamp, 1.0f, block, nullptr);
+    if (out_derivative == nullptr) {
+      kl_range<T, E, kClamp, KLPass::kValue>(x + b, y + b, nullptr, m, len, clamp, 1.0f, block, nullptr);
+    } else {
+      kl_range<T, E, kClamp, KLPass::kValueAndGrad>(x + b, y + b, nullptr, m, len, clamp, 1.0f, block, nullptr,
+                                                    out_derivative + b);
+    }
     sum += static_cast<double>(at::vec::reduce_all<float>([](const Vec& a, const Vec& c) { return a + c; },
                                                           block, len));
     if (m != nullptr) {
