@@ -37,24 +37,15 @@ constexpr float kLog2e = 1.44269504088896341f;
 // Smallest u whose 2^u the polynomial and exponent add keep normal: 2^n 2^f >= 2^-126 for u >= -126.
 constexpr float kMinExponent = -126.0f;
 
-#if defined(CPU_CAPABILITY_AVX512)
-// 2^f for f in [-1/2, 1/2]: the polynomial above in Horner form.
-inline __m512 pow2_fraction(__m512 f) {
-  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(kC5), _mm512_set1_ps(kC4));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(kC3));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(kC2));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(kC1));
-  return _mm512_fmadd_ps(f, p, _mm512_set1_ps(kC0));
+// 2^f for f in [-1/2, 1/2]: the polynomial above in Horner form (at::vec::fmadd is one FMA instruction
+// with AVX2 and AVX-512; the default copy does not call it).
+inline Vec pow2_fraction(const Vec& f) {
+  Vec p = at::vec::fmadd(f, Vec(kC5), Vec(kC4));
+  p = at::vec::fmadd(f, p, Vec(kC3));
+  p = at::vec::fmadd(f, p, Vec(kC2));
+  p = at::vec::fmadd(f, p, Vec(kC1));
+  return at::vec::fmadd(f, p, Vec(kC0));
 }
-#elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 pow2_fraction(__m256 f) {
-  __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(kC5), _mm256_set1_ps(kC4));
-  p = _mm256_fmadd_ps(f, p, _mm256_set1_ps(kC3));
-  p = _mm256_fmadd_ps(f, p, _mm256_set1_ps(kC2));
-  p = _mm256_fmadd_ps(f, p, _mm256_set1_ps(kC1));
-  return _mm256_fmadd_ps(f, p, _mm256_set1_ps(kC0));
-}
-#endif
 
 inline Vec exp_nonpositive(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -64,7 +55,7 @@ inline Vec exp_nonpositive(const Vec& x) {
   u = _mm512_max_ps(lowest, u);  // max returns its second operand when one is NaN: NaN stays NaN
   const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(u, n);
-  const __m512 p = pow2_fraction(f);
+  const __m512 p = pow2_fraction(Vec(f));
   return _mm512_maskz_scalef_ps(keep, p, n);  // p 2^n where kept, 0 below 2^-126
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256 lowest = _mm256_set1_ps(kMinExponent);
@@ -73,7 +64,7 @@ inline Vec exp_nonpositive(const Vec& x) {
   u = _mm256_max_ps(lowest, u);                             // NaN stays NaN (second operand)
   const __m256 n = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(u, n);
-  const __m256 p = pow2_fraction(f);
+  const __m256 p = pow2_fraction(Vec(f));
   // p in [0.707, 1.415], and n >= -126 with f >= 0 at n = -126: adding n to p's exponent field keeps it
   // >= 1 (normal). For NaN, cvtps gives INT_MIN, which shifts to 0: p (NaN) passes unchanged.
   const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
@@ -107,13 +98,13 @@ inline Vec exp_term_of_sum(const Vec& t) {
   const __m512 u = _mm512_max_ps(_mm512_set1_ps(kMinExponent), _mm512_mul_ps(t, _mm512_set1_ps(kLog2e)));
   const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(u, n);
-  const __m512 p = pow2_fraction(f);
+  const __m512 p = pow2_fraction(Vec(f));
   return _mm512_scalef_ps(p, n);  // n >= -126, p >= 2^-1/2 with f >= 0 at n = -126: normal
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256 u = _mm256_max_ps(_mm256_set1_ps(kMinExponent), _mm256_mul_ps(t, _mm256_set1_ps(kLog2e)));
   const __m256 n = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(u, n);
-  const __m256 p = pow2_fraction(f);
+  const __m256 p = pow2_fraction(Vec(f));
   // As in exp_nonpositive: NaN's INT_MIN shifts to 0 and leaves p (NaN) as it is.
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
 #else
