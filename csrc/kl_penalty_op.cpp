@@ -12,9 +12,8 @@
 // "token-mean", both at least 1; [0] for "none"); the backward reads it instead of recounting.
 // On the CPU, a forward whose backward will run (the autograd node's) is kl_penalty_with_derivative: the
 // same pass also writes `derivative`, d kl / d logprobs per token (fp32, the inputs' shape, 0 where
-// masked), and the backward scales that instead of reading both inputs and recomputing the exp. That
-// saves 4 bytes a token for the backward, and one pass's exps; the backward moves 5 bytes a token in
-// place of 9. CUDA recomputes.
+// masked), and the backward scales that instead of reading both inputs and recomputing the exp: it
+// reads 5 bytes a token (derivative and mask) in place of 9, and computes no exp. CUDA recomputes.
 // On the CPU the reductions run inside the kernel (csrc/cpu/kl_penalty.cpp: per-segment sums, summed in
 // a fixed order, so the result does not depend on the thread count). On CUDA the per-token kernel runs
 // and ATen reduces its output.

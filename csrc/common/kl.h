@@ -41,6 +41,11 @@ FASTRLHF_HD T expm1_by_series(const T& u);
 struct ScalarKLMath {
   static FASTRLHF_HD float k3(float u) { return k3_by_series<ScalarKLMath>(u); }
   static FASTRLHF_HD float expm1(float u) { return expm1_by_series<ScalarKLMath>(u); }
+  // Both of the above at one u (a SIMD policy shares their range reduction).
+  static FASTRLHF_HD void k3_and_expm1(float u, float& k3_out, float& expm1_out) {
+    k3_out = k3(u);
+    expm1_out = expm1(u);
+  }
   static FASTRLHF_HD float exp(float x) { return expf(x); }
   static FASTRLHF_HD float abs(float x) { return fabsf(x); }
   static FASTRLHF_HD float clamp_min0(float x) { return x < 0.0f ? 0.0f : x; }
@@ -152,6 +157,29 @@ FASTRLHF_HD T kl_value_grad(const T& grad, const T& logp, const T& ref, const T&
     return Math::pass_within(kl_estimate<Math, E>(d), T(0.0f) - clamp, clamp, g);
   } else {
     return g;
+  }
+}
+
+// kl_value and kl_value_grad with grad = 1 (the same values), from one evaluation of the estimate:
+// for k3 the policy's k3_and_expm1 computes e^u once for both. The forward that saves the derivative.
+template <class Math, KLEstimator E, bool kClamp, class T>
+FASTRLHF_HD void kl_value_and_grad(const T& logp, const T& ref, const T& clamp, T& value, T& grad) {
+  const T d = kl_gap<Math, E, kClamp>(logp, ref, clamp);
+  T estimate, estimate_grad;
+  if constexpr (E == KLEstimator::kK3) {
+    T expm1_u;
+    Math::k3_and_expm1(T(0.0f) - d, estimate, expm1_u);
+    estimate_grad = T(0.0f) - expm1_u;
+  } else {
+    estimate = kl_estimate<Math, E>(d);
+    estimate_grad = kl_estimate_grad<Math, E>(d);
+  }
+  if constexpr (kClamp) {
+    value = Math::clamp(estimate, T(0.0f) - clamp, clamp);
+    grad = Math::pass_within(estimate, T(0.0f) - clamp, clamp, estimate_grad);
+  } else {
+    value = estimate;
+    grad = estimate_grad;
   }
 }
 

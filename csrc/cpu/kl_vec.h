@@ -86,6 +86,13 @@ inline Parts split(const Vec& u) {
   return p;
 }
 
+// e^u - 1 - u and e^u - 1 from u's parts (the header's formulas).
+inline Vec k3_of(const Parts& p) {
+  const Vec head = at::vec::fmadd(p.k, Vec(-kLn2Lo), at::vec::fmadd(p.k, Vec(-kLn2Hi), p.s_minus_1));
+  return at::vec::fmadd(p.s, p.q, at::vec::fmadd(p.s_minus_1, p.r, head));
+}
+inline Vec expm1_of(const Parts& p) { return at::vec::fmadd(p.s, p.r + p.q, p.s_minus_1); }
+
 }  // namespace reduced_exp
 
 // The common/kl.h policy on SIMD vectors. at::vec::maximum / minimum propagate NaN like
@@ -94,16 +101,23 @@ struct VecKLMath {
   // e^u - 1 - u, >= 0 (k3 at u = -d).
   static Vec k3(const Vec& u) {
     if (!reduced_exp::in_range(u)) return k3_by_series<VecKLMath>(u);
-    const reduced_exp::Parts p = reduced_exp::split(u);
-    const Vec head = at::vec::fmadd(p.k, Vec(-reduced_exp::kLn2Lo),
-                                    at::vec::fmadd(p.k, Vec(-reduced_exp::kLn2Hi), p.s_minus_1));
-    return at::vec::fmadd(p.s, p.q, at::vec::fmadd(p.s_minus_1, p.r, head));
+    return reduced_exp::k3_of(reduced_exp::split(u));
   }
   // e^u - 1, accurate near 0.
   static Vec expm1(const Vec& u) {
     if (!reduced_exp::in_range(u)) return expm1_by_series<VecKLMath>(u);
+    return reduced_exp::expm1_of(reduced_exp::split(u));
+  }
+  // k3(u) and expm1(u) from one range reduction: the same values as the two calls above.
+  static void k3_and_expm1(const Vec& u, Vec& k3_out, Vec& expm1_out) {
+    if (!reduced_exp::in_range(u)) {
+      k3_out = k3_by_series<VecKLMath>(u);
+      expm1_out = expm1_by_series<VecKLMath>(u);
+      return;
+    }
     const reduced_exp::Parts p = reduced_exp::split(u);
-    return at::vec::fmadd(p.s, p.r + p.q, p.s_minus_1);
+    k3_out = reduced_exp::k3_of(p);
+    expm1_out = reduced_exp::expm1_of(p);
   }
   static Vec exp(const Vec& x) { return x.exp_u20(); }
   static Vec abs(const Vec& x) { return x.abs(); }
@@ -148,7 +162,6 @@ enum class KLPass {
 template <class T, KLEstimator E, bool kClamp, KLPass P>
 void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, int64_t n, float clamp,
               float scale, float* out, float* out_neg, float* out_derivative = nullptr) {
-  const Vec one(1.0f);
   const Vec vclamp(clamp), vscale(scale);
   const int64_t v_end = n / kStep * kStep;
   for (int64_t j = 0; j < v_end; j += kStep) {
@@ -165,13 +178,17 @@ void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, in
       x1 = kl_value_grad<VecKLMath, E, kClamp>(vscale, x1, y1, vclamp);
     } else {
       if constexpr (P == KLPass::kValueAndGrad) {
-        Vec d0 = kl_value_grad<VecKLMath, E, kClamp>(one, x0, y0, vclamp);
-        Vec d1 = kl_value_grad<VecKLMath, E, kClamp>(one, x1, y1, vclamp);
+        Vec v0, v1, d0, d1;
+        kl_value_and_grad<VecKLMath, E, kClamp>(x0, y0, vclamp, v0, d0);
+        kl_value_and_grad<VecKLMath, E, kClamp>(x1, y1, vclamp, v1, d1);
         if (mask != nullptr) vec_io::zero_where_dropped(mask + j, d0, d1);
         store2(out_derivative + j, d0, d1);
+        x0 = vscale * v0;
+        x1 = vscale * v1;
+      } else {
+        x0 = vscale * kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
+        x1 = vscale * kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
       }
-      x0 = vscale * kl_value<VecKLMath, E, kClamp>(x0, y0, vclamp);
-      x1 = vscale * kl_value<VecKLMath, E, kClamp>(x1, y1, vclamp);
     }
     if (mask != nullptr) vec_io::zero_where_dropped(mask + j, x0, x1);
     store2(out + j, x0, x1);
@@ -187,10 +204,13 @@ void kl_range(const T* x, const T* y, const float* grad, const uint8_t* mask, in
       v = kl_value_grad<ScalarKLMath, E, kClamp>(scale, xj, yj, clamp);
     } else {
       if constexpr (P == KLPass::kValueAndGrad) {
-        const float dj = kl_value_grad<ScalarKLMath, E, kClamp>(1.0f, xj, yj, clamp);
+        float value, dj;
+        kl_value_and_grad<ScalarKLMath, E, kClamp>(xj, yj, clamp, value, dj);
         out_derivative[j] = mask == nullptr || mask[j] != 0 ? dj : 0.0f;
+        v = scale * value;
+      } else {
+        v = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
       }
-      v = scale * kl_value<ScalarKLMath, E, kClamp>(xj, yj, clamp);
     }
     out[j] = mask == nullptr || mask[j] != 0 ? v : 0.0f;
     if (out_neg != nullptr) out_neg[j] = -out[j];
