@@ -1,4 +1,9 @@
-"""kl_penalty, estimator k3, per token over ``[B, T]`` with a bool action mask."""
+"""kl_penalty, estimator k3, per token over ``[B, T]`` with a bool action mask.
+
+Each size runs with gradients to both inputs. ``FROZEN_REF_SIZES`` run again with a frozen reference
+(``ref`` without a gradient), as in PPO and GRPO, where the reference log-probs come from a model under
+no_grad: the backward then writes one gradient instead of two, for every provider alike.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ MODES = ("fwd", "bwd", "full")
 DTYPES = {"cpu": ["fp32"], "cuda": ["fp32"]}
 SIZES = {"cpu": [(64, 2048), (256, 2048), (256, 8192)], "cuda": [(64, 2048), (256, 8192), (1024, 8192)]}
 QUICK_SIZES = [(16, 256), (64, 512)]
+FROZEN_REF_SIZES = {"cpu": [(64, 2048)], "cuda": [(256, 8192)]}
 # The smallest valid input: its time is the cost of a call (dispatch, checks, launches), not of work.
 CALL_SIZE = (2, 8)
 TARGETS = [
@@ -31,9 +37,12 @@ TARGETS = [
 
 def cases(device: str, quick: bool) -> list[Case]:
     sizes = QUICK_SIZES if quick else SIZES[device]
-    return with_call_overhead(
-        [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in [CALL_SIZE, *sizes]]
-    )
+    both = [Case(f"B={b},T={t}", b * t, {"batch": b, "length": t}) for b, t in [CALL_SIZE, *sizes]]
+    frozen = [
+        Case(f"B={b},T={t},frozen-ref", b * t, {"batch": b, "length": t, "frozen_ref": True})
+        for b, t in ([] if quick else FROZEN_REF_SIZES[device])
+    ]
+    return with_call_overhead(both + frozen)
 
 
 def make_inputs(case, device, dtype, requires_grad, generator):
@@ -41,9 +50,10 @@ def make_inputs(case, device, dtype, requires_grad, generator):
     logp = -torch.rand(shape, generator=generator) * 5
     ref = logp + torch.randn(shape, generator=generator) * 0.5
     mask = torch.rand(shape, generator=generator) > 0.1  # bool, as a trainer's action mask is
+    ref_grad = requires_grad and not case.params.get("frozen_ref", False)
     return {
         "logp": logp.to(dtype).to(device).requires_grad_(requires_grad),
-        "ref": ref.to(dtype).to(device).requires_grad_(requires_grad),
+        "ref": ref.to(dtype).to(device).requires_grad_(ref_grad),
         "mask": mask.to(device),
     }
 
@@ -89,9 +99,11 @@ def providers(device: str) -> list[Provider]:
 
 
 def bytes_moved(case, dtype, mode):
-    """fwd: read logp, ref, mask; write kl. bwd: read grad, logp, ref, mask; write two gradients."""
+    """fwd: read logp, ref, mask; write kl. bwd: read grad, logp, ref, mask; write two gradients (one
+    with a frozen reference)."""
     n = case.params["batch"] * case.params["length"]
     elt = torch.empty(0, dtype=dtype).element_size()
+    gradients = 1 if case.params.get("frozen_ref", False) else 2
     forward = n * (3 * elt + 1)
-    backward = n * (5 * elt + 1)
+    backward = n * ((3 + gradients) * elt + 1)
     return {"fwd": forward, "bwd": backward, "full": forward + backward}[mode]
