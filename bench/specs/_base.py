@@ -104,6 +104,15 @@ def kernel_providers(
     return out
 
 
+def input_key(value: Any) -> Any:
+    """One input as part of a compiled function's cache key: a tensor by its shape, dtype and grad flag;
+    an option (a string, a number, a flag) as itself, whose change makes a new case; anything else (a
+    NumPy array of ids) by its type alone."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.requires_grad
+    return value if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+
+
 def compiled_provider(eager: Callable[[dict], Any], device: str, name: str = "torch.compile") -> Provider:
     """``torch.compile`` of the eager version, specialised to each case. Compiled on the first call of a
     case (the warm-up), so a device where inductor cannot compile reports the error as the skip reason.
@@ -115,11 +124,7 @@ def compiled_provider(eager: Callable[[dict], Any], device: str, name: str = "to
     state: dict = {}
 
     def run(inputs):
-        key = (torch.is_grad_enabled(),) + tuple(
-            (k, tuple(t.shape), t.dtype, t.requires_grad)
-            for k, t in inputs.items()
-            if isinstance(t, torch.Tensor)
-        )
+        key = (torch.is_grad_enabled(),) + tuple((k, input_key(v)) for k, v in inputs.items())
         if state.get("key") != key:
             torch._dynamo.reset()
             state["key"], state["fn"] = key, torch.compile(eager, dynamic=False)
