@@ -154,6 +154,24 @@ for upstream in (None, weights):
     for got, want, name in pairs:
         assert not got.isnan().any() and (got[~mask] == 0).all(), name
         assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), name
+# Masked means count the kept tokens with SIMD per capability: lengths around the 32- and 64-byte steps
+# and past one 16384-token segment; KL's seq-mean and token-mean, the PPO loss's two aggregations.
+from fastrlhf.ops import ppo_policy_loss
+for length in (1, 31, 32, 33, 63, 64, 65, 1000, 16387):
+    m = torch.rand(3, length) > 0.4
+    a, o, adv = torch.randn(3, length), torch.randn(3, length), torch.randn(3, length)
+    for reduction in ("seq-mean", "token-mean"):
+        got = kl_penalty(a, o, m, "k3", reduction=reduction, backend="cpp")
+        want = kl_penalty(a.double(), o.double(), m, "k3", reduction=reduction, backend="torch")
+        error = (got.double() - want).abs().max().item()
+        assert error <= 1e-5 * max(1.0, want.abs().max().item()), (reduction, length, error)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        got = ppo_policy_loss(a, o, adv, m, ref_logprobs=o, kl_coef=0.1, loss_agg=agg, backend="cpp")
+        a64, o64, adv64 = a.double(), o.double(), adv.double()
+        want = ppo_policy_loss(a64, o64, adv64, m, ref_logprobs=o64, kl_coef=0.1, loss_agg=agg)
+        for field in ("loss", "clip_fraction", "approx_kl", "ref_kl"):
+            g, w = float(getattr(got, field)), float(getattr(want, field))
+            assert abs(g - w) <= 1e-5 * max(1.0, abs(w)), (agg, field, length, g, w)
 print("ok")
 """
     import platform

@@ -257,7 +257,7 @@ void kl_sum(const T* x, const T* y, const uint8_t* mask, int64_t n, float clamp,
             float* out_derivative = nullptr) {
   alignas(64) float block[kBlock];
   sum = 0.0;
-  count = mask == nullptr ? n : 0;
+  count = mask == nullptr ? n : vec_io::count_kept(mask, n);
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
     const uint8_t* m = mask == nullptr ? nullptr : mask + b;
@@ -269,11 +269,6 @@ void kl_sum(const T* x, const T* y, const uint8_t* mask, int64_t n, float clamp,
     }
     sum += static_cast<double>(at::vec::reduce_all<float>([](const Vec& a, const Vec& c) { return a + c; },
                                                           block, len));
-    if (m != nullptr) {
-      int64_t kept = 0;
-      for (int64_t j = 0; j < len; ++j) kept += m[j] != 0;  // vectorises
-      count += kept;
-    }
   }
 }
 

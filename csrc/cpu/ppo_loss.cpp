@@ -21,6 +21,7 @@
 #include "common/ppo_loss_params.h"
 #include "cpu/kernels.h"
 #include "cpu/kl_vec.h"
+#include "cpu/vec_io.h"
 
 namespace fastrlhf::cpu {
 inline namespace CPU_CAPABILITY {
@@ -106,9 +107,7 @@ void add_block(const PPOLossTokens& t, int64_t b, int64_t len, double (&sums)[kS
     const bool present = (k != kEntropySum || t.entropy != nullptr) && (k != kRefKLSum || t.ref_logprobs != nullptr);
     if (present) sums[k] += masked_sum(out[k], mask, len);
   }
-  int64_t kept = 0;
-  for (int64_t j = 0; j < len; ++j) kept += mask[j] != 0;  // vectorises
-  count += kept;
+  count += vec_io::count_kept(mask, len);
 }
 
 }  // namespace ppo_loss_impl

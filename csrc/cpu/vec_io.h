@@ -61,6 +61,29 @@ inline void zero_where_dropped(const uint8_t* mask, Vec& a, Vec& b) {
 #endif
 }
 
+// The number of nonzero bytes in mask[0, n): the positions a mask keeps. One test and a popcount per
+// 64 (AVX-512) or 32 (AVX2) bytes. The compiler vectorised the plain loop by widening every byte to a
+// 64-bit lane: KL's token-mean over 131k masked tokens took 52-54 µs on one Intel Xeon thread with it,
+// 45 µs with this (the per-token kernel, which counts nothing: 42-44 µs).
+inline int64_t count_kept(const uint8_t* mask, int64_t n) {
+  int64_t kept = 0;
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; j + 64 <= n; j += 64) {
+    const __m512i bytes = _mm512_loadu_si512(mask + j);
+    kept += _mm_popcnt_u64(_mm512_test_epi8_mask(bytes, bytes));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  for (; j + 32 <= n; j += 32) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + j));
+    const auto dropped = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
+    kept += 32 - _mm_popcnt_u32(dropped);
+  }
+#endif
+  for (; j < n; ++j) kept += mask[j] != 0;
+  return kept;
+}
+
 // Asks for the cache lines of the SIMD step (kStep elements of T) that starts `ahead` elements after p,
 // before it is used. The blocked two-pass kernels call it on the next block while they compute on the
 // current one from L1, so that memory keeps streaming during the compute pass: without it the
