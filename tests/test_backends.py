@@ -166,12 +166,19 @@ for length in (1, 31, 32, 33, 63, 64, 65, 1000, 16387):
         error = (got.double() - want).abs().max().item()
         assert error <= 1e-5 * max(1.0, want.abs().max().item()), (reduction, length, error)
     for agg in ("token-mean", "seq-mean-token-mean"):
-        got = ppo_policy_loss(a, o, adv, m, ref_logprobs=o, kl_coef=0.1, loss_agg=agg, backend="cpp")
-        a64, o64, adv64 = a.double(), o.double(), adv.double()
-        want = ppo_policy_loss(a64, o64, adv64, m, ref_logprobs=o64, kl_coef=0.1, loss_agg=agg)
+        # NaN padding where the mask drops a token: no effect on the loss, a gradient of exactly 0 there.
+        x = a.where(m, float("nan")).requires_grad_(True)
+        got = ppo_policy_loss(x, o, adv, m, ref_logprobs=o, kl_coef=0.1, loss_agg=agg, backend="cpp")
+        got.loss.backward()
+        x64, o64, adv64 = a.double().requires_grad_(True), o.double(), adv.double()
+        want = ppo_policy_loss(x64, o64, adv64, m, ref_logprobs=o64, kl_coef=0.1, loss_agg=agg)
+        want.loss.backward()
         for field in ("loss", "clip_fraction", "approx_kl", "ref_kl"):
             g, w = float(getattr(got, field)), float(getattr(want, field))
             assert abs(g - w) <= 1e-5 * max(1.0, abs(w)), (agg, field, length, g, w)
+        assert not x.grad.isnan().any() and (x.grad[~m] == 0).all(), (agg, length)
+        error = (x.grad.double() - x64.grad).abs().max().item()
+        assert error <= 1e-5 * max(1e-3, x64.grad.abs().max().item()), (agg, length, error)
 print("ok")
 """
     import platform

@@ -141,12 +141,6 @@ using vec_io::store2;
 // Tokens per block of a segment sum: 1024 floats (4 KiB) stay in L1 between the kernel and the sum.
 constexpr int64_t kBlock = 1024;
 
-// out[j] = 0 where mask[j] == 0 (NaN or inf computed there included). mask may be null.
-inline void apply_mask(const uint8_t* mask, float* out, int64_t n) {
-  if (mask == nullptr) return;
-  for (int64_t j = 0; j < n; ++j) out[j] = mask[j] != 0 ? out[j] : 0.0f;  // branch-free: vectorises
-}
-
 // What kl_range writes per token.
 enum class KLPass {
   kValue,         // scale * kl(x, y)

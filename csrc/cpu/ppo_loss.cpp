@@ -31,6 +31,7 @@ FASTRLHF_CPU_KERNEL_DECLARATIONS
 namespace ppo_loss_impl {
 
 using kl_vec::Vec;
+using vec_io::kStep;
 
 // common/ppo_loss.h's selects on SIMD vectors (a comparison with NaN is false, as in ScalarPPOMath).
 struct VecPPOMath : kl_vec::VecKLMath {
@@ -137,16 +138,23 @@ void ppo_loss_backward_kernel(const PPOLossBackwardParams& p) {
     for_rows(t, [&](int64_t r, int64_t o, int64_t end) {
       const float scale = p.row_scale[r];
       const Vec vscale(scale);
-      const int64_t v_end = o + (end - o) / Vec::size() * Vec::size();
-      for (int64_t i = o; i < v_end; i += Vec::size()) {
-        const Vec g = ppo_token_grad<VecPPOMath, E>(Vec::loadu(t.logprobs + i), Vec::loadu(t.old_logprobs + i),
-                                                   Vec::loadu(t.advantages + i), load_or_zero(t.ref_logprobs, i),
-                                                   t.options);
-        (vscale * g).store(p.d_logprobs + i);
+      // Two vectors a step: their exp chains overlap. Masked positions get exactly 0, whatever was
+      // computed there (NaN padding included), in registers, so each gradient is stored once.
+      const int64_t v_end = o + (end - o) / kStep * kStep;
+      for (int64_t i = o; i < v_end; i += kStep) {
+        const int64_t i1 = i + Vec::size();
+        Vec g0 = ppo_token_grad<VecPPOMath, E>(Vec::loadu(t.logprobs + i), Vec::loadu(t.old_logprobs + i),
+                                              Vec::loadu(t.advantages + i), load_or_zero(t.ref_logprobs, i),
+                                              t.options);
+        Vec g1 = ppo_token_grad<VecPPOMath, E>(Vec::loadu(t.logprobs + i1), Vec::loadu(t.old_logprobs + i1),
+                                              Vec::loadu(t.advantages + i1), load_or_zero(t.ref_logprobs, i1),
+                                              t.options);
+        g0 = vscale * g0;
+        g1 = vscale * g1;
+        vec_io::zero_where_dropped(t.mask + i, g0, g1);
+        vec_io::store2(p.d_logprobs + i, g0, g1);
       }
-      for (int64_t i = v_end; i < end; ++i) p.d_logprobs[i] = token_grad<E>(t, i, scale);
-      // Masked positions get exactly 0, whatever was computed there (NaN padding included).
-      kl_vec::apply_mask(t.mask + o, p.d_logprobs + o, end - o);
+      for (int64_t i = v_end; i < end; ++i) p.d_logprobs[i] = t.mask[i] != 0 ? token_grad<E>(t, i, scale) : 0.0f;
       if (p.d_entropy != nullptr) {
         const float per_token = scale * d_entropy_per_unit;
         for (int64_t i = o; i < end; ++i) p.d_entropy[i] = t.mask[i] != 0 ? per_token : 0.0f;  // vectorises
