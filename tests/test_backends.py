@@ -179,6 +179,16 @@ for length in (1, 31, 32, 33, 63, 64, 65, 1000, 16387):
         assert not x.grad.isnan().any() and (x.grad[~m] == 0).all(), (agg, length)
         error = (x.grad.double() - x64.grad).abs().max().item()
         assert error <= 1e-5 * max(1e-3, x64.grad.abs().max().item()), (agg, length, error)
+    # The whitening's masked mean and variance (it needs two kept tokens).
+    if m.sum() >= 2:
+        from fastrlhf.ops import compute_advantages
+        scores, values = torch.randn(3), torch.randn(3, length)
+        got = compute_advantages(scores, a, o, values, m, 0.1, "k3", 0.99, 0.95, backend="cpp")
+        a64, o64, values64 = a.double(), o.double(), values.double()
+        want = compute_advantages(scores.double(), a64, o64, values64, m, 0.1, "k3", 0.99, 0.95)
+        for g, w in zip(got, want):
+            error = (g.double() - w).abs().max().item()
+            assert error <= 1e-4 * max(1.0, w.abs().max().item()), ("whitened advantages", length, error)
 print("ok")
 """
     import platform

@@ -20,6 +20,7 @@
 
 #include "common/masked_whiten_params.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_io.h"
 
 namespace fastrlhf::cpu {
 inline namespace CPU_CAPABILITY {
@@ -84,8 +85,7 @@ BlockStats block_stats(const float* x, const uint8_t* mask, int64_t n) {
   alignas(64) double xs[kWhitenBlock];
   alignas(64) double ms[kWhitenBlock];
   stage(x, mask, n, xs, ms);
-  int64_t count = 0;
-  for (int64_t j = 0; j < n; ++j) count += mask[j] != 0;  // integer: vectorises, where a double sum chains
+  const int64_t count = vec_io::count_kept(mask, n);
   BlockStats s;
   s.count = static_cast<double>(count);
   if (count == 0) return s;
