@@ -12,7 +12,7 @@
 // fault once its dynamic mmap threshold has grown to the size, and that threshold stops at 32 MiB on
 // 64-bit. 2 MiB-aligned memory of the same sizes was faulted in afresh on every call. Allocating,
 // writing and freeing one fp32 output, 60 times (Sapphire Rapids Xeon VM, 2 cores, THP "madvise"):
-//   2-31 MiB:  at::empty 19.6-37.4 GiB/s, 2-39 faults a MiB;  huge-page memory 3.6-11.9 GiB/s.
+//   2-31 MiB:  at::empty 19.6-37.4 GiB/s, 10-13 faults a MiB; huge-page memory 3.6-11.9 GiB/s.
 //   33-64 MiB: at::empty 3.6-3.8 GiB/s, 256 faults a MiB;     huge-page memory 7.6-8.9 GiB/s.
 #pragma once
 
