@@ -67,12 +67,20 @@ build() {
 }
 
 gpu_tests() {
-  # Every test that has a GPU case, plus the check that a CUDA machine has the cuda backend.
-  FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE \
+  # Every test file with GPU cases (op_targets / gpu_backends params, or a cuda case), plus the check
+  # that a CUDA machine has the cuda backend. pytest-xdist, where installed, spreads them over workers:
+  # most of the time is Triton's JIT and the float64 references on the CPU, not the GPU.
+  local workers=()
+  if "$PYTHON" -c "import xdist" 2>/dev/null; then
+    workers=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  fi
+  FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE "${workers[@]}" \
     tests/test_required_backends.py tests/test_backends.py tests/test_compile.py tests/test_ops_fuzz.py \
     tests/test_gather_logprobs.py tests/test_linear_logprobs.py tests/test_group_advantages.py \
-    tests/test_policy_loss.py tests/test_compiled_ops.py \
-    -k "${GPU_CHECK_TESTS_K:-gpu or cuda or required or backends}"
+    tests/test_policy_loss.py tests/test_compiled_ops.py tests/test_kl_penalty.py tests/test_gae.py \
+    tests/test_ranking_loss.py tests/test_sample.py tests/test_reliability.py \
+    -k "${GPU_CHECK_TESTS_K:-gpu or cuda or required}"
 }
 
 precision() {
@@ -83,23 +91,35 @@ precision() {
 
 # The benches leave out the torch.compile baselines (their compile time would eat the lease) and the
 # peak-memory column (one fresh process per case: ~20 s each with CUDA's start-up, seen on an H200).
+# Sizes: each op's call-overhead case and one or two GPU-sized cases (every GPU case of every op takes
+# longer than a lease); GPU_CHECK_SIZES overrides the list (';'-separated size labels, as printed).
+GPU_CHECK_SIZES_DEFAULT="N=2,V=8;N=8192,V=32000;N=16384,V=151936;N=2,H=8,V=16;N=4096,H=4096,V=32000"
+GPU_CHECK_SIZES_DEFAULT+=";B=2,T=8;B=256,T=2048;B=256,T=8192;B=256,T=8192,frozen-ref,token-mean"
+GPU_CHECK_SIZES_DEFAULT+=";grpo: B=2,k=2,T=8;grpo: B=512,k=8,T=1024;N=2,K=3;N=8192,K=9"
+GPU_CHECK_SIZES_DEFAULT+=";B=2,V=16;B=256,V=128256"
+export GPU_CHECK_SIZES=${GPU_CHECK_SIZES:-$GPU_CHECK_SIZES_DEFAULT}
+
 bench_models() {
-  # The logprob and fused-loss ops against eager, TRL and Liger.
+  # The logprob and fused-loss ops against eager, the read-once floor, TRL and Liger.
   "$PYTHON" bench/run.py --device cuda --ops "${GPU_CHECK_MODEL_OPS:-gather_logprobs,linear_logprobs,ppo_policy_loss}" \
-    --modes fwd,full --providers eager,trl,liger,fastrlhf --no-memory --csv "$RESULTS/bench.csv" \
-    --plots-dir "$(mktemp -d)"
+    --sizes "$GPU_CHECK_SIZES" --modes fwd,full --providers eager,read-once,trl,liger,fastrlhf --no-memory \
+    --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
 }
 
 bench_advantages() {
   "$PYTHON" bench/run.py --device cuda \
-    --ops kl_penalty,ranking_loss,gae,compute_advantages,group_advantages,ppo_logprob_loss \
-    --modes fwd,full --providers eager,verl,fastrlhf --no-memory --csv "$RESULTS/bench.csv" \
-    --plots-dir "$(mktemp -d)"
+    --ops kl_penalty,ranking_loss,gae,compute_advantages,group_advantages,ppo_logprob_loss,sample \
+    --sizes "$GPU_CHECK_SIZES" --modes fwd,full --providers eager,verl,transformers,fastrlhf --no-memory \
+    --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
 }
 
 ppo_step() {
-  "$PYTHON" bench/ppo_step.py --modes separate,shared --backends fused,torch --steps 2 \
-    --optimizer adamw8bit --csv "$RESULTS/ppo_step.csv" --plot "$(mktemp -d)/ppo_step.png"
+  # A ~0.5B-parameter Llama (vocabulary 151936, hidden 896, 24 layers: 490M parameters) built from a
+  # config, bf16 weights with SDPA (flash-attn when it imports), bitsandbytes' 8-bit AdamW; the four
+  # models of the paper (separate mode), fused ops against the torch backend.
+  "$PYTHON" bench/ppo_step.py --modes "${GPU_CHECK_PPO_MODES:-separate}" --backends fused,torch --steps 2 \
+    --vocab 151936 --hidden 896 --layers 24 --optimizer adamw8bit --no-memory --timeout 120 \
+    --csv "$RESULTS/ppo_step.csv" --plot "$(mktemp -d)/ppo_step.png"
 }
 
 pipeline() {
@@ -114,12 +134,12 @@ for name in "${stages[@]}"; do
   case $name in
     env) stage env_report 60 build ;;
     build) stage build 200 build ;;
-    tests) stage gpu_tests 150 tests ;;
+    tests) stage gpu_tests 170 tests ;;
     precision) stage precision 90 precision ;;
-    bench) stage bench_models 120 bench && stage bench_advantages 90 bench ;;
+    bench) stage bench_models 130 bench && stage bench_advantages 100 bench ;;
     bench_models) stage bench_models 120 bench ;;
-    ppo_step) stage ppo_step 60 ppo_step ;;
-    pipeline) stage pipeline 180 pipeline ;;
+    ppo_step) stage ppo_step 150 ppo_step ;;
+    pipeline) stage pipeline 170 pipeline ;;
     *) echo "gpu_check: unknown stage '$name' (env build tests precision bench bench_models ppo_step pipeline)" >&2; exit 2 ;;
   esac
 done

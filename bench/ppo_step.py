@@ -223,7 +223,8 @@ class PPOStep:
             sampler=case.get("sampler", "fastrlhf"),
             lora_r=case["lora_r"] if actor_critic == "lora" else 0,
         )
-        self.accelerator = Accelerator(cpu=True)
+        # The trainer's own device choice: the GPU when there is one (step_device), else the CPU.
+        self.accelerator = Accelerator(cpu=step_device() == "cpu")
         self.device = self.accelerator.device
         # The trainer's own setup: models, optimizer (the schedule is built but never stepped here).
         models = build_ppo_models(self.config, self.accelerator)
