@@ -107,8 +107,55 @@ class FastrlhfBuildExt(BuildExtension):
                 return compile_one(obj, src, ext_name, cc_args, extra_postargs, pp_opts)
 
             self.compiler._compile = compile_with_arch
+            _compile_in_parallel(self.compiler, _build_jobs())
             self.compiler._fastrlhf_wrapped = True
         super().build_extension(ext)
+
+
+def _build_jobs() -> int:
+    """Compiler processes at once: MAX_JOBS (torch's own variable for this), else one per CPU."""
+    text = os.environ.get("MAX_JOBS", "").strip()
+    if not text:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"MAX_JOBS must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _compile_in_parallel(compiler, jobs: int) -> None:
+    """Run the compiler commands of one extension ``jobs`` at a time.
+
+    distutils compiles an extension's sources one after another, and ninja (which would run them in
+    parallel) is off here. So the serial pass only records each command (torch's wrapper picks nvcc or
+    the C++ compiler per source, the wrapper above adds the per-capability flags, and objects that are
+    up to date are skipped as before); the recorded commands then run in a thread pool.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from setuptools.errors import CompileError
+
+    serial_compile = compiler.compile
+    # setuptools >= 80 runs each command through Compiler.call, older ones through Compiler.spawn.
+    runners = {name: getattr(compiler, name) for name in ("call", "spawn") if hasattr(compiler, name)}
+
+    def compile_all(*args, **kwargs):
+        commands = []  # (runner, argv, keyword arguments), in the serial order
+        for name, run in runners.items():
+            setattr(compiler, name, lambda cmd, _run=run, **kw: commands.append((_run, cmd, kw)))
+        try:
+            objects = serial_compile(*args, **kwargs)
+        finally:
+            for name, run in runners.items():
+                setattr(compiler, name, run)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(run, cmd, **kw) for run, cmd, kw in commands]
+        failures = [f.exception() for f in futures if f.exception() is not None]
+        if failures:
+            failed = f"{len(failures)} of {len(commands)} compiler commands failed"
+            raise CompileError(failed) from failures[0]
+        return objects
+
+    compiler.compile = compile_all
 
 
 def _depends() -> list[str]:

@@ -6,8 +6,13 @@
 # build.log, tests.log, precision.log, bench.log, ppo_step.log and pipeline.log hold the output, with
 # precision.csv, bench.csv and ppo_step.csv (at most 8 files come back from a lease: pick the stages).
 #
-#   bench/gpu_check.sh                      # every stage: env build tests precision bench ppo_step pipeline
+#   bench/gpu_check.sh                      # every stage: env build tests precision profile bench
+#                                           # ppo_step pipeline
 #   bench/gpu_check.sh build tests          # some stages, in the order given
+#
+# A 15-minute lease fits two calls back to back (the second finds the build in place):
+#   bench/gpu_check.sh env build tests profile bench_models    # at most 6.5 minutes
+#   bench/gpu_check.sh bench_advantages ppo_step pipeline      # at most 6.5 minutes
 #
 # Wheels of missing packages (bitsandbytes, the peers) may sit in ./.whl: they are installed first, into
 # a scratch directory put on PYTHONPATH, since such a machine may have no package index.
@@ -61,7 +66,8 @@ PY
 }
 
 build() {
-  # sm_90 only: this is the card under test, and one architecture halves nvcc's time.
+  # sm_90 only: this is the card under test, and one architecture halves nvcc's time. MAX_JOBS compiler
+  # processes at once (setup.py): built one source at a time, the build outran 300 s on an H200 machine.
   MAX_JOBS=${MAX_JOBS:-16} FASTRLHF_CUDA_ARCHS=${FASTRLHF_CUDA_ARCHS:-90} "$PYTHON" setup.py build_ext --inplace
   "$PYTHON" -c "from fastrlhf.ops import available_backends as a; [print(n, i) for n, i in a().items()]"
 }
@@ -93,7 +99,7 @@ precision() {
 # peak-memory column (one fresh process per case: ~20 s each with CUDA's start-up, seen on an H200).
 # Sizes: each op's call-overhead case and one or two GPU-sized cases (every GPU case of every op takes
 # longer than a lease); GPU_CHECK_SIZES overrides the list (';'-separated size labels, as printed).
-GPU_CHECK_SIZES_DEFAULT="N=2,V=8;N=8192,V=32000;N=16384,V=151936;N=2,H=8,V=16;N=4096,H=4096,V=32000"
+GPU_CHECK_SIZES_DEFAULT="N=2,V=8;N=8192,V=32000;N=2,H=8,V=16;N=4096,H=4096,V=32000"
 GPU_CHECK_SIZES_DEFAULT+=";B=2,T=8;B=256,T=2048;B=256,T=8192;B=256,T=8192,frozen-ref,token-mean"
 GPU_CHECK_SIZES_DEFAULT+=";grpo: B=2,k=2,T=8;grpo: B=512,k=8,T=1024;N=2,K=3;N=8192,K=9"
 GPU_CHECK_SIZES_DEFAULT+=";B=2,V=16;B=256,V=128256"
@@ -113,6 +119,12 @@ bench_advantages() {
     --csv "$RESULTS/bench.csv" --plots-dir "$(mktemp -d)"
 }
 
+profile() {
+  # Host against device time per call for the ops that lost to eager torch on an H200 (Triton KL and
+  # ranking) and the logprob gather: which side a slow call spends its time on.
+  "$PYTHON" bench/gpu_profile.py --calls "${GPU_CHECK_PROFILE_CALLS:-50}"
+}
+
 ppo_step() {
   # A ~0.5B-parameter Llama (vocabulary 151936, hidden 896, 24 layers: 490M parameters) built from a
   # config, bf16 weights with SDPA (flash-attn when it imports), bitsandbytes' 8-bit AdamW; the four
@@ -129,17 +141,19 @@ pipeline() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env build tests precision bench ppo_step pipeline)
+[ ${#stages[@]} -gt 0 ] || stages=(env build tests precision profile bench ppo_step pipeline)
 for name in "${stages[@]}"; do
   case $name in
     env) stage env_report 60 build ;;
-    build) stage build 200 build ;;
-    tests) stage gpu_tests 170 tests ;;
+    build) stage build 240 build ;;
+    tests) stage gpu_tests 120 tests ;;
     precision) stage precision 90 precision ;;
-    bench) stage bench_models 130 bench && stage bench_advantages 100 bench ;;
-    bench_models) stage bench_models 120 bench ;;
+    bench) stage bench_models 150 bench && stage bench_advantages 100 bench ;;
+    bench_models) stage bench_models 150 bench ;;
+    bench_advantages) stage bench_advantages 100 bench ;;
+    profile) stage profile 90 bench ;;
     ppo_step) stage ppo_step 150 ppo_step ;;
-    pipeline) stage pipeline 170 pipeline ;;
-    *) echo "gpu_check: unknown stage '$name' (env build tests precision bench bench_models ppo_step pipeline)" >&2; exit 2 ;;
+    pipeline) stage pipeline 150 pipeline ;;
+    *) echo "gpu_check: unknown stage '$name' (env build tests precision profile bench bench_models bench_advantages ppo_step pipeline)" >&2; exit 2 ;;
   esac
 done

@@ -314,6 +314,7 @@ def main() -> None:
         flush=True,
     )
     rows, table, call_table, skipped = [], [], [], []
+    rows_written = 0  # rows[:rows_written] are in the CSV already
     results: dict = {}  # (op, size, dtype, mode) -> {provider: (seconds, peak bytes or None)}
     for op in args.ops:
         spec = SPECS[op]
@@ -411,6 +412,10 @@ def main() -> None:
                         call_table += call_rows(spec, case, dtype_name, mode, measured)
                     else:
                         table += table_rows(spec, case, dtype_name, mode, measured, copy_bw)
+                    # Each case's rows go out as soon as they are measured: a run stopped by a time
+                    # limit (a GPU lease) keeps what it measured.
+                    common.write_csv(rows[rows_written:], args.csv)
+                    rows_written = len(rows)
     rows.append(
         common.base_row("copy", device)
         | dict(
@@ -425,7 +430,7 @@ def main() -> None:
             dtype="fp32",
         )
     )
-    common.write_csv(rows, args.csv)
+    common.write_csv(rows[rows_written:], args.csv)
     written = plots.write_plots(rows, args.plots_dir)
     print(
         f"\nwrote {len(rows)} rows to {os.path.relpath(args.csv)} and {len(written)} plots to "

@@ -176,6 +176,20 @@ def test_opcheck_linear_logprobs_ops(device):
 def test_kl_ranking_and_advantage_ops_compile_fullgraph(backend, device):
     """The eager calls skip the custom ops' dispatch (ops/_dispatch.py); compiled, the same calls go
     through the custom ops: both give the same values and gradients."""
+    check_kl_ranking_and_advantage_ops_compiled(backend, device, "inductor")
+
+
+@pytest.mark.parametrize(
+    "backend,device", [p for p in op_targets(include_torch=False) if p.id == "cpu-triton"]
+)
+def test_triton_path_traces_fullgraph_around_the_interpreter(backend, device):
+    """The Python around the Triton kernels traces without a graph break (the interpreted kernels run
+    behind their custom ops, so aot_eager traces the same code the GPU compiles): a data-dependent
+    check there failed only on a GPU before."""
+    check_kl_ranking_and_advantage_ops_compiled(backend, device, "aot_eager")
+
+
+def check_kl_ranking_and_advantage_ops_compiled(backend: str, device: str, compiler: str) -> None:
     torch._dynamo.reset()
     from fastrlhf.ops import compute_advantages, gae, group_advantages, kl_penalty, ranking_loss
 
@@ -203,7 +217,7 @@ def test_kl_ranking_and_advantage_ops_compile_fullgraph(backend, device):
     inputs = (logprobs, ref, mask, rewards, ranks, values)
     eager = loss_fn(*inputs)
     eager_grads = torch.autograd.grad(eager[0], (logprobs, rewards))
-    compiled = torch.compile(loss_fn, fullgraph=True)(*inputs)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compiler)(*inputs)
     compiled_grads = torch.autograd.grad(compiled[0], (logprobs, rewards))
     for got, want in zip((*compiled, *compiled_grads), (*eager, *eager_grads), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

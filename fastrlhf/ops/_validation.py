@@ -12,6 +12,16 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def checks_values() -> bool:
+    """Whether the checks that read tensor values (a mask's 0/1, finite scores, a count) run here.
+
+    They run eagerly, and are skipped while torch.compile traces: a graph cannot branch on values held
+    on the device (fullgraph=True refuses it outright). The C++ and CUDA ops check inside the op, where
+    compiled graphs keep the checks; the torch and Triton paths of a compiled graph go without them.
+    """
+    return not torch.compiler.is_compiling()
+
+
 def check_tensor(name: str, value, dtypes=None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -94,7 +104,7 @@ def check_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"{name} must be bool or a real 0/1 tensor, got {str(mask.dtype).replace('torch.', '')}"
         )
-    if mask.numel():
+    if mask.numel() and checks_values():
         if mask.is_floating_point():
             bad = bool(((mask != 0) & (mask != 1)).any())
         else:

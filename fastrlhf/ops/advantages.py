@@ -25,7 +25,7 @@ from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import triton_module
 from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
-from fastrlhf.ops.gae import masked_whiten
+from fastrlhf.ops.gae import check_whiten_count
 from fastrlhf.ops.kl_penalty import check_clamp, check_estimator
 
 _COMPUTE_ADVANTAGES = CompiledOp("compute_advantages")
@@ -119,7 +119,9 @@ def compute_advantages(
                 lam,
             )
         if whiten:
-            advantages = masked_whiten(advantages, mask_u8)
+            # The mask is checked already (check_sequences): whiten without a second data-dependent pass.
+            check_whiten_count(mask_u8)
+            advantages = reference.masked_whiten(advantages, mask_u8)
     return Advantages(token_rewards, advantages, returns)
 
 

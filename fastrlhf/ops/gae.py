@@ -16,7 +16,13 @@ from fastrlhf.ops._common import check_discount, check_sequences
 from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import kernel_module
-from fastrlhf.ops._validation import check_mask, check_same_device, check_same_shape, check_tensor
+from fastrlhf.ops._validation import (
+    check_mask,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+    checks_values,
+)
 
 _GAE = CompiledOp("gae")
 
@@ -89,7 +95,18 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     check_same_shape("x", x, mask=mask)
     check_same_device(x=x, mask=mask)
     mask_u8 = check_mask("mask", mask)
+    check_whiten_count(mask_u8)
+    return reference.masked_whiten(x, mask_u8, shift_mean)
+
+
+def check_whiten_count(mask_u8: torch.Tensor) -> None:
+    """Refuse a mask with fewer than 2 set positions (no variance to estimate), as the C++ op does.
+
+    Skipped while torch.compile traces (``checks_values``): ``reference.masked_whiten`` then gives 0,
+    never NaN.
+    """
+    if not checks_values():
+        return
     count = int(mask_u8.sum())
     if count < 2:
         raise ValueError(f"mask must select at least 2 positions to estimate a variance, it selects {count}")
-    return reference.masked_whiten(x, mask_u8, shift_mean)

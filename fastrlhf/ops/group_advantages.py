@@ -27,7 +27,14 @@ from fastrlhf.ops._common import check_discount
 from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
 from fastrlhf.ops._kernels import triton_module
-from fastrlhf.ops._validation import FLOAT_DTYPES, check_finite, check_mask, check_same_device, check_tensor
+from fastrlhf.ops._validation import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_mask,
+    check_same_device,
+    check_tensor,
+    checks_values,
+)
 
 # Estimator → the kernels' mode code (csrc/common/group_advantages.h, OutcomeMode); grpo's depends on
 # norm_by_std.
@@ -156,8 +163,9 @@ def check_group_inputs(
 
 
 def check_finite_scores(scores: torch.Tensor) -> None:
-    """NaN or inf scores would spread through a whole group (or, whitened, the batch). One reduction."""
-    if scores.numel() == 0:
+    """NaN or inf scores would spread through a whole group (or, whitened, the batch). One reduction,
+    skipped while torch.compile traces (``checks_values``)."""
+    if scores.numel() == 0 or not checks_values():
         return
     finite = torch.isfinite(scores)
     if not bool(finite.all()):
