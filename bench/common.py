@@ -97,9 +97,17 @@ def combine_rounds(rounds: list[tuple[float, float, float]]) -> tuple[float, flo
     return tuple(statistics.median(values) for values in zip(*rounds, strict=True))
 
 
-def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 1.0, reps: int = 0):
-    """Seconds per call as (median, p20, p80), measured after a warm-up call."""
-    if device == "cuda":
+def time_fn(
+    fn: Callable[[], object], device: str, min_run_time: float = 1.0, reps: int = 0, wall_clock: bool = False
+):
+    """Seconds per call as (median, p20, p80), measured after a warm-up call.
+
+    On CUDA, ``triton.testing.do_bench``: device events around each call, the kernels' time. A call
+    whose host work (checks, dispatch, launches) outlasts its kernels reads short there, since the
+    events time the stream; ``wall_clock=True`` times such calls with torch's benchmark timer instead,
+    which synchronises the device at each reading: the cost of a call as the caller sees it.
+    """
+    if device == "cuda" and not wall_clock:
         import triton.testing
 
         ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="all")

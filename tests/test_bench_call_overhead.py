@@ -1,0 +1,56 @@
+"""``bench/run.py`` times each op's call-overhead case (its smallest valid input) as the caller sees it:
+with a wall clock that synchronises the device, not with device events, which on a GPU time the stream
+and miss a host-bound call's own cost. ``time_step`` is replaced by a recorder, so these tests check
+which clock each case asks for, not the machine."""
+
+from __future__ import annotations
+
+import argparse
+import types
+
+import pytest
+from bench_scripts import load_bench_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench_script("run")
+
+
+def _recorded_clocks(bench, monkeypatch, op: str) -> dict[str, bool]:
+    clocks = {}
+    current = {}
+
+    def time_step(step, device, quick, wall_clock=False):
+        step()  # the provider really runs on the case's inputs
+        clocks[current["size"]] = wall_clock
+        return (1e-6, 1e-6, 1e-6)
+
+    monkeypatch.setattr(bench, "time_step", time_step)
+    spec = bench.SPECS[op]
+    eager = next(p for p in spec.providers("cpu") if p.name == "eager")
+    args = argparse.Namespace(quick=True)
+    for case in spec.cases("cpu", True):
+        current["size"] = case.size
+        timing, memory = bench.run_one(spec, eager, case, "fp32", "fwd", "cpu", 7, args, False)
+        assert timing == (1e-6, 1e-6, 1e-6) and memory is None
+    return clocks
+
+
+@pytest.mark.parametrize("op", ["kl_penalty", "gae", "ranking_loss"])
+def test_only_the_call_overhead_case_uses_the_wall_clock(bench, monkeypatch, op):
+    cases = bench.SPECS[op].cases("cpu", True)
+    clocks = _recorded_clocks(bench, monkeypatch, op)
+    assert clocks == {case.size: case.call_overhead for case in cases}
+    assert sum(clocks.values()) == 1
+
+
+def test_the_timing_loop_alone_uses_the_wall_clock(bench, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        bench, "time_step", lambda step, device, quick, wall_clock=False: seen.append(wall_clock) or (1.0,)
+    )
+    spec = bench.SPECS["kl_penalty"]
+    case = spec.cases("cpu", True)[0]
+    assert bench.harness_seconds(spec, case, "fp32", "cpu", 3, types.SimpleNamespace(quick=True)) == 1.0
+    assert seen == [True]
