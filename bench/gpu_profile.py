@@ -23,6 +23,7 @@ import argparse
 import time
 from collections.abc import Callable
 
+import common
 import torch
 
 from fastrlhf.ops import available_backends, gather_logprobs, kl_penalty, ranking_loss
@@ -129,8 +130,7 @@ def main() -> None:
     if args.calls < 1:
         parser.error(f"--calls must be >= 1, got {args.calls}")
     infos = available_backends()
-    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {common.device_name(args.device)}; torch {torch.__version__}")
     summary = []
     for op in ops:
         for backend in args.backends.split(","):

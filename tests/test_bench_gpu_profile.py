@@ -24,6 +24,7 @@ def test_each_case_reports_wall_device_and_host_time(gpu_profile, monkeypatch, c
     )
     gpu_profile.main()
     out = capsys.readouterr().out
+    assert out.startswith(f"device: {gpu_profile.common.device_name('cpu')}; torch ")  # names the CPU
     summary = out.split("summary (per call):", 1)[1].strip().splitlines()
     assert [line.split()[:3] for line in summary] == [
         ["ranking_loss", "torch", "fwd"],
