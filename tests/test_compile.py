@@ -189,7 +189,30 @@ def test_triton_path_traces_fullgraph_around_the_interpreter(backend, device):
     check_kl_ranking_and_advantage_ops_compiled(backend, device, "aot_eager")
 
 
-def check_kl_ranking_and_advantage_ops_compiled(backend: str, device: str, compiler: str) -> None:
+@pytest.mark.parametrize("backend,device", [p for p in op_targets() if p.id in ("cpu-torch", "cpu-triton")])
+def test_traced_mask_handling_avoids_a_bool_to_uint8_view(backend, device):
+    """The graph handed to inductor holds no bool -> uint8 ``view``: torch 2.11's inductor cannot lower one
+    (an H200 run failed on it), and the CPU's newer torch can, so the graph itself is checked."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return make_boxed_func(graph_module.forward)
+
+    check_kl_ranking_and_advantage_ops_compiled(backend, device, aot_autograd(fw_compiler=capture))
+    bool_views = [
+        node
+        for graph_module in graphs
+        for node in graph_module.graph.nodes
+        if node.target is torch.ops.aten.view.dtype and node.args[0].meta["val"].dtype is torch.bool
+    ]
+    assert graphs and not bool_views, f"bool -> uint8 views in the traced graph: {bool_views}"
+
+
+def check_kl_ranking_and_advantage_ops_compiled(backend: str, device: str, compiler) -> None:
     torch._dynamo.reset()
     from fastrlhf.ops import compute_advantages, gae, group_advantages, kl_penalty, ranking_loss
 

@@ -99,7 +99,9 @@ def check_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
     """
     check_tensor(name, mask)
     if mask.dtype == torch.bool:
-        return mask.view(torch.uint8)
+        # Eagerly a free reinterpretation of the bytes. Traced, a cast instead: inductor fuses it into its
+        # consumer, while torch 2.11's inductor cannot lower a bool -> uint8 view (an H200 run failed so).
+        return mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)
     if mask.is_complex():
         raise ValueError(
             f"{name} must be bool or a real 0/1 tensor, got {str(mask.dtype).replace('torch.', '')}"
