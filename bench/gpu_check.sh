@@ -6,13 +6,14 @@
 # build.log, tests.log, precision.log, bench.log, ppo_step.log and pipeline.log hold the output, with
 # precision.csv, bench.csv and ppo_step.csv (at most 8 files come back from a lease: pick the stages).
 #
-#   bench/gpu_check.sh                      # every stage: env build tests precision profile bench
-#                                           # ppo_step pipeline
+#   bench/gpu_check.sh                      # every stage: env build tests errors precision profile
+#                                           # bench ppo_step pipeline
 #   bench/gpu_check.sh build tests          # some stages, in the order given
 #
-# A 15-minute lease fits two calls back to back (the second finds the build in place):
-#   bench/gpu_check.sh env build tests profile bench_models    # at most 6.5 minutes
-#   bench/gpu_check.sh bench_advantages ppo_step pipeline      # at most 6.5 minutes
+# A 15-minute lease fits two calls back to back (the second finds the build in place). On an H200 the
+# first took 4.5 minutes (build 73 s with 16 jobs, tests 88 s) and the second 5.5:
+#   bench/gpu_check.sh env build tests errors profile               # ~4.5 minutes
+#   bench/gpu_check.sh bench_models bench_advantages ppo_step       # ~6.5 minutes, the limits' sum
 #
 # Wheels of missing packages (bitsandbytes, the peers) may sit in ./.whl: they are installed first, into
 # a scratch directory put on PYTHONPATH, since such a machine may have no package index.
@@ -62,6 +63,7 @@ for name in ("triton", "transformers", "bitsandbytes", "liger_kernel", "trl", "p
         print(name, "unavailable:", type(exc).__name__, exc)
 PY
   nvcc --version | tail -n 2
+  "${CXX:-c++}" --version | head -n 1
   lscpu | grep -E "Model name|^CPU\(s\)"
 }
 
@@ -81,12 +83,19 @@ gpu_tests() {
     workers=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   fi
-  FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE "${workers[@]}" \
+  FASTRLHF_FATAL_SIGNAL_TRACES=1 FASTRLHF_REQUIRE=cpp,triton,cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rfE "${workers[@]}" \
     tests/test_required_backends.py tests/test_backends.py tests/test_compile.py tests/test_ops_fuzz.py \
     tests/test_gather_logprobs.py tests/test_linear_logprobs.py tests/test_group_advantages.py \
     tests/test_policy_loss.py tests/test_compiled_ops.py tests/test_kl_penalty.py tests/test_gae.py \
     tests/test_ranking_loss.py tests/test_sample.py tests/test_reliability.py \
     -k "${GPU_CHECK_TESTS_K:-gpu or cuda or required}"
+}
+
+error_paths() {
+  # Bad-input calls of the compiled ops by each route (the wrapper, fastrlhf._C's typed entry, torch.ops),
+  # each in its own process: a shape error crashed the cuda backend's gather_logprobs on an H200, and the
+  # route that crashes, with the C++ frames of the crash, says where.
+  "$PYTHON" bench/error_paths.py --cases "${GPU_CHECK_ERROR_CASES:-gather_labels_shape,kl_ref_shape,ranking_no_pairs}"
 }
 
 precision() {
@@ -141,19 +150,20 @@ pipeline() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env build tests precision profile bench ppo_step pipeline)
+[ ${#stages[@]} -gt 0 ] || stages=(env build tests errors precision profile bench ppo_step pipeline)
 for name in "${stages[@]}"; do
   case $name in
     env) stage env_report 60 build ;;
     build) stage build 240 build ;;
     tests) stage gpu_tests 120 tests ;;
+    errors) stage error_paths 60 tests ;;
     precision) stage precision 90 precision ;;
-    bench) stage bench_models 150 bench && stage bench_advantages 100 bench ;;
-    bench_models) stage bench_models 150 bench ;;
-    bench_advantages) stage bench_advantages 100 bench ;;
+    bench) stage bench_models 180 bench && stage bench_advantages 130 bench ;;
+    bench_models) stage bench_models 180 bench ;;
+    bench_advantages) stage bench_advantages 130 bench ;;
     profile) stage profile 90 bench ;;
     ppo_step) stage ppo_step 150 ppo_step ;;
     pipeline) stage pipeline 150 pipeline ;;
-    *) echo "gpu_check: unknown stage '$name' (env build tests precision profile bench bench_models bench_advantages ppo_step pipeline)" >&2; exit 2 ;;
+    *) echo "gpu_check: unknown stage '$name' (env build tests errors precision profile bench bench_models bench_advantages ppo_step pipeline)" >&2; exit 2 ;;
   esac
 done

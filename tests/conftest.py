@@ -19,6 +19,11 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="fastrlhf-test
 # graph compiled against an earlier build of the C++ ops (a changed or removed op) would be replayed.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastrlhf-test-inductor-"))
 
+# A test that crashes its process (a segfault in compiled code) shows its C++ frames beside Python's
+# faulthandler trace; bench/gpu_check.sh sets this, where a crash cannot be rerun under a debugger.
+if os.environ.get("FASTRLHF_FATAL_SIGNAL_TRACES") == "1":
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
+
 if "triton" in sys.modules:  # pragma: no cover - would make the setting below ineffective
     raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")
 
