@@ -136,8 +136,9 @@ profile() {
 
 ppo_step() {
   # A ~0.5B-parameter Llama (vocabulary 151936, hidden 896, 24 layers: 490M parameters) built from a
-  # config, bf16 weights with SDPA (flash-attn when it imports), bitsandbytes' 8-bit AdamW; the four
-  # models of the paper (separate mode), fused ops against the torch backend.
+  # config, the trainer's dtypes (fp32 for the trained policy and critic and the reference, bf16 for the
+  # scoring reward model), SDPA (flash-attn for half-precision weights when it imports), bitsandbytes'
+  # 8-bit AdamW; the four models of the paper (separate mode), fused ops against the torch backend.
   "$PYTHON" bench/ppo_step.py --modes "${GPU_CHECK_PPO_MODES:-separate}" --backends fused,torch --steps 2 \
     --vocab 151936 --hidden 896 --layers 24 --optimizer adamw8bit --no-memory --timeout 120 \
     --csv "$RESULTS/ppo_step.csv" --plot "$(mktemp -d)/ppo_step.png"

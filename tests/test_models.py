@@ -602,3 +602,49 @@ def test_evaluating_switches_dropout_off_and_gives_the_mode_back_even_when_the_b
     with pytest.raises(RuntimeError, match="inside the block"), evaluating(module):
         raise RuntimeError("inside the block")
     assert module.training is was_training and torch.is_grad_enabled()
+
+
+@pytest.fixture
+def cuda_with_bf16(monkeypatch):
+    """What ``dtype="auto"`` sees on a bf16-capable GPU machine; the models still load on the CPU."""
+    import peft  # noqa: F401  (imported first: its bitsandbytes import would believe the patch below)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+def test_auto_dtype_on_a_gpu_trains_full_weights_in_fp32(cuda_with_bf16, monkeypatch):
+    """bf16 weights round away an AdamW step below half their spacing (2^-9 to 2^-8 of a weight): frozen
+    models and LoRA bases load in bf16, a model whose full weights train in fp32; an explicit dtype is
+    kept."""
+    assert resolve_dtype("auto") == torch.bfloat16
+    assert resolve_dtype("auto", trains_full_weights=True) == torch.float32
+    assert resolve_dtype("bfloat16", trains_full_weights=True) == torch.bfloat16
+    assert loading.weights_dtype(ModelOptions(), trains=True) == torch.float32
+    assert loading.weights_dtype(ModelOptions(), trains=False) == torch.bfloat16
+    assert loading.weights_dtype(ModelOptions(lora_r=4), trains=True) == torch.bfloat16  # a frozen base
+    assert loading.weights_dtype(ModelOptions(dtype="float16"), trains=True) == torch.float16
+    # flash-attn needs half-precision weights: auto keeps sdpa for fp32 ones.
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: object())
+    assert resolve_attention("auto", torch.float32) == "sdpa"
+    assert resolve_attention("auto", torch.bfloat16) == "flash_attention_2"
+    assert loading.dtype_name(torch.bfloat16) == "bfloat16" and loading.dtype_name(torch.float32) == "float32"
+
+
+def test_ppo_models_on_a_gpu_train_in_fp32_next_to_a_reference_of_the_same_dtype(model_dir, cuda_with_bf16):
+    from fastrlhf.models.actor_critic import build_actor_critic
+
+    def dtypes(module, trainable=None):
+        return {p.dtype for p in module.parameters() if trainable is None or p.requires_grad == trainable}
+
+    separate = build_actor_critic("separate", model_dir, None, ModelOptions())
+    # The reference matches the policy, so their KL is 0 before the first update.
+    assert dtypes(separate.policy_lm) == dtypes(separate.reference_lm) == {torch.float32}
+    assert dtypes(separate.critic) == {torch.float32}
+    lora = build_actor_critic("lora", model_dir, None, ModelOptions(lora_r=4))
+    assert dtypes(lora.policy_lm, trainable=False) == {torch.bfloat16}  # the frozen base
+    assert dtypes(lora.policy_lm, trainable=True) == {torch.float32}  # peft keeps adapters in fp32
+    reward_model = RewardModel.from_pretrained(model_dir, ModelOptions())  # scoring only: frozen
+    assert dtypes(reward_model.trunk) == {torch.bfloat16}
+    critic = RewardModel.from_pretrained(model_dir, ModelOptions(), trains=True)
+    assert dtypes(critic.trunk) == {torch.float32}

@@ -46,3 +46,24 @@ def test_pipeline_runs_every_stage_and_reuses_finished_ones(tmp_path, capsys):
     again = run_pipeline(PipelineConfig(output=str(output), sft_epochs=2, ppo_steps=3))
     assert {p: p.stat().st_mtime_ns for p in output.glob("*/summary.json")} == stamps
     assert again == summary
+
+
+def test_the_optimizer_reaches_every_stage(tmp_path, monkeypatch):
+    """``--optimizer`` is every stage's: SFT, RM and both PPO runs get it, and a wrong name is refused
+    before any stage starts."""
+    import pytest
+
+    from fastrlhf.errors import InputError
+    from fastrlhf.train import pipeline
+
+    stages = []
+
+    def record(directory, train, config_cls, prog, **flags):
+        stages.append((directory.name, flags.get("optimizer")))
+        return {}  # no training: what each stage is handed is under test (the table shows n/a)
+
+    monkeypatch.setattr(pipeline, "run_stage", record)
+    run_pipeline(PipelineConfig(output=str(tmp_path / "run"), optimizer="adamw8bit"))
+    assert stages == [(name, "adamw8bit") for name in ("sft", "rm", "ppo", "ppo-ptx")]
+    with pytest.raises(InputError, match=r"optimizer: expected one of .*'adam'"):
+        PipelineConfig(output=str(tmp_path / "run"), optimizer="adam")

@@ -31,7 +31,14 @@ from torch import nn
 
 from fastrlhf.errors import InputError
 from fastrlhf.models.heads import ScalarHead
-from fastrlhf.models.loading import ModelOptions, add_lora, load_causal_lm, load_config
+from fastrlhf.models.loading import (
+    ModelOptions,
+    add_lora,
+    dtype_name,
+    load_causal_lm,
+    load_config,
+    weights_dtype,
+)
 from fastrlhf.models.policy import decoder_and_head, require_plain_logits
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.models.reward_model_format import read_score_head
@@ -285,12 +292,13 @@ def build_actor_critic(
         model._unfreeze_adapters()
         return model
 
-    lm = load_causal_lm(policy, options, device_index=device_index)
+    lm = load_causal_lm(policy, options, device_index=device_index, trains=True)
     reference = _frozen(
         load_causal_lm(
             policy,
             ModelOptions(
-                dtype=options.dtype,
+                # The policy's own dtype, so the KL to the reference is 0 before the first update.
+                dtype=dtype_name(weights_dtype(options, trains=True)),
                 attn_implementation=options.attn_implementation,
                 trust_remote_code=options.trust_remote_code,
             ),
@@ -307,7 +315,7 @@ def build_actor_critic(
             reference_lm=reference,
         )
     critic_source = reward_model if reward_model is not None else policy
-    critic = RewardModel.from_pretrained(critic_source, options, device_index=device_index)
+    critic = RewardModel.from_pretrained(critic_source, options, device_index=device_index, trains=True)
     return ActorCritic(mode, lm, critic=critic, reference_lm=reference)
 
 

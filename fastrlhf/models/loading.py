@@ -43,7 +43,10 @@ class ModelOptions:
 
     dtype: str = dataclasses.field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."},
+        metadata={
+            "help": "Weights dtype: auto (fp32 on CPU; on CUDA fp32 for a model whose full weights train, "
+            "bf16 for frozen models and LoRA bases), float32, bfloat16 or float16."
+        },
     )
     attn_implementation: str = dataclasses.field(
         default="auto",
@@ -103,20 +106,31 @@ class ModelOptions:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` -> bf16 on a CUDA device with bf16 support, else fp32."""
+def resolve_dtype(name: str, trains_full_weights: bool = False) -> torch.dtype:
+    """``auto`` -> fp32 on CPU. On a CUDA device with bf16 support: bf16 for a frozen model (a reward model
+    that scores, a LoRA base, a model that only generates), fp32 for one whose full weights train
+    (``trains_full_weights``). An optimizer step smaller than half a weight's bf16 spacing (2^-9 to 2^-8 of
+    its magnitude) rounds away: AdamW at PPO's 1e-4 left a bf16 tiny policy nearly where it started (clip
+    fraction 0, a tenth of fp32's KL to the reference, half its gold-score gain; measured on CPU)."""
     if name != "auto":
         return DTYPES[name]
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if not trains_full_weights and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
 
-def resolve_attention(name: str) -> str:
-    """``auto`` -> flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."""
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``--dtype`` value of a torch dtype: ``float32``, ``bfloat16`` or ``float16``."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def resolve_attention(name: str, dtype: torch.dtype | None = None) -> str:
+    """``auto`` -> flash_attention_2 when flash-attn is importable, CUDA is present and the weights are
+    half precision (``dtype``; None: not known, taken as half), else sdpa."""
     if name != "auto":
         return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    half = dtype is None or dtype in (torch.bfloat16, torch.float16)
+    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -194,21 +208,34 @@ def _supports_sdpa(path: str, auto_class) -> bool:
     return bool(getattr(model_class, "_supports_sdpa", True))
 
 
+def weights_dtype(options: ModelOptions, trains: bool) -> torch.dtype:
+    """The dtype a model loads in: a trained model's full weights train unless LoRA adapters or a
+    quantized base carry the training (then the base is frozen; peft keeps the adapters in fp32)."""
+    full_weights = trains and options.lora_r == 0 and options.quantization == "none"
+    return resolve_dtype(options.dtype, trains_full_weights=full_weights)
+
+
 def load_causal_lm(
-    model: str, options: ModelOptions | None = None, *, auto_class=None, device_index: int = 0
+    model: str,
+    options: ModelOptions | None = None,
+    *,
+    auto_class=None,
+    device_index: int = 0,
+    trains: bool = False,
 ):
     """Load ``model`` (a local HF directory or ``tiny``) with ``options`` applied.
 
     ``auto_class`` defaults to ``AutoModelForCausalLM``; the reward model passes ``AutoModel`` to get the
-    trunk without the unembedding. Returns the model in train mode (LoRA-wrapped when ``lora_r > 0``).
+    trunk without the unembedding. ``trains``: the model is trained, which decides ``dtype="auto"``
+    (``weights_dtype``). Returns the model in train mode (LoRA-wrapped when ``lora_r > 0``).
     """
     from transformers import AutoModelForCausalLM
 
     options = options or ModelOptions()
     auto_class = auto_class or AutoModelForCausalLM
     path = resolve_model(model)
-    dtype = resolve_dtype(options.dtype)
-    attention = resolve_attention(options.attn_implementation)
+    dtype = weights_dtype(options, trains)
+    attention = resolve_attention(options.attn_implementation, dtype)
     if attention == "flash_attention_2" and dtype == torch.float32:
         raise InputError("attn_implementation=flash_attention_2 needs --dtype bfloat16 or float16")
     require_trust_for_remote_code(path, options.trust_remote_code)

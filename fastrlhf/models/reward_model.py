@@ -107,16 +107,17 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: str, options: ModelOptions | None = None, device_index: int = 0
+        cls, model: str, options: ModelOptions | None = None, device_index: int = 0, trains: bool = False
     ) -> RewardModel:
         """Load a reward model (either format, transformers' sequence classifiers with one label included),
-        or start one from a causal LM (then the head is freshly initialised)."""
+        or start one from a causal LM (then the head is freshly initialised). ``trains``: it is trained
+        (a reward model being fit, a critic), which decides ``dtype="auto"`` (``load_causal_lm``)."""
         from transformers import AutoModel
 
         from fastrlhf.models.tiny import resolve_model
 
         path = resolve_model(model)
-        trunk = load_causal_lm(path, options, auto_class=AutoModel, device_index=device_index)
+        trunk = load_causal_lm(path, options, auto_class=AutoModel, device_index=device_index, trains=trains)
         reward_model = cls(trunk)
         saved = read_score_head(path, reward_model.head.proj.in_features)
         if saved is not None:

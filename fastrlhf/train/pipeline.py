@@ -18,7 +18,8 @@ import logging
 import math
 from pathlib import Path
 
-from fastrlhf.train.arguments import InputOptions, flag
+from fastrlhf.errors import InputError
+from fastrlhf.train.arguments import OPTIMIZERS, InputOptions, flag
 from fastrlhf.train.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,16 @@ class PipelineConfig(InputOptions):
     actor_critic: str = flag("separate", "PPO memory mode: separate, shared or lora.")
     compare_ptx: bool = flag(True, "Also run PPO without ptx, to show the alignment tax ptx pays back.")
     seed: int = flag(0, "Seed of every stage.")
+    optimizer: str = flag(
+        "auto",
+        "Optimizer of every stage: auto (adamw8bit on a GPU, adamw on CPU), adamw8bit, paged_adamw8bit or "
+        "adamw (torch).",
+    )
+
+    def __post_init__(self):
+        # Refused before the first stage starts, not when SFT parses its flags.
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 
 def run_stage(directory: Path, train, config_cls, prog: str, **flags) -> dict:
@@ -94,7 +105,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     root = Path(config.output)
     root.mkdir(parents=True, exist_ok=True)
     prog = "fastrlhf pipeline"
-    common = {"seed": config.seed}
+    common = {"seed": config.seed, "optimizer": config.optimizer}
     sft = run_stage(
         root / "sft",
         train_sft,

@@ -24,7 +24,7 @@ from fastrlhf.data.tokenize import tokenize_ranked
 from fastrlhf.errors import InputError
 from fastrlhf.inference.score import score_pairs
 from fastrlhf.models.eval_mode import evaluating
-from fastrlhf.models.loading import resolve_attention, trainable_parameters
+from fastrlhf.models.loading import resolve_attention, trainable_parameters, weights_dtype
 from fastrlhf.models.reward_model import RewardModel
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader
@@ -111,9 +111,10 @@ def train_rm(config: RMConfig) -> dict:
     accelerator = run.accelerator
 
     reward_model = RewardModel.from_pretrained(
-        config.model, config, device_index=accelerator.local_process_index
+        config.model, config, device_index=accelerator.local_process_index, trains=True
     )
-    packing = choose_packing(resolve_attention(config.attn_implementation), config.packing)
+    attention = resolve_attention(config.attn_implementation, weights_dtype(config, trains=True))
+    packing = choose_packing(attention, config.packing)
     collate = make_group_collator(tokenizer.pad_token_id, packing)
     lengths = [group_length(g) for g in train_groups]
     train_loader, train_sampler, padding = make_loader(

@@ -17,7 +17,13 @@ from fastrlhf.data.batching import choose_packing, make_collator, model_inputs
 from fastrlhf.data.tokenize import tokenize_sft
 from fastrlhf.errors import InputError
 from fastrlhf.models.eval_mode import evaluating
-from fastrlhf.models.loading import load_causal_lm, load_config, resolve_attention, trainable_parameters
+from fastrlhf.models.loading import (
+    load_causal_lm,
+    load_config,
+    resolve_attention,
+    trainable_parameters,
+    weights_dtype,
+)
 from fastrlhf.models.policy import CausalLMPolicy, require_plain_logits
 from fastrlhf.train.arguments import TrainArguments, flag
 from fastrlhf.train.datasets import load_tokenized, local_eval_loader, make_loader, split_texts
@@ -58,9 +64,10 @@ def train_sft(config: SFTConfig) -> dict:
     run = TrainingRun(config)
     accelerator = run.accelerator
 
-    lm = load_causal_lm(config.model, config, device_index=accelerator.local_process_index)
+    lm = load_causal_lm(config.model, config, device_index=accelerator.local_process_index, trains=True)
     policy = CausalLMPolicy(lm)
-    packing = choose_packing(resolve_attention(config.attn_implementation), config.packing)
+    attention = resolve_attention(config.attn_implementation, weights_dtype(config, trains=True))
+    packing = choose_packing(attention, config.packing)
     collate = make_collator(tokenizer.pad_token_id, packing=packing)
     lengths = [len(s.input_ids) for s in train_seqs]
     train_loader, train_sampler, padding = make_loader(
