@@ -10,10 +10,11 @@
 #                                           # bench ppo_step pipeline
 #   bench/gpu_check.sh build tests          # some stages, in the order given
 #
-# A 15-minute lease fits two calls back to back (the second finds the build in place). On an H200 the
-# first took 4.5 minutes (build 73 s with 16 jobs, tests 88 s) and the second 5.5:
+# A 15-minute lease fits two calls back to back (the second finds the build in place). On an H200: env
+# 29 s, build 73 s (16 jobs), tests 88 s, profile 20 s, ppo_step 97 s, pipeline 134 s; bench_models and
+# bench_advantages ran out their limits (150 s, 100 s: now 180 s, 130 s). A lease's start took ~40 s.
 #   bench/gpu_check.sh env build tests errors profile               # ~4.5 minutes
-#   bench/gpu_check.sh bench_models bench_advantages ppo_step       # ~6.5 minutes, the limits' sum
+#   bench/gpu_check.sh bench_models bench_advantages ppo_step       # at most 7.7 minutes, the limits' sum
 #
 # Wheels of missing packages (bitsandbytes, the peers) may sit in ./.whl: they are installed first, into
 # a scratch directory put on PYTHONPATH, since such a machine may have no package index.
