@@ -20,6 +20,7 @@
 #include "masked_whiten.h"
 #include "op_checks.h"
 #include "tensor_params.h"
+#include "tensor_views.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -71,12 +72,12 @@ AdvantagesCall prepare(const Tensor& scores, const Tensor& logprobs, const Tenso
     const double clip = kl_args::clamp_value("score_clip", score_clip);
     clipped = scores.clamp(-clip, clip);
   }
-  call.scores = clipped.to(at::kFloat).contiguous();
+  call.scores = contiguous_as(clipped, at::kFloat);
   // The kernels read float32 / bfloat16 / float16 log-probs of one dtype; anything else is widened.
   const bool widen = logprobs.scalar_type() != ref_logprobs.scalar_type() || logprobs.scalar_type() == at::kDouble;
   call.logprobs = (widen ? logprobs.to(at::kFloat) : logprobs).contiguous();
   call.ref_logprobs = (widen ? ref_logprobs.to(at::kFloat) : ref_logprobs).contiguous();
-  call.values = values.to(at::kFloat).contiguous();
+  call.values = contiguous_as(values, at::kFloat);
   return call;
 }
 

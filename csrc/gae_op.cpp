@@ -17,6 +17,7 @@
 #include "cpu/dispatch.h"
 #include "op_checks.h"
 #include "tensor_params.h"
+#include "tensor_views.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -47,8 +48,8 @@ GaeCall prepare(const Tensor& rewards, const Tensor& values, const Tensor& mask,
   call.gamma = static_cast<float>(op_checks::check_discount("gamma", gamma));
   call.lam = static_cast<float>(op_checks::check_discount("lam", lam));
   // The kernels read float32; other float dtypes are small [B, T] tensors, copied once.
-  call.rewards = rewards.to(at::kFloat).contiguous();
-  call.values = values.to(at::kFloat).contiguous();
+  call.rewards = contiguous_as(rewards, at::kFloat);
+  call.values = contiguous_as(values, at::kFloat);
   return call;
 }
 

@@ -8,6 +8,7 @@
 
 #include "cpu/dispatch.h"
 #include "tensor_params.h"
+#include "tensor_views.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -57,7 +58,7 @@ void check_labels_in_range(const at::Tensor& labels, int64_t vocab, int64_t igno
   int64_t first = 0;
   if (labels.is_cpu()) {
     // One pass with no torch ops: the CPU forward calls this on every call.
-    const at::Tensor flat = labels.scalar_type() == at::kLong ? labels.contiguous() : labels.to(at::kLong).contiguous();
+    const at::Tensor flat = contiguous_as(labels, at::kLong);
     const int64_t* label = flat.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < flat.numel(); ++i) {
       if (label[i] != ignore_index && (label[i] < 0 || label[i] >= vocab)) {

@@ -19,6 +19,7 @@
 #include "gather_logprobs_entry.h"
 #include "op_checks.h"
 #include "output_alloc.h"
+#include "tensor_views.h"
 
 namespace fastrlhf {
 namespace {
@@ -48,9 +49,9 @@ GatherCall prepare(const Tensor& logits, const Tensor& labels, double temperatur
                     op_checks::py_float(temperature));
   op_checks::check_kernel_dtype(logits, "logits");
   GatherCall call;
-  call.logits = logits.reshape({-1, vocab});
+  call.logits = matrix_of_rows(logits);
   if (call.logits.stride(1) != 1) call.logits = call.logits.contiguous();
-  call.labels = labels.reshape({-1}).to(at::kLong).contiguous();
+  call.labels = flat(contiguous_as(labels, at::kLong));
   call.lead = lead.vec();
   call.inv_temperature = 1.0 / temperature;
   // The CPU kernel checks the labels in its own loop; a CUDA tensor needs the reduction (and a sync).
@@ -79,10 +80,10 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_meta(const Tensor& logits, co
 // The [N] float32 gradient vectors the kernel reads; an absent entropy gradient is [0].
 std::tuple<Tensor, Tensor, Tensor> flat_grads(const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy,
                                               const Tensor& entropy) {
-  const Tensor g = grad_logprobs.to(at::kFloat).reshape({-1}).contiguous();
+  const Tensor g = flat(contiguous_as(grad_logprobs, at::kFloat));
   const bool has_h = grad_entropy.has_value() && grad_entropy->defined() && grad_entropy->numel() > 0;
-  const Tensor h = has_h ? grad_entropy->to(at::kFloat).reshape({-1}).contiguous() : g.new_empty({0});
-  const Tensor e = has_h ? entropy.reshape({-1}).contiguous() : g.new_empty({0});
+  const Tensor h = has_h ? flat(contiguous_as(*grad_entropy, at::kFloat)) : g.new_empty({0});
+  const Tensor e = has_h ? flat(entropy.contiguous()) : g.new_empty({0});
   return {g, h, e};
 }
 

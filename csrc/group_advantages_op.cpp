@@ -25,6 +25,7 @@
 #include "masked_whiten.h"
 #include "op_checks.h"
 #include "tensor_params.h"
+#include "tensor_views.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -130,7 +131,7 @@ GroupCall prepare(const Tensor& scores, const Tensor& response_mask, string_view
   if (!scores.is_meta()) check_finite_scores(scores);
   call.k = k;
   call.mode = outcome_mode(call.estimator, norm_by_std);
-  call.scores = scores.to(at::kFloat).contiguous().view(-1);
+  call.scores = flat(contiguous_as(scores, at::kFloat));
   return call;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "op_checks.h"
+#include "tensor_views.h"
 
 namespace fastrlhf {
 namespace linear_head {
@@ -58,8 +59,8 @@ inline LinearCall prepare(const at::Tensor& hidden, const at::Tensor& weight, co
   TORCH_CHECK_VALUE(chunk_rows > 0, "chunk_size must be None or a positive int (rows per chunk), got ", chunk_rows);
   op_checks::check_kernel_dtype(hidden, "hidden");
   LinearCall call;
-  call.hidden = hidden.reshape({-1, hidden.size(-1)});
-  call.labels = labels.reshape({-1}).to(at::kLong).contiguous();
+  call.hidden = matrix_of_rows(hidden);
+  call.labels = flat(contiguous_as(labels, at::kLong));
   call.lead = lead.vec();
   call.inv_temperature = 1.0 / temperature;
   return call;

@@ -30,6 +30,7 @@
 #include "gather_logprobs_entry.h"
 #include "linear_head.h"
 #include "op_checks.h"
+#include "tensor_views.h"
 
 namespace fastrlhf {
 namespace {
@@ -142,10 +143,10 @@ Grads linear_logprobs_backward_kernel(const Tensor& grad_logprobs, const MaybeTe
   const bool has_bias = bias.has_value() && bias->defined();
   const auto [need_hidden, need_weight, need_bias_arg] = output_mask;
   const bool need_bias = need_bias_arg && has_bias;
-  const Tensor g = grad_logprobs.to(at::kFloat).reshape({-1}).contiguous();
+  const Tensor g = flat(contiguous_as(grad_logprobs, at::kFloat));
   const bool has_h = grad_entropy.has_value() && grad_entropy->defined() && grad_entropy->numel() > 0;
-  const Tensor h = has_h ? grad_entropy->to(at::kFloat).reshape({-1}).contiguous() : g.new_empty({0});
-  const Tensor e = has_h ? entropy.reshape({-1}).contiguous() : g.new_empty({0});
+  const Tensor h = has_h ? flat(contiguous_as(*grad_entropy, at::kFloat)) : g.new_empty({0});
+  const Tensor e = has_h ? flat(entropy.contiguous()) : g.new_empty({0});
   const Tensor stats_c = stats.contiguous();
 
   const Tensor hidden_gemm = head.cast(c.hidden);

@@ -33,6 +33,8 @@
 #include "linear_head.h"
 #include "op_checks.h"
 #include "ppo_loss_options.h"
+#include "tensor_params.h"
+#include "tensor_views.h"
 
 namespace fastrlhf {
 namespace {
@@ -50,24 +52,26 @@ const Tensor* present(const MaybeTensor& t) { return t.has_value() && t->defined
 // Everything about one call after the checks.
 struct FusedCall {
   linear_head::LinearCall linear;
-  Tensor old_logprobs, advantages, ref_logprobs;  // float32 [N], contiguous; old / ref undefined when absent
-  Tensor valid;                                   // bool [N]: mask and a label that is not ignore_index
+  // In the labels' shape [...], contiguous: the loss op takes them so, and the chunks slice flat views.
+  Tensor old_logprobs, advantages, ref_logprobs;  // float32; old / ref undefined when absent
+  Tensor valid;  // mask and a label that is not ignore_index: uint8 on CPU, bool elsewhere (valid_tokens)
   bool with_entropy;
   bool seq_mean;
 };
 
-Tensor flat_f32(const Tensor& t) { return t.reshape({-1}).to(at::kFloat).contiguous(); }
-
-// bool [N]: the 0/1 mask (uint8, contiguous) set and the label not ignore_index. On CPU one loop: the
-// two comparisons and the logical and as ATen ops were a third of a small call.
+// 0/1 in mask_bytes' shape: the mask (uint8 or bool, contiguous) set and the label (int64 [N]) not
+// ignore_index.
+// On CPU one loop (the two comparisons and the logical and as ATen ops were a third of a small call),
+// into uint8, which the loss op takes as its mask without a view. Elsewhere bool: the loss op would check
+// a uint8 mask's values on the device and wait for the answer.
 Tensor valid_tokens(const Tensor& mask_bytes, const Tensor& labels, int64_t ignore_index) {
   if (!mask_bytes.is_cpu() || !labels.is_cpu()) {
-    return mask_bytes.reshape({-1}).ne(0).logical_and_(labels.ne(ignore_index));
+    return mask_bytes.ne(0).logical_and_(labels.view(mask_bytes.sizes()).ne(ignore_index));
   }
-  Tensor valid = at::empty({labels.numel()}, labels.options().dtype(at::kBool));
-  const uint8_t* m = mask_bytes.const_data_ptr<uint8_t>();
+  Tensor valid = at::empty(mask_bytes.sizes(), labels.options().dtype(at::kByte));
+  const uint8_t* m = mask_ptr(mask_bytes);
   const int64_t* y = labels.const_data_ptr<int64_t>();
-  bool* v = valid.mutable_data_ptr<bool>();
+  uint8_t* v = valid.mutable_data_ptr<uint8_t>();
   for (int64_t i = 0, n = labels.numel(); i < n; ++i) v[i] = (m[i] != 0) & (y[i] != ignore_index);
   return valid;
 }
@@ -99,10 +103,13 @@ FusedCall prepare(const Tensor& hidden, const Tensor& weight, const Tensor& labe
   op_checks::check_same_device({NamedTensor{"hidden", &hidden}, NamedTensor{"old_logprobs", old},
                                 NamedTensor{"advantages", &advantages}, NamedTensor{"mask", &mask},
                                 NamedTensor{"ref_logprobs", ref}});
-  c.valid = valid_tokens(op_checks::mask_as_bytes("mask", mask), c.linear.labels, ignore_index);
-  if (old != nullptr) c.old_logprobs = flat_f32(*old);
-  c.advantages = flat_f32(advantages);
-  if (ref != nullptr) c.ref_logprobs = flat_f32(*ref);
+  // A bool mask needs no check of its values, nor a uint8 view.
+  const Tensor mask_bytes =
+      mask.scalar_type() == at::kBool ? mask.contiguous() : op_checks::mask_as_bytes("mask", mask);
+  c.valid = valid_tokens(mask_bytes, c.linear.labels, ignore_index);
+  if (old != nullptr) c.old_logprobs = contiguous_as(*old, at::kFloat);
+  c.advantages = contiguous_as(advantages, at::kFloat);
+  if (ref != nullptr) c.ref_logprobs = contiguous_as(*ref, at::kFloat);
   c.with_entropy = compute_entropy || entropy_coef != 0.0;
   c.seq_mean = settings.seq_mean;
   return c;
@@ -110,7 +117,7 @@ FusedCall prepare(const Tensor& hidden, const Tensor& weight, const Tensor& labe
 
 // loss_token_weights below, in loops over the valid flags, with the reference's float32 arithmetic.
 Tensor loss_token_weights_cpu(const FusedCall& c, at::IntArrayRef labels_shape) {
-  const bool* v = c.valid.const_data_ptr<bool>();
+  const uint8_t* v = c.valid.const_data_ptr<uint8_t>();
   const int64_t n = c.valid.numel();
   const auto f32 = c.valid.options().dtype(at::kFloat);
   if (!c.seq_mean) {
@@ -167,12 +174,14 @@ const auto& policy_loss_backward_op() {
   return op;
 }
 
-Outputs fused_kernel(const Tensor& hidden, const Tensor& weight, const Tensor& labels, const MaybeTensor& bias,
-                     const MaybeTensor& old_logprobs, const Tensor& advantages, const Tensor& mask,
-                     const MaybeTensor& ref_logprobs, double temperature, int64_t ignore_index, double clip_eps,
-                     MaybeDouble clip_eps_high, MaybeDouble dual_clip, double kl_coef, string_view kl_estimator,
-                     double entropy_coef, bool compute_entropy, string_view loss_agg, int64_t chunk_rows,
-                     std::array<bool, 3> output_mask) {
+// Both ops' outputs. `gradient_slots`: the with_grads op's last three outputs, a [0] tensor for a gradient not
+// asked for; without it (the forward-only op, which drops them) those are left undefined, unallocated.
+Outputs fused_outputs(const Tensor& hidden, const Tensor& weight, const Tensor& labels, const MaybeTensor& bias,
+                      const MaybeTensor& old_logprobs, const Tensor& advantages, const Tensor& mask,
+                      const MaybeTensor& ref_logprobs, double temperature, int64_t ignore_index, double clip_eps,
+                      MaybeDouble clip_eps_high, MaybeDouble dual_clip, double kl_coef, string_view kl_estimator,
+                      double entropy_coef, bool compute_entropy, string_view loss_agg, int64_t chunk_rows,
+                      std::array<bool, 3> output_mask, bool gradient_slots) {
   const FusedCall c = prepare(hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs,
                               temperature, ignore_index, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                               entropy_coef, compute_entropy, loss_agg, chunk_rows);
@@ -194,18 +203,26 @@ Outputs fused_kernel(const Tensor& hidden, const Tensor& weight, const Tensor& l
   const bool one_chunk = rows <= chunk_rows;
   Tensor logprobs = one_chunk ? Tensor() : at::empty({rows}, f32);
   Tensor entropy = one_chunk || !c.with_entropy ? empty : at::empty({rows}, f32);
-  Tensor d_hidden = need_hidden ? at::empty(c.linear.hidden.sizes(), hidden.options()) : Tensor();
+  // One chunk takes the whole tensors, not slices of them: each slice is a dispatcher call on a small call's path.
+  const auto chunk_of = [&](const Tensor& t, int64_t start, int64_t end) {
+    return one_chunk ? t : t.slice(0, start, end);
+  };
+  Tensor d_hidden = need_hidden && !one_chunk ? at::empty(c.linear.hidden.sizes(), hidden.options()) : Tensor();
   Tensor d_weight, d_bias;  // float32 sums over the chunks, started by the first chunk's product
   const Tensor weights = need_grads ? loss_token_weights(c, labels.sizes()) : Tensor();
   const Tensor one = need_grads ? at::ones({}, f32) : Tensor();
   // "seq-mean-token-mean" hands the backward each token as a row of its own, with its own weight.
   const auto as_rows = [&](const Tensor& t) { return c.seq_mean ? t.view({-1, 1}) : t; };
   const string_view chunk_agg = c.seq_mean ? "seq-mean-token-mean" : "token-mean";
+  // The per-token inputs as [N], for the chunks' slices; only the gradient's pass slices them.
+  const auto flat_if = [&](const Tensor& t) { return need_grads && t.defined() ? flat(t) : Tensor(); };
+  const Tensor old_flat = flat_if(c.old_logprobs), advantages_flat = flat_if(c.advantages);
+  const Tensor ref_flat = flat_if(c.ref_logprobs), valid_flat = flat_if(c.valid);
 
   for (int64_t start = 0; start < rows; start += chunk_rows) {
     const int64_t end = std::min(start + chunk_rows, rows);
-    const Tensor hidden_rows = c.linear.hidden.slice(0, start, end);
-    const Tensor chunk_labels = labels_flat.slice(0, start, end);
+    const Tensor hidden_rows = chunk_of(c.linear.hidden, start, end);
+    const Tensor chunk_labels = chunk_of(labels_flat, start, end);
     // The chunk's logits die at the end of this iteration, before the next GEMM allocates its own.
     Tensor logits = head.logits(hidden_rows, 0, vocab);
     auto [lp, stats, ent] =
@@ -220,18 +237,25 @@ Outputs fused_kernel(const Tensor& hidden, const Tensor& weight, const Tensor& l
     if (!need_grads) continue;
     const Tensor lp_rows = as_rows(lp);
     const auto slice = [&](const Tensor& t) -> MaybeTensor {
-      return t.defined() ? MaybeTensor(as_rows(t.slice(0, start, end))) : std::nullopt;
+      return t.defined() ? MaybeTensor(as_rows(chunk_of(t, start, end))) : std::nullopt;
     };
     auto [grad_lp, grad_ent] = policy_loss_backward_op().call(
-        one, lp_rows, c.old_logprobs.defined() ? *slice(c.old_logprobs) : lp_rows, *slice(c.advantages),
-        *slice(c.valid), slice(c.ref_logprobs), entropy_in_loss ? MaybeTensor(as_rows(ent)) : std::nullopt,
-        c.seq_mean ? weights.slice(0, start, end) : weights, clip_eps, clip_eps_high, dual_clip, kl_coef,
+        one, lp_rows, old_flat.defined() ? *slice(old_flat) : lp_rows, *slice(advantages_flat), *slice(valid_flat),
+        slice(ref_flat), entropy_in_loss ? MaybeTensor(as_rows(ent)) : std::nullopt,
+        c.seq_mean ? chunk_of(weights, start, end) : weights, clip_eps, clip_eps_high, dual_clip, kl_coef,
         kl_estimator, entropy_coef, chunk_agg);
     gather_logprobs_backward(grad_lp.view({-1}), entropy_in_loss ? grad_ent.view({-1}) : empty, logits,
                              chunk_labels, stats, entropy_in_loss ? ent : empty, c.linear.inv_temperature,
                              ignore_index, logits);
     const Tensor d_low = head.cast(logits);  // fp32 stays fp32; with a native bf16 GEMM, rounded once
-    if (need_hidden) d_hidden.slice(0, start, end).copy_(head.mm(d_low, head.weight));
+    if (need_hidden) {
+      const Tensor d_rows = head.mm(d_low, head.weight);
+      if (one_chunk) {
+        d_hidden = d_rows.to(hidden.scalar_type());
+      } else {
+        d_hidden.slice(0, start, end).copy_(d_rows);
+      }
+    }
     if (need_weight) {
       if (start == 0) {
         d_weight = head.mm(d_low.t(), head.cast(hidden_rows));
@@ -248,21 +272,22 @@ Outputs fused_kernel(const Tensor& hidden, const Tensor& weight, const Tensor& l
     }
   }
   if (rows == 0) {  // no chunk ran: no log-probs, and zero gradients
-    logprobs = empty.new_empty({0});
+    logprobs = at::empty({0}, f32);
+    if (need_hidden) d_hidden = at::empty(c.linear.hidden.sizes(), hidden.options());
     if (need_weight) d_weight = at::zeros(weight.sizes(), f32);
     if (need_bias) d_bias = at::zeros({vocab}, f32);
   }
 
-  const Tensor logprobs_shaped = logprobs.view(labels.sizes());
-  const auto shaped = [&](const Tensor& t) { return t.view(labels.sizes()); };
+  const auto shaped = [&](const Tensor& t) { return t.sizes() == labels.sizes() ? t : t.view(labels.sizes()); };
+  const Tensor logprobs_shaped = shaped(logprobs);
   auto [loss, clip_fraction, approx_kl, entropy_mean, ref_kl, row_weight] = policy_loss_op().call(
-      logprobs_shaped, c.old_logprobs.defined() ? shaped(c.old_logprobs) : logprobs_shaped, shaped(c.advantages),
-      shaped(c.valid), c.ref_logprobs.defined() ? MaybeTensor(shaped(c.ref_logprobs)) : std::nullopt,
+      logprobs_shaped, c.old_logprobs.defined() ? c.old_logprobs : logprobs_shaped, c.advantages, c.valid,
+      c.ref_logprobs.defined() ? MaybeTensor(c.ref_logprobs) : std::nullopt,
       c.with_entropy ? MaybeTensor(shaped(entropy)) : std::nullopt, clip_eps, clip_eps_high, dual_clip, kl_coef,
       kl_estimator, entropy_coef, loss_agg);
   (void)row_weight;
   // A gradient not asked for comes back as its own empty tensor (op outputs may not alias).
-  const auto none = [&] { return at::empty({0}, hidden.options()); };
+  const auto none = [&] { return gradient_slots ? at::empty({0}, hidden.options()) : Tensor(); };
   return {loss,
           clip_fraction,
           approx_kl,
@@ -273,6 +298,17 @@ Outputs fused_kernel(const Tensor& hidden, const Tensor& weight, const Tensor& l
           need_hidden ? d_hidden.view(hidden.sizes()) : none(),
           need_weight ? d_weight.to(weight.scalar_type()) : none(),
           need_bias ? d_bias.to(bias->scalar_type()) : none()};
+}
+
+Outputs fused_kernel(const Tensor& hidden, const Tensor& weight, const Tensor& labels, const MaybeTensor& bias,
+                     const MaybeTensor& old_logprobs, const Tensor& advantages, const Tensor& mask,
+                     const MaybeTensor& ref_logprobs, double temperature, int64_t ignore_index, double clip_eps,
+                     MaybeDouble clip_eps_high, MaybeDouble dual_clip, double kl_coef, string_view kl_estimator,
+                     double entropy_coef, bool compute_entropy, string_view loss_agg, int64_t chunk_rows,
+                     std::array<bool, 3> output_mask) {
+  return fused_outputs(hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs, temperature,
+                       ignore_index, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+                       compute_entropy, loss_agg, chunk_rows, output_mask, /*gradient_slots=*/true);
 }
 
 Outputs fused_meta(const Tensor& hidden, const Tensor& weight, const Tensor& labels, const MaybeTensor& bias,
@@ -312,10 +348,10 @@ LossOutputs linear_ppo_policy_loss_kernel(const Tensor& hidden, const Tensor& we
                                           double clip_eps, MaybeDouble clip_eps_high, MaybeDouble dual_clip,
                                           double kl_coef, string_view kl_estimator, double entropy_coef,
                                           bool compute_entropy, string_view loss_agg, int64_t chunk_rows) {
-  return loss_outputs(fused_kernel(hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs,
-                                   temperature, ignore_index, clip_eps, clip_eps_high, dual_clip, kl_coef,
-                                   kl_estimator, entropy_coef, compute_entropy, loss_agg, chunk_rows,
-                                   {false, false, false}));
+  return loss_outputs(fused_outputs(hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs,
+                                    temperature, ignore_index, clip_eps, clip_eps_high, dual_clip, kl_coef,
+                                    kl_estimator, entropy_coef, compute_entropy, loss_agg, chunk_rows,
+                                    {false, false, false}, /*gradient_slots=*/false));
 }
 
 LossOutputs linear_ppo_policy_loss_meta(const Tensor& hidden, const Tensor& weight, const Tensor& labels,

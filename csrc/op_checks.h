@@ -215,7 +215,7 @@ inline at::Tensor mask_as_bytes(const char* name, const at::Tensor& mask) {
     const at::Tensor bad = mask.ne(0).logical_and(mask.ne(1));
     if (bad.any().item<bool>()) bad_mask_value(name, mask, mask.masked_select(bad).flatten()[0]);
   }
-  return mask.to(at::kByte).contiguous();
+  return mask.scalar_type() == at::kByte ? mask.contiguous() : mask.to(at::kByte).contiguous();
 }
 
 }  // namespace fastrlhf::op_checks

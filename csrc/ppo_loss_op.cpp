@@ -30,6 +30,7 @@
 #include "op_checks.h"
 #include "ppo_loss_options.h"
 #include "tensor_params.h"
+#include "tensor_views.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -58,7 +59,7 @@ struct PPOLossCall {
   PPOLossTokens tokens;
 };
 
-Tensor as_f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+Tensor as_f32(const Tensor& t) { return contiguous_as(t, at::kFloat); }
 
 PPOLossCall prepare(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages, const Tensor& mask,
                     const MaybeTensor& ref_logprobs, const MaybeTensor& entropy, double clip_eps,

@@ -22,6 +22,7 @@
 #include "cpu/dispatch.h"
 #include "op_checks.h"
 #include "tensor_params.h"
+#include "tensor_views.h"
 #ifdef FASTRLHF_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -67,8 +68,8 @@ RankingCall prepare(const Tensor& rewards, const Tensor& ranks, const std::optio
                     " responses per prompt; a ranking needs K >= 2");
   RankingCall call;
   call.margin = op_checks::check_finite("margin", margin);
-  call.rewards = rewards.to(at::kFloat).contiguous();
-  call.ranks = ranks.to(at::kLong).contiguous();
+  call.rewards = contiguous_as(rewards, at::kFloat);
+  call.ranks = contiguous_as(ranks, at::kLong);
   if (mask_ptr != nullptr) {
     call.mask = op_checks::mask_as_bytes("mask", *mask_ptr);
     TORCH_CHECK_VALUE(rewards.size(0) == 0 || call.mask.is_meta() || max_valid_per_prompt(call.mask) >= 2,

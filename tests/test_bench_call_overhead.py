@@ -9,6 +9,7 @@ import argparse
 import types
 
 import pytest
+import torch
 from bench_scripts import load_bench_script
 
 
@@ -54,3 +55,25 @@ def test_the_timing_loop_alone_uses_the_wall_clock(bench, monkeypatch):
     case = spec.cases("cpu", True)[0]
     assert bench.harness_seconds(spec, case, "fp32", "cpu", 3, types.SimpleNamespace(quick=True)) == 1.0
     assert seen == [True]
+
+
+def _call_case_inputs(bench, op):
+    spec = bench.SPECS[op]
+    case = next(c for c in spec.cases("cpu", False) if c.call_overhead)
+    return case, spec.make_inputs(case, "cpu", torch.float32, False, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "op", ["gather_logprobs", "linear_logprobs", "ppo_policy_loss", "kl_penalty", "gae", "ranking_loss"]
+)
+def test_the_call_overhead_case_is_not_empty(bench, op):
+    """The cost of a call is measured on the path a real call takes: no input of the smallest case is
+    empty (an empty batch would skip the kernels)."""
+    _case, inputs = _call_case_inputs(bench, op)
+    assert all(t.numel() > 0 for t in inputs.values() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("op", ["gather_logprobs", "linear_logprobs", "ppo_policy_loss"])
+def test_the_call_overhead_case_holds_its_labelled_tokens(bench, op):
+    case, inputs = _call_case_inputs(bench, op)
+    assert inputs["labels"].numel() == case.params["tokens"] == 2

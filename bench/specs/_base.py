@@ -150,6 +150,14 @@ def peer_provider(name: str, module: str, make: Callable[[], Callable[[dict], An
     return Provider(name, run, lazy=True, **kwargs)
 
 
+def batch_shape(tokens: int, batch: int) -> tuple[int, int]:
+    """The ``[B, T]`` shape of a case's ``tokens`` tokens: ``batch`` sequences of ``tokens // batch``, or one
+    token per sequence when there are fewer tokens than ``batch``, so a call-overhead case labelled "N=2"
+    holds two tokens rather than ``batch`` empty sequences."""
+    batch = max(1, min(batch, tokens))
+    return batch, tokens // batch
+
+
 def random_mask(shape, generator, device, min_fraction=0.5) -> torch.Tensor:
     """Right-padded bool mask ``[B, T]``: each row keeps a random prefix of at least ``min_fraction``·T."""
     batch, length = shape

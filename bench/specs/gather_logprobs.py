@@ -11,6 +11,7 @@ from specs._base import (
     Case,
     Provider,
     Target,
+    batch_shape,
     compiled_provider,
     kernel_providers,
     peer_provider,
@@ -72,9 +73,9 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 def make_inputs(case, device, dtype, requires_grad, generator):
     tokens, vocab = case.params["tokens"], case.params["vocab"]
-    shape = (BATCH, tokens // BATCH)
+    shape = batch_shape(tokens, BATCH)
     logits = torch.empty(*shape, vocab, dtype=dtype, device=device)
-    for b in range(BATCH):  # filled per sequence so no fp32 [N, V] temporary inflates the baseline
+    for b in range(shape[0]):  # filled per sequence so no fp32 [N, V] temporary inflates the baseline
         logits[b] = (torch.randn(shape[1], vocab, generator=generator) * 2.0).to(dtype)
     labels = torch.randint(0, vocab, shape, generator=generator)
     labels[torch.rand(shape, generator=generator) < 0.05] = -100

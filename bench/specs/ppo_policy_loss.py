@@ -12,6 +12,7 @@ from specs._base import (
     Case,
     Provider,
     Target,
+    batch_shape,
     compiled_provider,
     kernel_providers,
     peer_provider,
@@ -46,7 +47,7 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 def make_inputs(case, device, dtype, requires_grad, generator):
     n, h, v = case.params["tokens"], case.params["hidden"], case.params["vocab"]
-    shape = (BATCH, n // BATCH)
+    shape = batch_shape(n, BATCH)
     hidden = torch.randn(*shape, h, generator=generator).to(dtype).to(device)
     weight = (torch.randn(v, h, generator=generator) * (2.0 / math.sqrt(h))).to(dtype).to(device)
     labels = torch.randint(0, v, shape, generator=generator)
@@ -55,7 +56,7 @@ def make_inputs(case, device, dtype, requires_grad, generator):
         logits = hidden.float().cpu() @ weight.float().cpu().T
         now = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         del logits
-    seq_adv = torch.randn(BATCH, generator=generator)
+    seq_adv = torch.randn(shape[0], generator=generator)
     return {
         "hidden": hidden.requires_grad_(requires_grad),
         "weight": weight.requires_grad_(requires_grad),

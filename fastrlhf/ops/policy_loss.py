@@ -291,18 +291,26 @@ def linear_ppo_policy_loss(
     plain_chunk = chunk_size is None or type(chunk_size) is int
     inputs = (hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs)
     if plain_chunk and runs_compiled_op(backend, *inputs):
+        # The arguments as given, in the schema's order: the C++ op checks them.
         try:
-            return _compiled_linear(
-                inputs,
+            out = _LINEAR_PPO_POLICY_LOSS(
+                *inputs,
                 temperature,
                 ignore_index,
-                (clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef),
+                clip_eps,
+                clip_eps_high,
+                dual_clip,
+                kl_coef,
+                kl_estimator,
+                entropy_coef,
                 compute_entropy,
                 loss_agg,
-                chunk_size,
+                compiled_chunk_rows(hidden, weight, labels, chunk_size),
             )
         except TypeError:  # an argument of a type the schema does not take: the checks below name it
             pass
+        else:
+            return _linear_result(out, compute_entropy or entropy_coef != 0.0, ref_logprobs is not None)
     options = check_loss_options(
         clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg
     )
@@ -328,9 +336,11 @@ def linear_ppo_policy_loss(
     with_entropy = compute_entropy or options.entropy_coef != 0.0
     chosen = kernel_backend(backend, hidden, device)
     if chosen in COMPILED_OP_BACKENDS.values():
-        return _compiled_linear(
-            inputs, temperature, ignore_index, options.op_arguments(), with_entropy, loss_agg, chunk_rows
+        with_entropy = bool(with_entropy)
+        out = _LINEAR_PPO_POLICY_LOSS(
+            *inputs, temperature, ignore_index, *options.op_arguments(), with_entropy, loss_agg, chunk_rows
         )
+        return _linear_result(out, with_entropy, ref_logprobs is not None)
     if chosen == "torch":
         return reference.linear_ppo_policy_loss(
             hidden,
@@ -386,31 +396,11 @@ def linear_ppo_policy_loss(
     return stats_out[0]._replace(loss=loss, logprobs=logprobs.view(labels.shape))
 
 
-def _compiled_linear(
-    inputs, temperature, ignore_index, loss_arguments, compute_entropy, loss_agg, chunk_size
-) -> PolicyLossResult:
-    """The cpp / cuda backends: the ``linear_ppo_policy_loss`` C++ op, which checks its own arguments.
-    ``inputs``: (hidden, weight, labels, bias, old_logprobs, advantages, mask, ref_logprobs);
-    ``loss_arguments``: the loss's scalars in ``PolicyLossOptions.op_arguments()``' order."""
-    hidden, weight, labels, *_rest, ref_logprobs = inputs
-    loss, clip_fraction, approx_kl, entropy, ref_kl, logprobs, _token_entropy = _LINEAR_PPO_POLICY_LOSS(
-        *inputs,
-        temperature,
-        ignore_index,
-        *loss_arguments,
-        bool(compute_entropy),
-        loss_agg,
-        compiled_chunk_rows(hidden, weight, labels, chunk_size),
-    )
-    with_entropy = bool(compute_entropy) or loss_arguments[-1] != 0.0
-    return PolicyLossResult(
-        loss,
-        clip_fraction,
-        approx_kl,
-        entropy if with_entropy else None,
-        ref_kl if ref_logprobs is not None else None,
-        logprobs,
-    )
+def _linear_result(out, with_entropy: bool, has_ref: bool) -> PolicyLossResult:
+    """The ``linear_ppo_policy_loss`` C++ op's outputs as a ``PolicyLossResult``."""
+    loss, clip_fraction, approx_kl, entropy, ref_kl, logprobs, _token_entropy = out
+    entropy = entropy if with_entropy else None
+    return PolicyLossResult(loss, clip_fraction, approx_kl, entropy, ref_kl if has_ref else None, logprobs)
 
 
 def _chunk_loss_weights(valid: torch.Tensor, loss_agg: str) -> torch.Tensor:
