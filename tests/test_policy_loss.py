@@ -418,6 +418,64 @@ def test_hidden_form_bf16_within_2x(backend):
         assert_within_2x(f"grad {name}", got, expected, torch_grad)
 
 
+@pytest.mark.parametrize("backend", cpu_backends(include_torch=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[5]], ids=["token-mean", "seq-mean-token-mean"])
+def test_hidden_form_in_one_chunk_matches_float64(backend, dtype, cfg):
+    """The default chunk size holds these 21 rows in one chunk: the C++ op then takes the whole tensors
+    and its gradient's rows unsliced (the path of most small calls). Loss and all three gradients against
+    float64; bf16 within 2x of the torch composition run in bf16."""
+    batch, length, hidden_size, vocab = 3, 7, 16, 97
+    hidden, weight, bias, labels = make_hidden_case(batch, length, hidden_size, vocab, dtype)
+    with torch.no_grad():
+        now = linear_logprobs(hidden.float(), weight.float(), labels, bias.float())
+    old = now + 0.3 * torch.randn(batch, length)
+    _, adv, mask, _ = rollout(batch, length)
+    ref = now + 0.2 * torch.randn(batch, length)
+    result, grads = fused_case(backend, cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.0)
+    (loss, _, _), want = eager_hidden_case(
+        cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.0, torch.float64
+    )
+    if dtype == torch.float32:
+        assert_close_fp32("loss", result.loss, loss, rtol=1e-5, atol=1e-6)
+        for name, got, expected in zip(("hidden", "weight", "bias"), grads, want, strict=True):
+            assert_close_fp32(f"grad {name}", got, expected, rtol=1e-4, atol=1e-6)
+        return
+    (lowp_loss, _, _), lowp = eager_hidden_case(
+        cfg, hidden, weight, bias, labels, old, adv, mask, ref, 1.0, dtype
+    )
+    assert_within_2x("loss", result.loss, loss, lowp_loss.float())
+    for name, got, expected, torch_grad in zip(("hidden", "weight", "bias"), grads, want, lowp, strict=True):
+        assert got.dtype == dtype
+        assert_within_2x(f"grad {name}", got, expected, torch_grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hidden_form_of_an_empty_batch_gives_zero_loss_and_zero_gradients(backend, dtype):
+    """No token at all ([2, 0]): loss 0, no NaN, and zero gradients of the inputs' shapes and dtypes."""
+    hidden = torch.randn(2, 0, 8).to(dtype).requires_grad_(True)
+    weight = torch.randn(16, 8).to(dtype).requires_grad_(True)
+    bias = torch.randn(16).to(dtype).requires_grad_(True)
+    empty = torch.empty(2, 0)
+    result = linear_ppo_policy_loss(
+        hidden,
+        weight,
+        torch.empty(2, 0, dtype=torch.long),
+        empty,
+        empty,
+        torch.empty(2, 0, dtype=torch.bool),
+        bias=bias,
+        backend=backend,
+    )
+    result.loss.backward()
+    assert float(result.loss.detach()) == 0.0 and result.logprobs.shape == (2, 0)
+    for name, leaf in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        assert leaf.grad is not None, name
+        assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype, name
+        assert not leaf.grad.any(), name
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_first_epoch_ratio_is_exactly_one(backend, chunk):
