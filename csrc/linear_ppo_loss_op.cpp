@@ -60,10 +60,9 @@ struct FusedCall {
 };
 
 // 0/1 in mask_bytes' shape: the mask (uint8 or bool, contiguous) set and the label (int64 [N]) not
-// ignore_index.
-// On CPU one loop (the two comparisons and the logical and as ATen ops were a third of a small call),
-// into uint8, which the loss op takes as its mask without a view. Elsewhere bool: the loss op would check
-// a uint8 mask's values on the device and wait for the answer.
+// ignore_index. On CPU one loop (the two comparisons and the logical and as ATen ops were a third of a
+// small call), into uint8, which the loss op takes as its mask without a view. Elsewhere bool: the loss
+// op would check a uint8 mask's values on the device and wait for the answer.
 Tensor valid_tokens(const Tensor& mask_bytes, const Tensor& labels, int64_t ignore_index) {
   if (!mask_bytes.is_cpu() || !labels.is_cpu()) {
     return mask_bytes.ne(0).logical_and_(labels.view(mask_bytes.sizes()).ne(ignore_index));
