@@ -18,9 +18,10 @@ left), and reports each provider's median round. Peak extra memory is measured f
 ``max_memory_allocated`` after a reset on GPU; on CPU a fresh subprocess per case reports its peak RSS
 above its own baseline. Memory-bound ops also report GB/s against the device's measured copy bandwidth.
 
-Output: rows appended to the long-format ``bench/results/bench.csv``, one PNG per op under
-``bench/results/plots/`` (time and memory against size), and a markdown table printed last with the
-ratios against eager and the performance targets, met or missed.
+Output: rows appended to the long-format ``bench/results/bench.csv``, one PNG per op and device under
+``bench/results/plots/<device>/`` (time and memory against size; the device's latest measurement of each
+point in the CSV, see plots.py), and a markdown table printed last with the ratios against eager and the
+performance targets, met or missed.
 """
 
 from __future__ import annotations
@@ -432,9 +433,12 @@ def main() -> None:
         )
     )
     common.write_csv(rows[rows_written:], args.csv)
-    written = plots.write_plots(rows, args.plots_dir)
+    # The plots of this run's ops on this device, from the whole CSV: this run's points and the device's
+    # latest earlier ones, so a partial run keeps the rest of each plot, and other machines' plots stay.
+    this_run = {r["device"] for r in rows}, {r["op"] for r in rows}
+    written = plots.write_plots(plots.latest_points(plots.read_rows(args.csv), *this_run), args.plots_dir)
     print(
-        f"\nwrote {len(rows)} rows to {os.path.relpath(args.csv)} and {len(written)} plots to "
+        f"\nwrote {len(rows)} rows to {os.path.relpath(args.csv)} and {len(written)} plots under "
         f"{os.path.relpath(args.plots_dir)}"
     )
     print(f"device: {common.device_name(device)}; torch {torch.__version__}; {common.peer_versions()}\n")
