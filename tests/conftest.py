@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import torch
+import torch.utils._python_dispatch
 
 # The tiny model is built on first use under FASTRLHF_HOME; tests build their own, never touching ~/.cache.
 os.environ.setdefault("FASTRLHF_HOME", tempfile.mkdtemp(prefix="fastrlhf-test-home-"))
@@ -85,6 +86,24 @@ def op_targets(include_torch: bool = True) -> list:
             continue
         params.append(pytest.param(param.values[0], "cuda", marks=param.marks, id=param.id))
     return params
+
+
+def triton_targets() -> list:
+    """op_targets' Triton params: the kernels themselves, interpreted on the CPU or compiled on a GPU."""
+    return [p for p in op_targets(include_torch=False) if p.values[0] == "triton"]
+
+
+class AtenOpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """``with AtenOpNames() as ops:`` records the name of every aten op the block runs (``ops.names``): how a
+    test shows that a path does its arithmetic in its own kernels, with none in torch around them."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def on_device(device: str, *tensors) -> tuple:

@@ -5,7 +5,7 @@ and autograd registrations consistent on each device."""
 
 import pytest
 import torch
-from conftest import op_targets
+from conftest import op_targets, triton_targets
 
 from fastrlhf.ops import gather_logprobs
 
@@ -59,6 +59,40 @@ def test_opcheck_custom_op(device):
         torch.ops.fastrlhf.gather_logprobs_fwd.default,
         (logits, labels, 1.25, -100, True, False, backend),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("backend,device", triton_targets())
+@pytest.mark.parametrize("rows", [3, -1], ids=["seq-mean", "token-mean"])
+def test_opcheck_kl_triton_mean_and_backward_ops(backend, device, rows):
+    """The Triton KL mean and its backward as custom ops: schema, fake impl and autograd registration
+    consistent (the interpreter runs the kernels on the CPU)."""
+    logprobs = (-torch.rand(21, device=device) * 3).requires_grad_()
+    ref = (-torch.rand(21, device=device) * 3).requires_grad_()
+    mask = (torch.rand(21, device=device) > 0.3).to(torch.uint8)
+    mean_op = torch.ops.fastrlhf.kl_penalty_mean_fwd.default
+    args = (logprobs, ref, mask, 2, float("inf"), rows, backend)
+    torch.library.opcheck(
+        mean_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+    )
+    mean, normalizer = mean_op(*args)
+    grad = torch.randn(mean.shape, device=device)
+    backward_args = (
+        grad,
+        logprobs.detach(),
+        ref.detach(),
+        mask,
+        normalizer,
+        2,
+        float("inf"),
+        rows,
+        True,
+        backend,
+    )
+    torch.library.opcheck(
+        torch.ops.fastrlhf.kl_penalty_bwd.default,
+        backward_args,
+        test_utils=("test_schema", "test_faketensor"),
     )
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import on_device, op_targets
+from conftest import AtenOpNames, on_device, op_targets, triton_targets
 from numerics import assert_close_fp32, assert_within_2x, interpreter_rounding_floor
 
 from fastrlhf.ops import kl_penalty, reference
@@ -189,6 +189,98 @@ def test_frozen_reference_and_repeated_backward(backend, device, reduction):
     assert_close_fp32("kl", out.detach().cpu(), want)
     assert_close_fp32("d logprobs", first.cpu(), wa)
     assert torch.equal(a.grad, first)
+
+
+@pytest.mark.parametrize("backend,device", triton_targets())
+@pytest.mark.parametrize("rows", [None, 3, 7])
+def test_triton_mean_kernels_over_many_segments_and_loop_steps(backend, device, rows):
+    """The Triton means over token-mean segments and row loops several steps long (small ``segment`` and
+    ``block`` put a few hundred tokens through every path), with a mask leaving one row empty and -inf
+    padding under it: the means, the normalizers and both gradients against float64."""
+    from fastrlhf.ops.triton import kl_penalty as kernels
+
+    n = 21 * 29  # whole rows of 203 or 87 tokens, and 10 token-mean segments of 64
+    logp, ref = -torch.rand(n) * 5, -torch.rand(n) * 5
+    mask = torch.rand(n) > 0.3
+    if rows is not None:
+        mask[: n // rows] = False  # a row with no kept token: mean 0, normalizer 1
+    # Padding the mask drops may hold -inf log-probs: their NaN estimate must not reach a sum or a gradient.
+    padded = torch.where(~mask & (torch.arange(n) % 5 == 0), torch.tensor(-math.inf), logp)
+    a, b, m = on_device(device, padded, ref, mask.to(torch.uint8))
+    mean, normalizer = kernels.kl_penalty_mean(a, b, m, kernels.K3, math.inf, rows, block=16, segment=64)
+    g = torch.randn(rows) if rows is not None else torch.tensor(0.7)
+    d_logp, d_ref = kernels.kl_penalty_backward(
+        g.to(device), a, b, m, kernels.K3, math.inf, normalizer=normalizer, rows=rows, ref_grad=True, block=16
+    )
+
+    shape = (rows, n // rows) if rows is not None else (n,)
+    want, want_d_logp, want_d_ref = reference64(
+        logp.view(shape),
+        ref.view(shape),
+        mask.view(shape),
+        "k3",
+        None,
+        g,
+        "seq-mean" if rows else "token-mean",
+    )
+    kept = mask.view(shape).sum(-1) if rows is not None else mask.sum()
+    assert_close_fp32("mean", mean.cpu(), want)
+    assert torch.equal(normalizer.cpu(), kept.clamp_min(1).float())
+    assert_close_fp32("d logprobs", d_logp.cpu().view(shape), want_d_logp)
+    assert_close_fp32("d ref_logprobs", d_ref.cpu().view(shape), want_d_ref)
+
+
+@pytest.mark.parametrize("backend,device", triton_targets())
+@pytest.mark.parametrize("reduction", ["none", "seq-mean", "token-mean"])
+def test_triton_path_reduces_and_differentiates_in_its_kernels(backend, device, reduction):
+    """Forward and backward of the Triton path run no torch arithmetic: the mean, the division by the
+    normalizer, the negation for the reference's gradient and the scalar upstream gradient of ``.sum()``
+    (read once, not expanded into a tensor) are all in the kernels. Values and gradients against float64."""
+    logp, ref = -torch.rand(4, 37) * 3, -torch.rand(4, 37) * 3
+    mask = torch.rand(4, 37) > 0.3
+    a, b, m = on_device(device, logp.clone(), ref.clone(), mask)
+    a.requires_grad_(True), b.requires_grad_(True)
+    with AtenOpNames() as forward_ops:
+        out = kl_penalty(a, b, m, "k3", reduction=reduction, backend=backend)
+    total = out.sum()
+    with AtenOpNames() as backward_ops:
+        total.backward()
+    arithmetic = {
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "neg",
+        "sum",
+        "mean",
+        "clamp_min",
+        "where",
+        "masked_fill",
+        "clone",
+    }
+    arithmetic |= {"_to_copy", "zeros", "fill_", "zero_"}
+    assert not forward_ops.names & arithmetic, sorted(forward_ops.names)
+    # ones_like and expand are the engine's seed and sum's backward: views and a scalar, not a pass.
+    assert not backward_ops.names & arithmetic, sorted(backward_ops.names)
+    want, want_a, want_b = reference64(logp, ref, mask, "k3", None, torch.ones(out.shape), reduction)
+    assert_close_fp32("kl", out.detach().cpu(), want)
+    assert_close_fp32("d logprobs", a.grad.cpu(), want_a)
+    assert_close_fp32("d ref_logprobs", b.grad.cpu(), want_b)
+
+
+@pytest.mark.parametrize("backend,device", op_targets())
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (2, 0, 4)])
+def test_means_of_empty_inputs(backend, device, shape):
+    """No token: a seq-mean of rows that have none is 0 per row, a token-mean is 0, and the gradients are
+    empty, on every backend."""
+    for reduction, want_shape in (("seq-mean", shape[:-1]), ("token-mean", ())):
+        a, b = on_device(device, torch.zeros(shape), torch.zeros(shape))
+        a.requires_grad_(True)
+        out = kl_penalty(a, b, None, "k3", reduction=reduction, backend=backend)
+        assert out.shape == want_shape and out.dtype == torch.float32
+        assert torch.equal(out.detach().cpu(), torch.zeros(want_shape))
+        out.sum().backward()
+        assert a.grad.shape == shape and a.grad.dtype == torch.float32
 
 
 def test_gradcheck_reference_path_float64():

@@ -4,7 +4,7 @@ float64 reference on the CPU (itself checked against an explicit pair enumeratio
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import on_device, op_targets
+from conftest import AtenOpNames, on_device, op_targets, triton_targets
 from loops import ranking_loss_by_enumeration
 from numerics import assert_close_fp32
 
@@ -79,6 +79,31 @@ def test_pairwise_is_k2_chosen_rejected(backend, device):
     assert_close_fp32("d chosen", chosen.grad, c.grad)
     assert_close_fp32("d rejected", rejected.grad, r.grad)
     assert out.accuracy.item() == pytest.approx((c > r).float().mean().item())
+
+
+@pytest.mark.parametrize("backend,device", triton_targets())
+def test_triton_mean_over_prompts_is_in_its_kernels(backend, device):
+    """The Triton path's mean over prompts (over more prompts than one loop step of the shared epilogue)
+    and its backward run no torch arithmetic; loss, accuracy, the int64 count of prompts without a pair
+    and the gradient against float64."""
+    rewards, ranks, _ = make_case(1100, 3)
+    ranks[40:60] = 2  # prompts without a pair (all tied); no mask, whose 0/1 check would sync
+    r, on_ranks = on_device(device, rewards.clone(), ranks)
+    r.requires_grad_(True)
+    with AtenOpNames() as forward_ops:
+        out = ranking_loss(r, on_ranks, None, 0.3, backend=backend)
+    with AtenOpNames() as backward_ops:
+        out.loss.backward()
+    arithmetic = {"add", "sub", "mul", "div", "neg", "sum", "mean", "clamp_min", "gt", "eq", "where", "clone"}
+    arithmetic |= {"zeros", "fill_", "zero_"}
+    assert not forward_ops.names & arithmetic, sorted(forward_ops.names)
+    assert not backward_ops.names & arithmetic, sorted(backward_ops.names)
+    want, want_grad = reference64(rewards, ranks, None, 0.3)
+    assert_close_fp32("loss", out.loss.detach().cpu(), want.loss)
+    assert_close_fp32("accuracy", out.accuracy.cpu(), want.accuracy)
+    assert out.num_prompts_without_pairs.dtype == torch.int64
+    assert out.num_prompts_without_pairs.item() == want.num_prompts_without_pairs.item() >= 21
+    assert_close_fp32("grad", r.grad.cpu(), want_grad)
 
 
 def test_bf16_rewards_compute_in_fp32():

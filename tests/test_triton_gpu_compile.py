@@ -20,6 +20,8 @@ KERNELS = (
     "_group_advantages_fwd_kernel",
     "_kl_penalty_bwd_kernel",
     "_kl_penalty_fwd_kernel",
+    "_kl_penalty_sums_kernel",
+    "_mean_of_sums_kernel",
     "_ranking_loss_bwd_kernel",
     "_ranking_loss_fwd_kernel",
 )

@@ -93,11 +93,35 @@ def drive_every_launcher() -> None:
             for mask in (None, torch.rand(70) < 0.7):
                 for clamp in (0.0, 5.0) if dtype == torch.float32 else (0.0,):
                     kl_penalty.kl_penalty_forward(a, b, mask, estimator, clamp)
-                    kl_penalty.kl_penalty_backward(torch.ones(70), a, b, mask, estimator, clamp)
+                    # Per token: an upstream gradient per token or one value, with or without d ref.
+                    for grad in (torch.ones(70), torch.ones(())):
+                        for ref_grad in (False, True):
+                            kl_penalty.kl_penalty_backward(
+                                grad, a, b, mask, estimator, clamp, ref_grad=ref_grad
+                            )
+                    # The means: per row (7 rows) and over every token, and their backward.
+                    for rows in (7, None):
+                        mean, normalizer = kl_penalty.kl_penalty_mean(a, b, mask, estimator, clamp, rows)
+                        for grad in (torch.ones(mean.shape), torch.ones(())):
+                            kl_penalty.kl_penalty_backward(
+                                grad,
+                                a,
+                                b,
+                                mask,
+                                estimator,
+                                clamp,
+                                normalizer=normalizer,
+                                rows=rows,
+                                ref_grad=True,
+                            )
         rewards, ranks = torch.randn(6, 9).to(dtype), torch.randint(1, 10, (6, 9))
         for mask in (None, torch.rand(6, 9) < 0.8):
             ranking_loss.ranking_loss_forward(rewards, ranks, mask, 0.5)
             ranking_loss.ranking_loss_backward(torch.ones(6), rewards, ranks, mask, 0.5)
+            loss, _, _, normalizer = ranking_loss.ranking_loss_mean(rewards, ranks, mask, 0.5)
+            ranking_loss.ranking_loss_backward(
+                torch.ones(()), rewards, ranks, mask, 0.5, normalizer=normalizer
+            )
     for steps in (5, 300, 3000):  # one block, several, past the largest block
         rewards, values = torch.randn(4, steps), torch.randn(4, steps)
         mask = (torch.rand(4, steps) < 0.8).to(torch.uint8)

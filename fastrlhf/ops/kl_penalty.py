@@ -5,7 +5,10 @@ With ``d = logprobs - ref_logprobs``: ``k1 = d``, ``k2 = d²/2``, ``k3 = exp(-d)
 
 The cpp and cuda backends run the TORCH_LIBRARY op ``torch.ops.fastrlhf.kl_penalty`` (csrc/kl_penalty_op.cpp):
 checks, the seq-mean / token-mean reduction and the autograd formula are C++, so a call costs little more
-than the dispatcher. The Triton backend is a Python custom op with the reduction in torch on top.
+than the dispatcher. The Triton backend runs two Python custom ops: the per-token estimate, and its mean
+(``kl_penalty_mean``), reduced in the kernels with the shared epilogue of ops/triton/reduce.py. Either
+way the backward is one kernel that reads the upstream gradient as it comes (one value, per row or per
+token), divides by the forward's normalizer and writes both inputs' gradients.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from fastrlhf.ops._validation import (
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 REDUCTIONS = ("none", "seq-mean", "token-mean")
+# The Triton ops' ``rows`` argument: a seq-mean's row count (>= 0), or one of these.
+_TOKEN_MEAN_ROWS, _PER_TOKEN_ROWS = -1, -2
 
 _KL_PENALTY = CompiledOp("kl_penalty")
 
@@ -97,22 +102,20 @@ def kl_penalty(
         return _KL_PENALTY(logprobs, ref_logprobs, mask, estimator, clamp, reduction)[0]
     if chosen == "torch":
         kl = reference.kl_penalty(logprobs, ref_logprobs, mask_u8, estimator, clamp)
-    else:
-        if ref_logprobs.dtype != logprobs.dtype:  # one kernel dtype: widen both rather than round one
-            logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
-        flat_mask = logprobs.new_empty(0, dtype=torch.uint8) if mask_u8 is None else mask_u8.reshape(-1)
-        kl = _forward_op(
-            logprobs.reshape(-1).contiguous(),
-            ref_logprobs.reshape(-1).contiguous(),
-            flat_mask.contiguous(),
-            code,
-            clamp_value,
-            chosen,
-        ).view(logprobs.shape)
-    return _reduce(kl, mask_u8, reduction)
+        return _reduce(kl, mask_u8, reduction)
+    if ref_logprobs.dtype != logprobs.dtype:  # one kernel dtype: widen both rather than round one
+        logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
+    flat_mask = logprobs.new_empty(0, dtype=torch.uint8) if mask_u8 is None else mask_u8.reshape(-1)
+    flat = (logprobs.reshape(-1).contiguous(), ref_logprobs.reshape(-1).contiguous(), flat_mask.contiguous())
+    if reduction == "none":
+        return _forward_op(*flat, code, clamp_value, chosen).view(logprobs.shape)
+    rows = math.prod(logprobs.shape[:-1]) if reduction == "seq-mean" else _TOKEN_MEAN_ROWS
+    mean, _normalizer = _mean_op(*flat, code, clamp_value, rows, chosen)
+    return mean.view(logprobs.shape[:-1]) if reduction == "seq-mean" else mean
 
 
 def _reduce(kl: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """The torch backend's reduction of its per-token estimate (the kernels reduce their own)."""
     if reduction == "none":
         return kl
     weights = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
@@ -122,7 +125,7 @@ def _reduce(kl: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torc
     return (kl * weights).sum() / weights.sum().clamp_min(1)
 
 
-# The Triton backend's custom op (the compiled backends have the C++ op above).
+# The Triton backend's custom ops (the compiled backends have the C++ op above).
 @kernel_op("fastrlhf::kl_penalty_fwd")
 def _forward_op(
     logprobs: torch.Tensor,
@@ -142,26 +145,78 @@ def _(logprobs, ref_logprobs, mask, estimator, clamp, backend):
     return logprobs.new_empty(logprobs.shape, dtype=torch.float32)
 
 
+@kernel_op("fastrlhf::kl_penalty_mean_fwd")
+def _mean_op(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: int,
+    clamp: float,
+    rows: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked mean over each of ``rows`` equal rows of the flat ``[M]`` inputs ("seq-mean"), or over
+    every token (``rows=_TOKEN_MEAN_ROWS``) → (mean, normalizer) float32, ``[rows]`` or 0-dim each."""
+    module = kernel_module(backend, "kl_penalty")
+    per_row = None if rows == _TOKEN_MEAN_ROWS else rows
+    mask_or_none = optional_mask(backend, mask)
+    return module.kl_penalty_mean(logprobs, ref_logprobs, mask_or_none, estimator, clamp, per_row)
+
+
+@_mean_op.register_fake
+def _(logprobs, ref_logprobs, mask, estimator, clamp, rows, backend):
+    shape = () if rows < 0 else (rows,)
+    return logprobs.new_empty(shape, dtype=torch.float32), logprobs.new_empty(shape, dtype=torch.float32)
+
+
 @kernel_op("fastrlhf::kl_penalty_bwd")
 def _backward_op(
     grad: torch.Tensor,
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
+    normalizer: torch.Tensor,
     estimator: int,
     clamp: float,
+    rows: int,
+    ref_grad: bool,
     backend: str,
-) -> torch.Tensor:
-    """d kl / d logprobs times ``grad``, float32 ``[M]`` (d / d ref_logprobs is its negation)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d logprobs, d ref_logprobs), float32 ``[M]`` each (the second ``[0]`` unless ``ref_grad``), of
+    ``Σ grad · out``: ``out`` the per-token kl (``rows=_PER_TOKEN_ROWS``, ``normalizer`` unread), or
+    ``_mean_op``'s mean with its normalizer and ``rows``."""
     module = kernel_module(backend, "kl_penalty")
-    return module.kl_penalty_backward(
-        grad, logprobs, ref_logprobs, optional_mask(backend, mask), estimator, clamp
+    d_logprobs, d_ref = module.kl_penalty_backward(
+        grad,
+        logprobs,
+        ref_logprobs,
+        optional_mask(backend, mask),
+        estimator,
+        clamp,
+        normalizer=None if rows == _PER_TOKEN_ROWS else normalizer,
+        rows=rows if rows >= 0 else None,
+        ref_grad=ref_grad,
     )
+    return d_logprobs, d_ref if d_ref is not None else d_logprobs.new_empty(0)
 
 
 @_backward_op.register_fake
-def _(grad, logprobs, ref_logprobs, mask, estimator, clamp, backend):
-    return grad.new_empty(grad.shape, dtype=torch.float32)
+def _(grad, logprobs, ref_logprobs, mask, normalizer, estimator, clamp, rows, ref_grad, backend):
+    n = logprobs.numel()
+    f32 = dict(dtype=torch.float32)
+    return logprobs.new_empty(n, **f32), logprobs.new_empty(n if ref_grad else 0, **f32)
+
+
+def _input_gradients(ctx, grad, normalizer, rows):
+    """The autograd formulas' common part: both inputs' gradients from one backward kernel."""
+    logprobs, ref_logprobs, mask = ctx.saved_tensors[:3]
+    estimator, clamp, backend = ctx.options
+    ref_grad = ctx.needs_input_grad[1]
+    grad = grad.to(torch.float32)
+    d_logprobs, d_ref = _backward_op(
+        grad, logprobs, ref_logprobs, mask, normalizer, estimator, clamp, rows, ref_grad, backend
+    )
+    return d_logprobs.to(logprobs.dtype), d_ref.to(ref_logprobs.dtype) if ref_grad else None
 
 
 def _setup_context(ctx, inputs, output):
@@ -171,14 +226,30 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    logprobs, ref_logprobs, mask = ctx.saved_tensors
-    estimator, clamp, backend = ctx.options
-    grad = grad.to(torch.float32).contiguous()
-    d_logprobs = _backward_op(grad, logprobs, ref_logprobs, mask, estimator, clamp, backend)
-    d_ref = None
-    if ctx.needs_input_grad[1]:
-        d_ref = (-d_logprobs).to(ref_logprobs.dtype)
-    return d_logprobs.to(logprobs.dtype), d_ref, None, None, None, None
+    no_normalizer = grad.new_empty(0, dtype=torch.float32)
+    d_logprobs, d_ref = _input_gradients(ctx, grad, no_normalizer, rows=_PER_TOKEN_ROWS)
+    return d_logprobs, d_ref, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _mean_setup_context(ctx, inputs, output):
+    logprobs, ref_logprobs, mask, estimator, clamp, rows, backend = inputs
+    ctx.save_for_backward(logprobs, ref_logprobs, mask, output[1])
+    ctx.options = (estimator, clamp, backend)
+    ctx.rows = rows
+    ctx.mark_non_differentiable(output[1])
+    # The normalizer takes no gradient: no zero tensor (a fill launch on a GPU) is made to stand in for it.
+    ctx.set_materialize_grads(False)
+
+
+def _mean_backward(ctx, grad_mean, _grad_normalizer):
+    if grad_mean is None:
+        return None, None, None, None, None, None, None
+    normalizer = ctx.saved_tensors[3]
+    d_logprobs, d_ref = _input_gradients(ctx, grad_mean, normalizer, ctx.rows)
+    return d_logprobs, d_ref, None, None, None, None, None
+
+
+_mean_op.register_autograd(_mean_backward, setup_context=_mean_setup_context)

@@ -4,7 +4,8 @@ Each prompt's C(K,2) comparisons form one batch element: the kernels compute, pe
 ``-logσ(r_w - r_l - margin)`` over its pairs (and its accuracy and pair count) in one pass over the
 ``[K, K]`` pair table. The cpp and cuda backends run the TORCH_LIBRARY op ``torch.ops.fastrlhf.ranking_loss``
 (csrc/ranking_loss_op.cpp), whose checks, mean over prompts and autograd formula are C++; the Triton
-backend is a Python custom op with the mean over prompts in torch on top.
+backend is a Python custom op whose mean over prompts is the kernels' shared epilogue
+(ops/triton/reduce.py), on the device, and whose backward is one kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastrlhf.ops import reference
 from fastrlhf.ops._backend import COMPILED_OP_BACKENDS, pick_backend, runs_compiled_op
 from fastrlhf.ops._compiled import CompiledOp
 from fastrlhf.ops._dispatch import kernel_op
-from fastrlhf.ops._kernels import kernel_module
+from fastrlhf.ops._kernels import kernel_module, optional_mask
 from fastrlhf.ops._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -63,8 +64,8 @@ def ranking_loss(
     if rewards.shape[1] < 2:
         raise ValueError(f"rewards has K={rewards.shape[1]} responses per prompt; a ranking needs K >= 2")
     margin = check_finite("margin", margin)
-    mask_u8 = torch.ones_like(ranks, dtype=torch.uint8) if mask is None else check_mask("mask", mask)
-    if mask is not None and mask_u8.shape[0] and int(mask_u8.sum(1).max()) < 2:
+    mask_u8 = None if mask is None else check_mask("mask", mask)
+    if mask_u8 is not None and mask_u8.shape[0] and int(mask_u8.sum(1).max()) < 2:
         raise ValueError("mask leaves every prompt with fewer than 2 responses: there is no pair to rank")
 
     chosen = pick_backend(backend, device, dict(rewards=rewards), fp32_copies=True)
@@ -72,14 +73,12 @@ def ranking_loss(
         return RankingLossResult(*_RANKING_LOSS(rewards, ranks, mask, margin))
     if chosen == "torch":
         return reference.ranking_loss(rewards, ranks, mask_u8, margin)
-    prompt_loss, prompt_accuracy, num_pairs = _forward_op(
-        rewards.float().contiguous(), ranks.long().contiguous(), mask_u8.contiguous(), margin, chosen
+    # No mask: an empty one, which the kernels take as every response present (no [N, K] of ones).
+    mask_arg = rewards.new_empty(0, dtype=torch.uint8) if mask_u8 is None else mask_u8.contiguous()
+    loss, accuracy, without_pairs, _normalizer = _mean_op(
+        rewards.float().contiguous(), ranks.long().contiguous(), mask_arg, margin, chosen
     )
-    has_pairs = (num_pairs > 0).float()
-    weight = has_pairs / has_pairs.sum().clamp_min(1)
-    loss = (prompt_loss * weight).sum()
-    accuracy = (prompt_accuracy * weight).sum()
-    return RankingLossResult(loss, accuracy, (num_pairs == 0).sum())
+    return RankingLossResult(loss, accuracy, without_pairs)
 
 
 def pairwise_loss(
@@ -113,56 +112,61 @@ def pairwise_loss(
     return RankingLossResult(out.loss, accuracy.detach(), out.num_prompts_without_pairs)
 
 
-# The Triton backend's custom op (the compiled backends have the C++ op above).
-@kernel_op("fastrlhf::ranking_loss_fwd")
-def _forward_op(
+# The Triton backend's custom ops (the compiled backends have the C++ op above).
+@kernel_op("fastrlhf::ranking_loss_mean_fwd")
+def _mean_op(
     rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor, margin: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rewards f32 ``[N, K]``, ranks int64, mask uint8 → per-prompt (loss, accuracy, pairs) f32 ``[N]``."""
-    out = kernel_module(backend, "ranking_loss").ranking_loss_forward(rewards, ranks, mask, margin)
-    return tuple(out)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rewards f32 ``[N, K]``, ranks int64, mask uint8 ``[N, K]`` or ``[0]`` (none) → (loss, accuracy) f32
+    scalars, the means over the prompts with a pair; num_prompts_without_pairs int64; the normalizer f32
+    (prompts with a pair, >= 1)."""
+    module = kernel_module(backend, "ranking_loss")
+    return tuple(module.ranking_loss_mean(rewards, ranks, optional_mask(backend, mask), margin))
 
 
-@_forward_op.register_fake
+@_mean_op.register_fake
 def _(rewards, ranks, mask, margin, backend):
-    n = rewards.shape[0]
-    return rewards.new_empty(n), rewards.new_empty(n), rewards.new_empty(n)
+    scalar = rewards.new_empty(())
+    return scalar, rewards.new_empty(()), rewards.new_empty((), dtype=torch.int64), rewards.new_empty(())
 
 
 @kernel_op("fastrlhf::ranking_loss_bwd")
 def _backward_op(
-    grad_prompt_loss: torch.Tensor,
+    grad_loss: torch.Tensor,
     rewards: torch.Tensor,
     ranks: torch.Tensor,
     mask: torch.Tensor,
+    normalizer: torch.Tensor,
     margin: float,
     backend: str,
 ) -> torch.Tensor:
-    """d(Σ grad·prompt_loss)/d rewards, f32 ``[N, K]``."""
+    """d(grad_loss · loss)/d rewards, f32 ``[N, K]``, for ``_mean_op``'s loss and normalizer."""
     module = kernel_module(backend, "ranking_loss")
-    return module.ranking_loss_backward(grad_prompt_loss, rewards, ranks, mask, margin)
+    mask = optional_mask(backend, mask)
+    return module.ranking_loss_backward(grad_loss, rewards, ranks, mask, margin, normalizer=normalizer)
 
 
 @_backward_op.register_fake
-def _(grad_prompt_loss, rewards, ranks, mask, margin, backend):
+def _(grad_loss, rewards, ranks, mask, normalizer, margin, backend):
     return torch.empty_like(rewards)
 
 
 def _setup_context(ctx, inputs, output):
     rewards, ranks, mask, margin, backend = inputs
-    ctx.save_for_backward(rewards, ranks, mask)
+    ctx.save_for_backward(rewards, ranks, mask, output[3])
     ctx.options = (margin, backend)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    # Only the loss takes a gradient: no zero tensors (fill launches on a GPU) stand in for the others'.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_prompt_loss, _grad_accuracy, _grad_pairs):
-    rewards, ranks, mask = ctx.saved_tensors
-    margin, backend = ctx.options
-    if grad_prompt_loss is None:
+def _backward(ctx, grad_loss, _grad_accuracy, _grad_without_pairs, _grad_normalizer):
+    if grad_loss is None:
         return None, None, None, None, None
-    grad = grad_prompt_loss.float().contiguous()
-    d_rewards = _backward_op(grad, rewards, ranks, mask, margin, backend)
+    rewards, ranks, mask, normalizer = ctx.saved_tensors
+    margin, backend = ctx.options
+    d_rewards = _backward_op(grad_loss.to(torch.float32), rewards, ranks, mask, normalizer, margin, backend)
     return d_rewards, None, None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_mean_op.register_autograd(_backward, setup_context=_setup_context)

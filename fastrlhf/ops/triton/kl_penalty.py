@@ -30,8 +30,9 @@ import triton
 import triton.language as tl
 
 from ._utils import device_context, exp_accurate
+from .reduce import mean_of_sums
 
-__all__ = ["kl_penalty_backward", "kl_penalty_forward"]
+__all__ = ["kl_penalty_backward", "kl_penalty_forward", "kl_penalty_mean"]
 
 # Elements per program: 1024 over 4 warps is 8 per thread, one 16-byte load per input in bf16 (two in fp32).
 _BLOCK = 1024
@@ -39,6 +40,12 @@ _NUM_WARPS = 4
 
 # Estimator codes, as the caller passes them.
 K1, K2, K3, ABS = 0, 1, 2, 3
+# Tokens per token-mean segment: each program sums one, then reduce.mean_of_sums adds the segments in
+# index order, so the result does not depend on the launch (the C++ kernel's segment, kTokenMeanSegment).
+_TOKEN_MEAN_SEGMENT = 16384
+# How the backward reads its upstream gradient, and what it divides it by.
+GRAD_SCALAR, GRAD_PER_ROW, GRAD_PER_TOKEN = 0, 1, 2
+NORM_NONE, NORM_SCALAR, NORM_PER_ROW = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,26 +166,97 @@ def _kl_penalty_fwd_kernel(
 
 
 @triton.jit
-def _kl_penalty_bwd_kernel(
-    dlogprobs_ptr,
-    grad_ptr,
+def _kl_penalty_sums_kernel(
+    sums_ptr,
+    counts_ptr,
     logprobs_ptr,
     ref_logprobs_ptr,
     mask_ptr,
     n_elements,
+    segment_len,
     clamp,
     BLOCK: tl.constexpr,
     ESTIMATOR: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
+    MEAN: tl.constexpr,
+):
+    """One program per segment of ``segment_len`` consecutive tokens, walked BLOCK at a time.
+
+    MEAN (seq-mean: a segment is a row): sums_ptr[seg] = the mean of the row's kept tokens (0 for none),
+    counts_ptr[seg] = its normalizer max(kept, 1), both f32. Otherwise (token-mean's fixed segments):
+    sums_ptr[seg] = Σ kl over the kept tokens (f32), counts_ptr[seg] = how many (int32), for mean_of_sums.
+    Inputs as in the forward kernel.
+    """
+    segment = tl.program_id(0).to(tl.int64)
+    start = segment * segment_len
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    kept = tl.zeros([BLOCK], dtype=tl.int32)
+    for step in range(0, segment_len, BLOCK):
+        local = step + tl.arange(0, BLOCK)
+        offs = start + local
+        inb = (local < segment_len) & (offs < n_elements)
+        logp = tl.load(logprobs_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ref = tl.load(ref_logprobs_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        kl = _kl_value(logp - ref, clamp, ESTIMATOR, HAS_CLAMP)
+        valid = inb
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + offs, mask=inb, other=0) != 0)
+        # where, not a multiply: padding may hold -inf logprobs whose kl is NaN.
+        total += tl.where(valid, kl, 0.0)
+        kept += valid.to(tl.int32)
+    row_sum = tl.sum(total, axis=0)
+    count = tl.sum(kept, axis=0)
+    if MEAN:
+        normalizer = tl.maximum(count, 1).to(tl.float32)
+        tl.store(sums_ptr + segment, row_sum / normalizer)
+        tl.store(counts_ptr + segment, normalizer)
+    else:
+        tl.store(sums_ptr + segment, row_sum)
+        tl.store(counts_ptr + segment, count)
+
+
+@triton.jit
+def _kl_penalty_bwd_kernel(
+    dlogprobs_ptr,
+    dref_ptr,
+    grad_ptr,
+    normalizer_ptr,
+    logprobs_ptr,
+    ref_logprobs_ptr,
+    mask_ptr,
+    n_elements,
+    row_len,
+    clamp,
+    BLOCK: tl.constexpr,
+    ESTIMATOR: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    GRAD_KIND: tl.constexpr,
+    NORM_KIND: tl.constexpr,
+    HAS_DREF: tl.constexpr,
 ):
     """One program per BLOCK elements.
 
-    dlogprobs_ptr: f32[M] output; grad_ptr: f32[M] upstream gradient of kl; other inputs as in the forward.
+    dlogprobs_ptr: f32[M] output; dref_ptr: f32[M] output, -dlogprobs (only written when HAS_DREF).
+    grad_ptr: the upstream gradient: one value for every token (GRAD_KIND 0, a scalar's or an expanded
+    one's), one per row of ``row_len`` tokens (1: seq-mean), or one per token (2). normalizer_ptr: what the
+    forward's mean divided by: nothing (NORM_KIND 0), one value (1: token-mean) or one per row (2:
+    seq-mean); the gradient is divided by it here, on the device. Other inputs as in the forward.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n_elements
-    g = tl.load(grad_ptr + offs, mask=inb, other=0.0)
+    rows = offs // row_len
+    if GRAD_KIND == 0:
+        g = tl.load(grad_ptr).to(tl.float32)
+    elif GRAD_KIND == 1:
+        g = tl.load(grad_ptr + rows, mask=inb, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(grad_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if NORM_KIND == 1:
+        g = g / tl.load(normalizer_ptr)
+    elif NORM_KIND == 2:
+        g = g / tl.load(normalizer_ptr + rows, mask=inb, other=1.0)
     logp = tl.load(logprobs_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     ref = tl.load(ref_logprobs_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     dlogp = g * _kl_grad(logp - ref, clamp, ESTIMATOR, HAS_CLAMP)
@@ -186,6 +264,8 @@ def _kl_penalty_bwd_kernel(
         valid = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
         dlogp = tl.where(valid, dlogp, 0.0)
     tl.store(dlogprobs_ptr + offs, dlogp, mask=inb)
+    if HAS_DREF:
+        tl.store(dref_ptr + offs, -dlogp, mask=inb)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,6 +339,81 @@ def kl_penalty_forward(
     return kl
 
 
+def kl_penalty_mean(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor | None,
+    estimator: int,
+    clamp: float,
+    rows: int | None,
+    *,
+    block: int | None = None,
+    segment: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked mean of the KL estimate per row ("seq-mean": the inputs are ``rows`` rows of equal
+    length, flattened), or over every token (``rows=None``: "token-mean"), reduced in the kernels: no
+    per-token output is written.
+
+    Args:
+        logprobs, ref_logprobs, mask, estimator, clamp: as in ``kl_penalty_forward``.
+        rows: the number of rows (``M`` a multiple of it, or 0 tokens), or None for one mean.
+        block: elements per loop step (power of two; None = automatic). segment: token-mean's tokens per
+            program (None = 16384). Both mainly for tests.
+    Returns:
+        ``(mean, normalizer)`` f32, each ``[rows]`` or 0-dim: the mean over the kept tokens (0 where none
+        is kept), and what it divided by (the kept count, at least 1), which the backward takes.
+    """
+    mask, clamp, has_clamp = _prepare(logprobs, ref_logprobs, mask, estimator, clamp)
+    n = logprobs.numel()
+    per_row = rows is not None
+    if per_row:
+        assert rows >= 0 and (n == 0 or (rows > 0 and n % rows == 0)), "logprobs must hold whole rows"
+        n_segments, segment_len = rows, (n // rows if rows else 0)
+    else:
+        segment_len = segment or _TOKEN_MEAN_SEGMENT
+        n_segments = triton.cdiv(n, segment_len)
+    sums = torch.empty(n_segments, dtype=torch.float32, device=logprobs.device)
+    counts = torch.empty(n_segments, dtype=torch.float32 if per_row else torch.int32, device=logprobs.device)
+    if n_segments:
+        with device_context(logprobs):
+            _kl_penalty_sums_kernel[(n_segments,)](
+                sums,
+                counts,
+                logprobs,
+                ref_logprobs,
+                mask if mask is not None else logprobs,  # unused slot when HAS_MASK is false
+                n,
+                segment_len,
+                clamp,
+                BLOCK=block or _BLOCK,
+                ESTIMATOR=estimator,
+                HAS_MASK=mask is not None,
+                HAS_CLAMP=has_clamp,
+                MEAN=per_row,
+                num_warps=_NUM_WARPS,
+            )
+    if per_row:
+        return sums, counts
+    mean, _, normalizer, _ = mean_of_sums(sums, counts)
+    return mean, normalizer
+
+
+def _grad_layout(grad: torch.Tensor, n: int, rows: int) -> tuple[torch.Tensor, int]:
+    """The upstream gradient as the backward kernel reads it, and its GRAD_KIND: one value when every
+    element is the same one (a scalar, or autograd's expansion of one after ``.sum()``: read once, never
+    materialised), else one per row (``rows`` of them) or one per token (``n``), contiguous."""
+    sizes_and_strides = zip(grad.shape, grad.stride(), strict=True)
+    if grad.numel() == 1 or all(stride == 0 for size, stride in sizes_and_strides if size > 1):
+        return grad.as_strided((1,), (1,)), GRAD_SCALAR
+    flat = grad.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if flat.numel() == n:
+        return flat, GRAD_PER_TOKEN
+    assert flat.numel() == rows, f"a gradient of {flat.numel()} values for {n} tokens in {rows} rows"
+    return flat, GRAD_PER_ROW
+
+
 def kl_penalty_backward(
     grad: torch.Tensor,
     logprobs: torch.Tensor,
@@ -267,39 +422,57 @@ def kl_penalty_backward(
     estimator: int,
     clamp: float,
     *,
+    normalizer: torch.Tensor | None = None,
+    rows: int | None = None,
+    ref_grad: bool = False,
     block: int | None = None,
-) -> torch.Tensor:
-    """Gradient of ``sum(grad * kl)`` w.r.t. ``logprobs`` (w.r.t. ``ref_logprobs`` it is the negative).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``sum(grad * out)`` for the per-token KL (``normalizer=None``) or its mean.
 
     Args:
-        grad: ``f32[M]`` upstream gradient (made contiguous fp32 here: autograd may hand in an expanded one).
+        grad: the upstream gradient of the output: per token ``[M]``, per row ``[rows]`` for "seq-mean",
+            a scalar for "token-mean"; an expanded (stride-0) one is read as one value.
         logprobs, ref_logprobs, mask, estimator, clamp: as given to the forward.
+        normalizer: ``kl_penalty_mean``'s normalizer (per row with ``rows``, else 0-dim), or None.
+        rows: the number of rows for "seq-mean" (as given to ``kl_penalty_mean``); None otherwise.
+        ref_grad: also write the gradient w.r.t. ``ref_logprobs`` (the negation), in the same pass.
         block: elements per program (power of two; None = automatic). Mainly for tests.
-
     Returns:
-        ``f32[M]``: ``grad * dkl/dd``, 0 where masked or where the clamp is active.
+        ``(d logprobs f32[M], d ref_logprobs f32[M] or None)``: 0 where masked or where the clamp is active.
     """
     mask, clamp, has_clamp = _prepare(logprobs, ref_logprobs, mask, estimator, clamp)
     n = logprobs.numel()
-    assert grad.numel() == n
     dlogp = torch.empty(n, dtype=torch.float32, device=logprobs.device)
+    dref = torch.empty(n, dtype=torch.float32, device=logprobs.device) if ref_grad else None
     if n == 0:
-        return dlogp
-    grad = grad.reshape(n).to(torch.float32).contiguous()
+        return dlogp, dref
+    row_len = n // rows if rows else n  # rows > 0 here: n > 0 tokens fill them
+    grad, grad_kind = _grad_layout(grad, n, rows or 1)
+    if normalizer is None:
+        norm_kind = NORM_NONE
+    else:
+        norm_kind = NORM_PER_ROW if rows is not None else NORM_SCALAR
+        normalizer = normalizer.reshape(-1).contiguous()
     bs = block or _BLOCK
     with device_context(logprobs):
         _kl_penalty_bwd_kernel[(triton.cdiv(n, bs),)](
             dlogp,
+            dref if dref is not None else dlogp,  # unused slots when their flag is off
             grad,
+            normalizer if normalizer is not None else grad,
             logprobs,
             ref_logprobs,
             mask if mask is not None else logprobs,
             n,
+            row_len,
             clamp,
             BLOCK=bs,
             ESTIMATOR=estimator,
             HAS_MASK=mask is not None,
             HAS_CLAMP=has_clamp,
+            GRAD_KIND=grad_kind,
+            NORM_KIND=norm_kind,
+            HAS_DREF=ref_grad,
             num_warps=_NUM_WARPS,
         )
-    return dlogp
+    return dlogp, dref

@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from ._utils import device_context
+from .reduce import mean_of_sums
 
-__all__ = ["ranking_loss_backward", "ranking_loss_forward"]
+__all__ = ["ranking_loss_backward", "ranking_loss_forward", "ranking_loss_mean"]
 
 # Pairs per program: 2048 over 4 warps is 16 per thread, a few live fp32 values each, no spills.
 _TILE_PAIRS = 2048
@@ -155,6 +156,7 @@ def _ranking_loss_fwd_kernel(
 def _ranking_loss_bwd_kernel(
     drewards_ptr,
     grad_loss_ptr,
+    normalizer_ptr,
     rewards_ptr,
     ranks_ptr,
     mask_ptr,
@@ -167,10 +169,13 @@ def _ranking_loss_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
     """One program per BLOCK_N prompts.
 
-    drewards_ptr: f32[N, K] contiguous output; grad_loss_ptr: f32[N]; other inputs as in the forward.
+    drewards_ptr: f32[N, K] contiguous output. grad_loss_ptr: f32[N], the gradient of each prompt's loss;
+    or, when MEAN, one f32 value, the gradient of the mean over the prompts with a pair, which is divided
+    here by normalizer_ptr's one value (how many prompts that mean took). Other inputs as in the forward.
     """
     rows, cols, inb, pair, x, e, w_wins = _pair_tile(
         rewards_ptr,
@@ -191,7 +196,11 @@ def _ranking_loss_bwd_kernel(
     s = tl.where(pair, sig, 0.0)
     n_pairs = tl.sum(tl.sum(pair.to(tl.float32), axis=2), axis=1)
     row_ok = rows < N
-    g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+    if MEAN:
+        g = tl.load(grad_loss_ptr) / tl.load(normalizer_ptr)
+    else:
+        g = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0)
+    # A prompt without a pair has no loss, so none of the mean's gradient.
     scale = tl.where(n_pairs > 0.0, g / tl.maximum(n_pairs, 1.0), 0.0)
     # Response k gains sigmoid(-x) as the loser (sum over w, axis 1) and loses it as the winner (axis 2).
     d = (tl.sum(s, axis=1) - tl.sum(s, axis=2)) * scale[:, None]
@@ -284,20 +293,47 @@ def ranking_loss_forward(
     return loss, accuracy, num_pairs
 
 
-def ranking_loss_backward(
-    grad_prompt_loss: torch.Tensor,
+def ranking_loss_mean(
     rewards: torch.Tensor,
     ranks: torch.Tensor,
     mask: torch.Tensor | None,
     margin: float,
     *,
     block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K-wise ranking loss and accuracy as means over the prompts that have a pair, reduced on the
+    device by the shared epilogue (reduce.mean_of_sums) after the per-prompt kernel.
+
+    Args: as ``ranking_loss_forward``.
+    Returns:
+        ``(loss, accuracy, num_prompts_without_pairs, normalizer)``: f32, f32, int64 and f32 scalars; the
+        normalizer (prompts with a pair, at least 1) is what the backward divides by.
+    """
+    loss, accuracy, num_pairs = ranking_loss_forward(rewards, ranks, mask, margin, block_n=block_n)
+    mean_loss, mean_accuracy, normalizer, without_pairs = mean_of_sums(
+        loss, num_pairs, accuracy, indicator=True, count_empty=True
+    )
+    return mean_loss, mean_accuracy, without_pairs, normalizer
+
+
+def ranking_loss_backward(
+    grad_loss: torch.Tensor,
+    rewards: torch.Tensor,
+    ranks: torch.Tensor,
+    mask: torch.Tensor | None,
+    margin: float,
+    *,
+    normalizer: torch.Tensor | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of ``sum(grad_prompt_loss * prompt_loss)`` w.r.t. ``rewards``.
+    """Gradient w.r.t. ``rewards`` of ``sum(grad_loss * prompt_loss)`` or, given the ``normalizer``, of
+    ``grad_loss * ranking_loss_mean's loss``.
 
     Args:
-        grad_prompt_loss: ``f32[N]`` (made contiguous fp32 here: autograd may hand in an expanded one).
+        grad_loss: ``f32[N]`` per prompt (made contiguous fp32 here: autograd may hand in an expanded one),
+            or with ``normalizer`` one value (0-dim, or any tensor of one value).
         rewards, ranks, mask, margin: as given to the forward.
+        normalizer: ``ranking_loss_mean``'s normalizer, or None for per-prompt gradients.
         block_n: prompts per program (power of two; None = automatic). Mainly for tests.
 
     Returns:
@@ -305,17 +341,20 @@ def ranking_loss_backward(
     """
     mask = _prepare(rewards, ranks, mask)
     n_prompts, n_responses = rewards.shape
-    assert grad_prompt_loss.numel() == n_prompts
+    mean = normalizer is not None
+    assert grad_loss.numel() == (1 if mean else n_prompts)
     drewards = torch.empty((n_prompts, n_responses), dtype=torch.float32, device=rewards.device)
     if n_prompts == 0 or n_responses == 0:
         return drewards
-    grad_prompt_loss = grad_prompt_loss.reshape(n_prompts).to(torch.float32).contiguous()
+    # The mean's gradient is one value, read in place; per-prompt gradients are read as a contiguous row.
+    grad_loss = grad_loss.reshape(1) if mean else grad_loss.reshape(n_prompts).to(torch.float32).contiguous()
 
     bn, bk, num_warps = _launch_config(n_prompts, n_responses, block_n)
     with device_context(rewards):
         _ranking_loss_bwd_kernel[(triton.cdiv(n_prompts, bn),)](
             drewards,
-            grad_prompt_loss,
+            grad_loss,
+            normalizer if mean else grad_loss,  # unused slot without MEAN
             rewards,
             ranks,
             mask if mask is not None else ranks,
@@ -328,6 +367,7 @@ def ranking_loss_backward(
             BLOCK_N=bn,
             BLOCK_K=bk,
             HAS_MASK=mask is not None,
+            MEAN=mean,
             num_warps=num_warps,
         )
     return drewards
