@@ -246,17 +246,17 @@ def _kl_penalty_bwd_kernel(
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n_elements
-    rows = offs // row_len
     if GRAD_KIND == 0:
         g = tl.load(grad_ptr).to(tl.float32)
     elif GRAD_KIND == 1:
-        g = tl.load(grad_ptr + rows, mask=inb, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + offs // row_len, mask=inb, other=0.0).to(tl.float32)
     else:
         g = tl.load(grad_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if NORM_KIND == 1:
         g = g / tl.load(normalizer_ptr)
     elif NORM_KIND == 2:
-        g = g / tl.load(normalizer_ptr + rows, mask=inb, other=1.0)
+        # Only a seq-mean pays for the per-token division that finds each token's row.
+        g = g / tl.load(normalizer_ptr + offs // row_len, mask=inb, other=1.0)
     logp = tl.load(logprobs_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     ref = tl.load(ref_logprobs_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     dlogp = g * _kl_grad(logp - ref, clamp, ESTIMATOR, HAS_CLAMP)
