@@ -40,9 +40,14 @@ _NUM_WARPS = 4
 
 # Estimator codes, as the caller passes them.
 K1, K2, K3, ABS = 0, 1, 2, 3
-# Tokens per token-mean segment: each program sums one, then reduce.mean_of_sums adds the segments in
-# index order, so the result does not depend on the launch (the C++ kernel's segment, kTokenMeanSegment).
-_TOKEN_MEAN_SEGMENT = 16384
+# The means' kernel walks its segment (a row, or a token-mean span) 4096 tokens a step over 8 warps: 16
+# tokens a thread, 32 KB of fp32 loads in flight per program. A GPU needs megabytes in flight to stream at
+# full bandwidth, and a mean launches one program per row (256 at B=256) or per span; not yet measured on one.
+_SUMS_BLOCK = 4096
+_SUMS_NUM_WARPS = 8
+# Tokens per token-mean span: each program sums one, then reduce.mean_of_sums adds the spans in index
+# order, so the result does not depend on the launch. 2M tokens make 256 programs, enough to fill the SMs.
+_TOKEN_MEAN_SEGMENT = 8192
 # How the backward reads its upstream gradient, and what it divides it by.
 GRAD_SCALAR, GRAD_PER_ROW, GRAD_PER_TOKEN = 0, 1, 2
 NORM_NONE, NORM_SCALAR, NORM_PER_ROW = 0, 1, 2
@@ -358,7 +363,7 @@ def kl_penalty_mean(
         logprobs, ref_logprobs, mask, estimator, clamp: as in ``kl_penalty_forward``.
         rows: the number of rows (``M`` a multiple of it, or 0 tokens), or None for one mean.
         block: elements per loop step (power of two; None = automatic). segment: token-mean's tokens per
-            program (None = 16384). Both mainly for tests.
+            program (None = 8192). Both mainly for tests.
     Returns:
         ``(mean, normalizer)`` f32, each ``[rows]`` or 0-dim: the mean over the kept tokens (0 where none
         is kept), and what it divided by (the kept count, at least 1), which the backward takes.
@@ -385,12 +390,12 @@ def kl_penalty_mean(
                 n,
                 segment_len,
                 clamp,
-                BLOCK=block or _BLOCK,
+                BLOCK=block or _SUMS_BLOCK,
                 ESTIMATOR=estimator,
                 HAS_MASK=mask is not None,
                 HAS_CLAMP=has_clamp,
                 MEAN=per_row,
-                num_warps=_NUM_WARPS,
+                num_warps=_SUMS_NUM_WARPS,
             )
     if per_row:
         return sums, counts
