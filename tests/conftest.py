@@ -93,16 +93,21 @@ def triton_targets() -> list:
     return [p for p in op_targets(include_torch=False) if p.values[0] == "triton"]
 
 
-class AtenOpNames(torch.utils._python_dispatch.TorchDispatchMode):
-    """``with AtenOpNames() as ops:`` records the name of every aten op the block runs (``ops.names``): how a
-    test shows that a path does its arithmetic in its own kernels, with none in torch around them."""
+class DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """``with DispatchedOps() as seen:`` records every op the block dispatches below autograd, in order
+    (``seen.ops``, the overloads), and their names (``seen.names``): how a test shows which route a call
+    took, or that a path does its arithmetic in its own kernels with none in torch around them."""
 
     def __init__(self):
         super().__init__()
-        self.names: set[str] = set()
+        self.ops: list = []
+
+    @property
+    def names(self) -> set[str]:
+        return {op.overloadpacket.__name__ for op in self.ops}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
+        self.ops.append(func)
         return func(*args, **(kwargs or {}))
 
 

@@ -8,7 +8,7 @@ consistent on each device."""
 
 import pytest
 import torch
-from conftest import op_targets
+from conftest import DispatchedOps, op_targets
 from numerics import assert_close_fp32
 
 from fastrlhf.ops import (
@@ -977,18 +977,7 @@ def test_the_extension_entry_of_an_op_is_the_dispatcher_op_itself(name):
     """``fastrlhf._C.<op>`` (the wrappers' eager route) gives torch.ops' outputs bit for bit, with the same
     autograd graph, and enters the dispatcher at the top: a dispatch mode (below autograd) sees the same ops
     either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from fastrlhf import _C
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func)
-            return func(*args, **(kwargs or {}))
 
     args = _direct_call_args()[name]
     direct, via_torch_ops = getattr(_C, name)(*args), getattr(torch.ops.fastrlhf, name)(*args)
@@ -996,9 +985,9 @@ def test_the_extension_entry_of_an_op_is_the_dispatcher_op_itself(name):
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=False)
         assert (got.grad_fn is None) == (want.grad_fn is None)
         assert type(got.grad_fn) is type(want.grad_fn)
-    with Seen() as seen_direct:
+    with DispatchedOps() as seen_direct:
         getattr(_C, name)(*args)
-    with Seen() as seen_torch_ops:
+    with DispatchedOps() as seen_torch_ops:
         getattr(torch.ops.fastrlhf, name)(*args)
     assert seen_direct.ops == seen_torch_ops.ops
     assert seen_direct.ops[0].name().startswith(f"fastrlhf::{name}")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import AtenOpNames, on_device, op_targets, triton_targets
+from conftest import DispatchedOps, on_device, op_targets, triton_targets
 from numerics import assert_close_fp32, assert_within_2x, interpreter_rounding_floor
 
 from fastrlhf.ops import kl_penalty, reference
@@ -240,10 +240,10 @@ def test_triton_path_reduces_and_differentiates_in_its_kernels(backend, device, 
     mask = torch.rand(4, 37) > 0.3
     a, b, m = on_device(device, logp.clone(), ref.clone(), mask)
     a.requires_grad_(True), b.requires_grad_(True)
-    with AtenOpNames() as forward_ops:
+    with DispatchedOps() as forward_ops:
         out = kl_penalty(a, b, m, "k3", reduction=reduction, backend=backend)
     total = out.sum()
-    with AtenOpNames() as backward_ops:
+    with DispatchedOps() as backward_ops:
         total.backward()
     arithmetic = {
         "add",

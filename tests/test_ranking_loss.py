@@ -4,7 +4,7 @@ float64 reference on the CPU (itself checked against an explicit pair enumeratio
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import AtenOpNames, on_device, op_targets, triton_targets
+from conftest import DispatchedOps, on_device, op_targets, triton_targets
 from loops import ranking_loss_by_enumeration
 from numerics import assert_close_fp32
 
@@ -90,9 +90,9 @@ def test_triton_mean_over_prompts_is_in_its_kernels(backend, device):
     ranks[40:60] = 2  # prompts without a pair (all tied); no mask, whose 0/1 check would sync
     r, on_ranks = on_device(device, rewards.clone(), ranks)
     r.requires_grad_(True)
-    with AtenOpNames() as forward_ops:
+    with DispatchedOps() as forward_ops:
         out = ranking_loss(r, on_ranks, None, 0.3, backend=backend)
-    with AtenOpNames() as backward_ops:
+    with DispatchedOps() as backward_ops:
         out.loss.backward()
     arithmetic = {"add", "sub", "mul", "div", "neg", "sum", "mean", "clamp_min", "gt", "eq", "where", "clone"}
     arithmetic |= {"zeros", "fill_", "zero_"}

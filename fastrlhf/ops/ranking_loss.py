@@ -126,8 +126,8 @@ def _mean_op(
 
 @_mean_op.register_fake
 def _(rewards, ranks, mask, margin, backend):
-    scalar = rewards.new_empty(())
-    return scalar, rewards.new_empty(()), rewards.new_empty((), dtype=torch.int64), rewards.new_empty(())
+    loss, accuracy, normalizer = (rewards.new_empty(()) for _ in range(3))
+    return loss, accuracy, rewards.new_empty((), dtype=torch.int64), normalizer
 
 
 @kernel_op("fastrlhf::ranking_loss_bwd")
